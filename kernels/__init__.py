@@ -1,0 +1,1 @@
+"""Triton kernels of sparsestart, installed as ``sparsestart.kernels`` (GPU issue)."""

@@ -1,0 +1,480 @@
+"""Fixed-capacity compressed sparse matrices: CSR and BSR over value slots.
+
+A sparse weight of logical shape (M, K) keeps its nonzeros in ``values``, a
+tensor of fixed capacity C >= nnz addressed by *slot*: ``[C]`` for CSR,
+``[C, b, b]`` for BSR with square blocks of size b. The index lives in plain
+integer tensors, all of fixed length so they can be buffers of a module and be
+updated in place:
+
+    rowptr [R + 1]  entries of (block) row r are positions rowptr[r]:rowptr[r+1]
+    col    [C]      (block) column of each entry, sorted within a row
+    slot   [C]      slot of each entry in ``values``
+    colptr [Q + 1]  the transposed (CSC) view over the same entries
+    row    [C]      (block) row of each CSC entry, sorted within a column
+    slot_t [C]      slot of each CSC entry
+
+with R = M / b and Q = K / b block rows/columns (b = 1 for CSR). Only the first
+nnz = rowptr[R] positions of col/slot/row/slot_t are live. ``slot`` is always a
+permutation of 0..C-1 whose tail slot[nnz:] lists the free slots, so growing
+takes free slots without any search; the same tail is kept in ``slot_t``.
+
+Structure updates (``drop``, ``grow``) rewrite only the index; existing values
+stay in their slots, freed and newly used slots are zeroed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["SparseMatrix", "CSR", "BSR", "index_dtype_for"]
+
+_INT32_MAX = 2**31 - 1
+
+
+def index_dtype_for(*extents: int) -> torch.dtype:
+    """int32 unless some extent (dimension or capacity) needs int64."""
+    return torch.int32 if max(extents, default=0) < _INT32_MAX else torch.int64
+
+
+def _rows_of(rowptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The (block) row of each of the first nnz CSR positions, as int64."""
+    counts = (rowptr[1:] - rowptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=rowptr.device), counts, output_size=nnz)
+
+
+class SparseMatrix:
+    """Common implementation of :class:`CSR` (``block_size == 1``) and :class:`BSR`.
+
+    The object only references its tensors; a module that registers them as
+    parameter/buffers and rebuilds the object from them sees every in-place
+    update made through it.
+    """
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        rowptr: torch.Tensor,
+        col: torch.Tensor,
+        slot: torch.Tensor,
+        colptr: torch.Tensor,
+        row: torch.Tensor,
+        slot_t: torch.Tensor,
+        shape: Sequence[int],
+    ):
+        self.values = values
+        self.rowptr, self.col, self.slot = rowptr, col, slot
+        self.colptr, self.row, self.slot_t = colptr, row, slot_t
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def block_size(self) -> int:
+        return 1 if self.values.dim() == 1 else int(self.values.shape[1])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Number of (block) rows and columns."""
+        b = self.block_size
+        return self.shape[0] // b, self.shape[1] // b
+
+    @property
+    def capacity(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored entries (blocks for BSR)."""
+        return int(self.rowptr[-1])
+
+    @property
+    def nnz_elements(self) -> int:
+        """Number of stored weights (nnz * b * b)."""
+        return self.nnz * self.block_size**2
+
+    @property
+    def density(self) -> float:
+        numel = self.shape[0] * self.shape[1]
+        return self.nnz_elements / numel if numel else 1.0
+
+    def index_tensors(self) -> tuple[torch.Tensor, ...]:
+        """(rowptr, col, slot, colptr, row, slot_t), the index every op takes."""
+        return self.rowptr, self.col, self.slot, self.colptr, self.row, self.slot_t
+
+    def coo(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, slots) of the live entries in CSR order, as int64."""
+        nnz = self.nnz
+        return _rows_of(self.rowptr, nnz), self.col[:nnz].long(), self.slot[:nnz].long()
+
+    def __repr__(self) -> str:
+        b = f", block_size={self.block_size}" if self.block_size > 1 else ""
+        return (
+            f"{type(self).__name__}(shape={self.shape}{b}, nnz={self.nnz}, capacity={self.capacity}, "
+            f"density={self.density:.4g}, dtype={self.values.dtype}, index_dtype={self.rowptr.dtype})"
+        )
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def _check_shape(cls, shape: Sequence[int], block_size: int) -> tuple[int, int]:
+        if len(shape) != 2 or any(int(s) < 0 for s in shape):
+            raise ValueError(f"shape must be two non-negative ints (M, K), got {tuple(shape)}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size}")
+        M, K = int(shape[0]), int(shape[1])
+        if M % block_size or K % block_size:
+            raise ValueError(
+                f"shape {(M, K)} is not a multiple of block_size={block_size}: BSR needs both dimensions "
+                f"divisible by the block size (pad the layer or choose a block size that divides both)"
+            )
+        return M, K
+
+    @classmethod
+    def _build(
+        cls,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        values_of_entries: Optional[torch.Tensor],
+        shape: Sequence[int],
+        block_size: int,
+        capacity: Optional[int],
+        dtype: Optional[torch.dtype],
+        device: Optional[torch.device],
+        index_dtype: Optional[torch.dtype],
+    ) -> "SparseMatrix":
+        """Build from entries already checked to be in range and unique.
+
+        Entries get slots 0..nnz-1 in CSR order; ``values_of_entries`` (or zeros)
+        fills them.
+        """
+        M, K = cls._check_shape(shape, block_size)
+        R, Q = M // block_size, K // block_size
+        nnz = rows.numel()
+        C = nnz if capacity is None else int(capacity)
+        if C < nnz:
+            raise ValueError(f"capacity must be >= nnz ({nnz}), got {capacity}")
+        device = device if device is not None else rows.device
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        idt = index_dtype or index_dtype_for(M + 1, K + 1, C + 1)
+        vshape = (C,) if block_size == 1 else (C, block_size, block_size)
+        values = torch.zeros(vshape, dtype=dtype, device=device)
+        empty = lambda n: torch.zeros(n, dtype=idt, device=device)  # noqa: E731
+        m = cls(values, empty(R + 1), empty(C), torch.arange(C, dtype=idt, device=device),
+                empty(Q + 1), empty(C), torch.arange(C, dtype=idt, device=device), (M, K))
+        rows, cols = rows.to(device=device, dtype=torch.long), cols.to(device=device, dtype=torch.long)
+        order = torch.argsort(rows * max(Q, 1) + cols)
+        rows, cols = rows[order], cols[order]
+        m._write_index(rows, cols, torch.arange(nnz, device=device))
+        if values_of_entries is not None:
+            m.values.data[:nnz] = values_of_entries.to(device=device, dtype=dtype)[order]
+        return m
+
+    @classmethod
+    def from_indices(
+        cls,
+        rows,
+        cols,
+        shape: Sequence[int],
+        values: Optional[torch.Tensor] = None,
+        *,
+        block_size: int = 1,
+        capacity: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+        index_dtype: Optional[torch.dtype] = None,
+    ) -> "SparseMatrix":
+        """From (block) coordinates; ``values`` ([nnz] or [nnz, b, b]) default to zero.
+
+        Coordinates are in blocks for BSR. Out-of-range or duplicated
+        coordinates raise ValueError.
+        """
+        block_size = cls._block_size_arg(block_size)
+        M, K = cls._check_shape(shape, block_size)
+        rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+        if rows.dim() != 1 or cols.shape != rows.shape:
+            raise ValueError(f"rows and cols must be 1-D of equal length, got {tuple(rows.shape)} and {tuple(cols.shape)}")
+        if rows.dtype.is_floating_point or cols.dtype.is_floating_point:
+            raise TypeError(f"rows and cols must be integer tensors, got {rows.dtype} and {cols.dtype}")
+        R, Q = M // block_size, K // block_size
+        _check_coordinates(rows.long(), cols.long(), R, Q, "rows", "cols")
+        if values is not None:
+            values = torch.as_tensor(values)
+            want = (rows.numel(),) if block_size == 1 else (rows.numel(), block_size, block_size)
+            if tuple(values.shape) != want:
+                raise ValueError(f"values must have shape {want} for {rows.numel()} entries, got {tuple(values.shape)}")
+            dtype = dtype or values.dtype
+        return cls._build(rows, cols, values, (M, K), block_size, capacity, dtype, device or rows.device, index_dtype)
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        *,
+        block_size: int = 1,
+        capacity: Optional[int] = None,
+        index_dtype: Optional[torch.dtype] = None,
+    ) -> "SparseMatrix":
+        """Keep ``weight`` where ``mask`` is true (default: where weight != 0).
+
+        For BSR the mask is either per block ([M/b, K/b]) or per element and then
+        must be constant inside every block.
+        """
+        block_size = cls._block_size_arg(block_size)
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (M, K), got shape {tuple(weight.shape)}")
+        M, K = cls._check_shape(weight.shape, block_size)
+        block_mask = cls._block_mask(weight != 0 if mask is None else mask, (M, K), block_size)
+        rows, cols = block_mask.nonzero(as_tuple=True)
+        b = block_size
+        with torch.no_grad():
+            if b == 1:
+                vals = weight.detach()[rows, cols]
+            else:
+                blocks = weight.detach().reshape(M // b, b, K // b, b).permute(0, 2, 1, 3)
+                vals = blocks[rows, cols]
+        return cls._build(rows, cols, vals, (M, K), b, capacity, weight.dtype, weight.device, index_dtype)
+
+    @classmethod
+    def from_mask(
+        cls,
+        mask: torch.Tensor,
+        init: Union[str, Callable[[torch.Tensor], None]] = "zeros",
+        *,
+        block_size: int = 1,
+        capacity: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        generator: Optional[torch.Generator] = None,
+        index_dtype: Optional[torch.dtype] = None,
+    ) -> "SparseMatrix":
+        """Structure from a dense bool mask; values from ``init``.
+
+        ``init`` is "zeros", "kaiming_uniform" (torch's default for Linear/Conv
+        weights, bound 1/sqrt(K)) or a callable filling the [nnz(, b, b)] tensor
+        it is given in place.
+        """
+        block_size = cls._block_size_arg(block_size)
+        if mask.dim() != 2:
+            raise ValueError(f"mask must be 2-D, got shape {tuple(mask.shape)}")
+        M, K = cls._check_shape(tuple(mask.shape), block_size)
+        rows, cols = cls._block_mask(mask, (M, K), block_size).nonzero(as_tuple=True)
+        m = cls._build(rows, cols, None, (M, K), block_size, capacity, dtype, mask.device, index_dtype)
+        nnz = rows.numel()
+        with torch.no_grad():
+            live = m.values.data[:nnz]
+            if callable(init):
+                init(live)
+            elif init == "kaiming_uniform":
+                bound = 1.0 / math.sqrt(K) if K else 0.0
+                live.uniform_(-bound, bound, generator=generator)
+            elif init != "zeros":
+                raise ValueError(f"init must be 'zeros', 'kaiming_uniform' or a callable, got {init!r}")
+        return m
+
+    @staticmethod
+    def _block_size_arg(block_size) -> int:
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        return block_size
+
+    @staticmethod
+    def _block_mask(mask: torch.Tensor, shape: tuple[int, int], b: int) -> torch.Tensor:
+        M, K = shape
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if b == 1:
+            if tuple(mask.shape) != (M, K):
+                raise ValueError(f"mask shape {tuple(mask.shape)} differs from the weight shape {(M, K)}")
+            return mask
+        if tuple(mask.shape) == (M // b, K // b) and (M, K) != (M // b, K // b):
+            return mask
+        if tuple(mask.shape) != (M, K):
+            raise ValueError(f"mask must have shape {(M, K)} or block shape {(M // b, K // b)}, got {tuple(mask.shape)}")
+        blocks = mask.reshape(M // b, b, K // b, b)
+        anyb, allb = blocks.any(dim=(1, 3)), blocks.all(dim=(1, 3))
+        if not torch.equal(anyb, allb):
+            raise ValueError(f"element mask is not constant inside {b}x{b} blocks; BSR keeps whole blocks")
+        return anyb
+
+    # --------------------------------------------------------------- inspection
+    def mask(self) -> torch.Tensor:
+        """Dense bool [M, K] of stored positions (for inspection and tests)."""
+        rows, cols, _ = self.coo()
+        R, Q = self.grid
+        bm = torch.zeros(R, Q, dtype=torch.bool, device=self.values.device)
+        bm[rows, cols] = True
+        b = self.block_size
+        return bm if b == 1 else bm.repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense [M, K] weight; differentiable with respect to ``values``."""
+        rows, cols, slots = self.coo()
+        R, Q = self.grid
+        b = self.block_size
+        dense = self.values.new_zeros((R, Q) if b == 1 else (R, Q, b, b))
+        dense = dense.index_put((rows, cols), self.values[slots])
+        return dense if b == 1 else dense.permute(0, 2, 1, 3).reshape(self.shape)
+
+    def validate(self) -> None:
+        """Check every invariant of the structure; raise ValueError naming the broken one."""
+        R, Q = self.grid
+        C = self.capacity
+        idt = self.rowptr.dtype
+        for name in ("rowptr", "col", "slot", "colptr", "row", "slot_t"):
+            t = getattr(self, name)
+            if t.dtype not in (torch.int32, torch.int64) or t.dtype != idt:
+                raise ValueError(f"{name} has dtype {t.dtype}; all index tensors must share int32 or int64")
+            if t.dim() != 1:
+                raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+            if t.device != self.values.device:
+                raise ValueError(f"{name} is on {t.device} but values on {self.values.device}")
+        want = {"rowptr": R + 1, "colptr": Q + 1, "col": C, "slot": C, "row": C, "slot_t": C}
+        for name, n in want.items():
+            if getattr(self, name).numel() != n:
+                raise ValueError(f"{name} has {getattr(self, name).numel()} entries, expected {n}")
+        for name, ptr in (("rowptr", self.rowptr), ("colptr", self.colptr)):
+            if int(ptr[0]) != 0 or bool((ptr[1:] < ptr[:-1]).any()):
+                raise ValueError(f"{name} must start at 0 and be non-decreasing")
+        nnz = self.nnz
+        if int(self.colptr[-1]) != nnz:
+            raise ValueError(f"rowptr counts {nnz} entries but colptr {int(self.colptr[-1])}")
+        if nnz > C:
+            raise ValueError(f"nnz {nnz} exceeds capacity {C}")
+        for name, s in (("slot", self.slot), ("slot_t", self.slot_t)):
+            if not torch.equal(torch.sort(s.long()).values, torch.arange(C, device=s.device)):
+                raise ValueError(f"{name} must be a permutation of 0..{C - 1} (live slots then free slots)")
+        if not torch.equal(torch.sort(self.slot[nnz:]).values, torch.sort(self.slot_t[nnz:]).values):
+            raise ValueError("slot and slot_t disagree on the free slots")
+        rows, cols, slots = self.coo()
+        _check_coordinates(rows, cols, R, Q, "row", "col")
+        key = rows * max(Q, 1) + cols
+        if nnz > 1 and not bool((key[1:] > key[:-1]).all()):
+            raise ValueError("columns must be strictly increasing within each row (sorted, no duplicates)")
+        # The CSC view must hold the same (row, col, slot) triples in column order.
+        ccols = _rows_of(self.colptr, nnz)
+        crows, cslots = self.row[:nnz].long(), self.slot_t[:nnz].long()
+        tkey = ccols * max(R, 1) + crows
+        if nnz > 1 and not bool((tkey[1:] > tkey[:-1]).all()):
+            raise ValueError("rows must be strictly increasing within each column of the CSC view")
+        order = torch.argsort(crows * max(Q, 1) + ccols)
+        if not (torch.equal(crows[order], rows) and torch.equal(ccols[order], cols) and torch.equal(cslots[order], slots)):
+            raise ValueError("the CSC view (colptr, row, slot_t) does not describe the same entries as the CSR index")
+
+    # ------------------------------------------------------- structure updates
+    def _write_index(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:
+        """Rewrite all index tensors in place from live entries sorted in CSR order.
+
+        Cost O(nnz + R + Q) apart from the stable sort that makes the CSC view
+        (torch sorts integer keys with a radix sort on CPU).
+        """
+        R, Q = self.grid
+        C = self.capacity
+        nnz = rows.numel()
+        dev, idt = self.rowptr.device, self.rowptr.dtype
+        used = torch.zeros(C, dtype=torch.bool, device=dev)
+        used[slots] = True
+        free = torch.nonzero(~used).flatten()
+        self.rowptr[0] = 0
+        self.rowptr[1:] = torch.cumsum(torch.bincount(rows, minlength=R), 0)
+        self.col[:nnz] = cols.to(idt)
+        self.col[nnz:] = 0
+        self.slot[:nnz] = slots.to(idt)
+        self.slot[nnz:] = free.to(idt)
+        order = torch.argsort(cols, stable=True)  # rows already ascending -> CSC order
+        self.colptr[0] = 0
+        self.colptr[1:] = torch.cumsum(torch.bincount(cols, minlength=Q), 0)
+        self.row[:nnz] = rows[order].to(idt)
+        self.row[nnz:] = 0
+        self.slot_t[:nnz] = slots[order].to(idt)
+        self.slot_t[nnz:] = free.to(idt)
+
+    @torch.no_grad()
+    def drop(self, positions) -> torch.Tensor:
+        """Remove the entries at CSR ``positions`` (indices into 0..nnz-1).
+
+        Returns the freed slots (int64); their values are zeroed. Other values
+        do not move.
+        """
+        nnz = self.nnz
+        positions = torch.as_tensor(positions, device=self.rowptr.device).long().flatten()
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= nnz):
+            raise ValueError(f"positions must lie in [0, nnz={nnz}), got range [{int(positions.min())}, {int(positions.max())}]")
+        if torch.unique(positions).numel() != positions.numel():
+            raise ValueError("positions contain duplicates")
+        rows, cols, slots = self.coo()
+        keep = torch.ones(nnz, dtype=torch.bool, device=rows.device)
+        keep[positions] = False
+        freed = slots[~keep]
+        self._write_index(rows[keep], cols[keep], slots[keep])
+        self.values.data[freed] = 0
+        return freed
+
+    @torch.no_grad()
+    def grow(self, rows, cols) -> torch.Tensor:
+        """Add entries at (block) coordinates (rows, cols), taking free slots.
+
+        Returns the slots used (int64), in the order of the given coordinates;
+        their values are zero. Coordinates already present, duplicated or out of
+        range raise ValueError, as does exceeding the capacity.
+        """
+        dev = self.rowptr.device
+        rows = torch.as_tensor(rows, device=dev).long().flatten()
+        cols = torch.as_tensor(cols, device=dev).long().flatten()
+        if rows.shape != cols.shape:
+            raise ValueError(f"rows and cols must have equal length, got {rows.numel()} and {cols.numel()}")
+        R, Q = self.grid
+        _check_coordinates(rows, cols, R, Q, "rows", "cols")
+        nnz, k = self.nnz, rows.numel()
+        if nnz + k > self.capacity:
+            raise ValueError(
+                f"growing {k} entries needs capacity {nnz + k} but the structure has capacity {self.capacity}; "
+                f"build it with a larger capacity"
+            )
+        erows, ecols, eslots = self.coo()
+        present = torch.isin(rows * max(Q, 1) + cols, erows * max(Q, 1) + ecols)
+        if bool(present.any()):
+            i = int(present.nonzero()[0])
+            raise ValueError(f"entry ({int(rows[i])}, {int(cols[i])}) is already stored; grow only adds new entries")
+        new_slots = self.slot[nnz:nnz + k].long().clone()
+        all_rows, all_cols = torch.cat([erows, rows]), torch.cat([ecols, cols])
+        all_slots = torch.cat([eslots, new_slots])
+        order = torch.argsort(all_rows * max(Q, 1) + all_cols)
+        self._write_index(all_rows[order], all_cols[order], all_slots[order])
+        self.values.data[new_slots] = 0
+        return new_slots
+
+
+def _check_coordinates(rows, cols, R, Q, rname, cname):
+    if rows.numel() == 0:
+        return
+    if int(rows.min()) < 0 or int(rows.max()) >= R:
+        raise ValueError(f"{rname} must lie in [0, {R}), got range [{int(rows.min())}, {int(rows.max())}]")
+    if int(cols.min()) < 0 or int(cols.max()) >= Q:
+        raise ValueError(f"{cname} must lie in [0, {Q}), got range [{int(cols.min())}, {int(cols.max())}]")
+    key = rows * max(Q, 1) + cols
+    if torch.unique(key).numel() != key.numel():
+        raise ValueError(f"({rname}, {cname}) contain duplicated coordinates")
+
+
+class CSR(SparseMatrix):
+    """Fixed-capacity CSR matrix with a CSC view over the same value slots."""
+
+    @classmethod
+    def _block_size_arg(cls, block_size) -> int:
+        if block_size != 1:
+            raise ValueError(f"CSR has block_size 1, got {block_size!r}; use BSR for blocks")
+        return 1
+
+
+class BSR(SparseMatrix):
+    """Fixed-capacity block-sparse matrix with square b x b blocks (b in 16, 32, 64 for GPU kernels).
+
+    Values are [C, b, b]; the index is the CSR/CSC scheme over block coordinates.
+    """
+
+    @classmethod
+    def _block_size_arg(cls, block_size) -> int:
+        block_size = SparseMatrix._block_size_arg(block_size)
+        if block_size == 1:
+            raise ValueError("BSR needs block_size > 1, got 1; use CSR for unstructured sparsity")
+        return block_size

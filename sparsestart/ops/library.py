@@ -1,0 +1,250 @@
+"""The op contract: torch.library ops ``sparsestart::spmm``, ``spmm_t`` and ``sddmm``.
+
+For a sparse weight W of shape (M, K) stored as CSR (values [C]) or BSR
+(values [C, b, b]) with index (rowptr, col, slot, colptr, row, slot_t) as in
+sparsestart/formats/compressed.py, and dense operands feature-major
+[features, N] (N = batch or batch * positions):
+
+    spmm(values, rowptr, col, slot, colptr, row, slot_t, x[K, N])   -> Y[M, N]  = W @ x
+    spmm_t(values, rowptr, col, slot, colptr, row, slot_t, dy[M, N]) -> dX[K, N] = W^T @ dy
+    sddmm(rowptr, col, slot, colptr, row, slot_t, dy[M, N], x[K, N], capacity, block_size)
+                                                                      -> dV like values:
+        dV[slot of (i, j)] = sum_n dy[i, n] * x[j, n] at stored (i, j), zero in free slots
+
+The CSR format is told apart from BSR by ``values.dim()`` (1 vs 3); every op
+takes the whole index so its autograd formula can call the other two (spmm's
+input gradient walks the CSC view). Each op has a fake impl for torch.compile and
+opcheck; the real impl checks the operands and hands the work to the native
+kernel of the backend the registry chooses.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference, registry
+
+__all__ = ["spmm", "spmm_t", "sddmm", "NATIVE_AVAILABLE"]
+
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------- operand checks
+def _check_index(op: str, values: Tensor | None, index: tuple[Tensor, ...]) -> None:
+    names = ("rowptr", "col", "slot", "colptr", "row", "slot_t")
+    idt = index[0].dtype
+    for name, t in zip(names, index):
+        if t.dtype not in (torch.int32, torch.int64) or t.dtype != idt:
+            raise TypeError(f"sparsestart.{op}: {name} must be int32 or int64 like rowptr ({idt}), got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"sparsestart.{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
+    if index[1].shape != index[2].shape or index[4].shape != index[1].shape or index[5].shape != index[1].shape:
+        raise ValueError(f"sparsestart.{op}: col, slot, row and slot_t must have the capacity's length")
+    if values is not None:
+        if values.dim() not in (1, 3) or (values.dim() == 3 and values.shape[1] != values.shape[2]):
+            raise ValueError(f"sparsestart.{op}: values must be [C] (CSR) or [C, b, b] (BSR), got {tuple(values.shape)}")
+        if values.shape[0] != index[2].shape[0]:
+            raise ValueError(
+                f"sparsestart.{op}: values has capacity {values.shape[0]} but the index has {index[2].shape[0]} slots"
+            )
+        if values.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"sparsestart.{op}: values must be a floating dtype, got {values.dtype}")
+
+
+def _check_dense(op: str, name: str, t: Tensor, rows: int, like: Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"sparsestart.{op}: {name} must be 2-D feature-major [features, N], got shape {tuple(t.shape)}")
+    if t.shape[0] != rows:
+        raise ValueError(f"sparsestart.{op}: {name} has {t.shape[0]} rows but the sparse weight needs {rows}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"sparsestart.{op}: {name} has dtype {t.dtype} but the sparse weight has {like.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"sparsestart.{op}: {name} is on {t.device} but the sparse weight is on {like.device}")
+
+
+def _dims(values_or_block, rowptr: Tensor, colptr: Tensor) -> tuple[int, int, int]:
+    b = values_or_block if isinstance(values_or_block, int) else (
+        1 if values_or_block.dim() == 1 else values_or_block.shape[1])
+    return (rowptr.shape[0] - 1) * b, (colptr.shape[0] - 1) * b, b
+
+
+# --------------------------------------------------------------------------- spmm
+@torch.library.custom_op("sparsestart::spmm", mutates_args=())
+def spmm(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor,
+         slot_t: Tensor, x: Tensor) -> Tensor:
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    M, K, _ = _check_spmm("spmm", values, index, x, transpose=False)
+    return _native_spmm(values, rowptr, col, slot, x, M, False)
+
+
+@spmm.register_fake
+def _(values, rowptr, col, slot, colptr, row, slot_t, x):
+    M, _, _ = _check_spmm("spmm", values, (rowptr, col, slot, colptr, row, slot_t), x, transpose=False)
+    return x.new_empty(M, x.shape[1])
+
+
+@torch.library.custom_op("sparsestart::spmm_t", mutates_args=())
+def spmm_t(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor,
+           slot_t: Tensor, dy: Tensor) -> Tensor:
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    _, K, _ = _check_spmm("spmm_t", values, index, dy, transpose=True)
+    return _native_spmm(values, colptr, row, slot_t, dy, K, True)
+
+
+@spmm_t.register_fake
+def _(values, rowptr, col, slot, colptr, row, slot_t, dy):
+    _, K, _ = _check_spmm("spmm_t", values, (rowptr, col, slot, colptr, row, slot_t), dy, transpose=True)
+    return dy.new_empty(K, dy.shape[1])
+
+
+def _check_spmm(op, values, index, dense, transpose):
+    _check_index(op, values, index)
+    M, K, b = _dims(values, index[0], index[3])
+    _check_dense(op, "dy" if transpose else "x", dense, M if transpose else K, values)
+    for name, t in zip(("rowptr", "col", "slot", "colptr", "row", "slot_t"), index):
+        if t.device != values.device:
+            raise ValueError(f"sparsestart.{op}: {name} is on {t.device} but values on {values.device}")
+    return M, K, b
+
+
+@torch.library.custom_op("sparsestart::sddmm", mutates_args=())
+def sddmm(rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
+          dy: Tensor, x: Tensor, capacity: int, block_size: int) -> Tensor:
+    _check_sddmm(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, block_size)
+    return _native_sddmm(rowptr, col, slot, dy, x, capacity, block_size)
+
+
+@sddmm.register_fake
+def _(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, block_size):
+    _check_sddmm(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, block_size)
+    shape = (capacity,) if block_size == 1 else (capacity, block_size, block_size)
+    return dy.new_empty(shape)
+
+
+def _check_sddmm(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, block_size):
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    _check_index("sddmm", None, index)
+    if block_size < 1:
+        raise ValueError(f"sparsestart.sddmm: block_size must be >= 1, got {block_size}")
+    if capacity != slot.shape[0]:
+        raise ValueError(f"sparsestart.sddmm: capacity={capacity} but the index has {slot.shape[0]} slots")
+    M, K, _ = _dims(block_size, rowptr, colptr)
+    if dy.dtype not in _FLOAT_TYPES:
+        raise TypeError(f"sparsestart.sddmm: dy must be a floating dtype, got {dy.dtype}")
+    _check_dense("sddmm", "dy", dy, M, dy)
+    _check_dense("sddmm", "x", x, K, dy)
+    if x.shape[1] != dy.shape[1]:
+        raise ValueError(f"sparsestart.sddmm: dy has N={dy.shape[1]} columns but x has {x.shape[1]}")
+
+
+# ----------------------------------------------------------------------- autograd
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+
+
+def _spmm_backward(ctx, grad):
+    values, rowptr, col, slot, colptr, row, slot_t, x = ctx.saved_tensors
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    b = 1 if values.dim() == 1 else values.shape[1]
+    dvalues = sddmm(*index, grad, x, values.shape[0], b) if ctx.needs_input_grad[0] else None
+    dx = spmm_t(values, *index, grad) if ctx.needs_input_grad[7] else None
+    return dvalues, None, None, None, None, None, None, dx
+
+
+def _spmm_t_backward(ctx, grad):
+    values, rowptr, col, slot, colptr, row, slot_t, dy = ctx.saved_tensors
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    b = 1 if values.dim() == 1 else values.shape[1]
+    # dX = W^T dy, so dL/dW_ij = sum_n dy[i, n] * grad[j, n] and dL/ddy = W grad.
+    dvalues = sddmm(*index, dy, grad, values.shape[0], b) if ctx.needs_input_grad[0] else None
+    ddy = spmm(values, *index, grad) if ctx.needs_input_grad[7] else None
+    return dvalues, None, None, None, None, None, None, ddy
+
+
+def _sddmm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.block_size = inputs[9]
+
+
+def _sddmm_backward(ctx, grad):
+    rowptr, col, slot, colptr, row, slot_t, dy, x = ctx.saved_tensors
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    ddy = spmm(grad, *index, x) if ctx.needs_input_grad[6] else None
+    dx = spmm_t(grad, *index, dy) if ctx.needs_input_grad[7] else None
+    return None, None, None, None, None, None, ddy, dx, None, None
+
+
+spmm.register_autograd(_spmm_backward, setup_context=_setup)
+spmm_t.register_autograd(_spmm_t_backward, setup_context=_setup)
+sddmm.register_autograd(_sddmm_backward, setup_context=_sddmm_setup)
+
+
+# ----------------------------------------------------------------------- backends
+def _native_spmm(values, ptr, idx, slot, x, rows, transpose_blocks):
+    x = x.contiguous()
+    backend = registry.choose("spmm", [values, ptr, x])
+    return backend.spmm(values.contiguous(), ptr, idx, slot, x, rows, transpose_blocks)
+
+
+def _native_sddmm(ptr, idx, slot, a, b, capacity, block_size):
+    a, b = a.contiguous(), b.contiguous()
+    backend = registry.choose("sddmm", [a, ptr, b])
+    return backend.sddmm(ptr, idx, slot, a, b, capacity, block_size)
+
+
+registry.register_backend(
+    registry.Backend("reference", priority=0, spmm=reference.native_spmm, sddmm=reference.native_sddmm)
+)
+
+
+def _load_native() -> bool:
+    try:
+        from .. import _C  # noqa: F401  (registers torch.ops.sparsestart._native_*)
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        import warnings
+
+        warnings.warn(
+            f"sparsestart: the C++ extension sparsestart._C is not built ({exc}); using the slow pure-PyTorch "
+            f"reference backend. Build it with: pip install --no-build-isolation -e .",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+NATIVE_AVAILABLE = _load_native()
+
+
+def _cpu_reasons(op: str, tensors: list[Tensor]) -> list[str]:
+    reasons = []
+    if any(t.device.type != "cpu" for t in tensors):
+        reasons.append(f"needs CPU tensors, got {sorted({t.device.type for t in tensors})}")
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        reasons.append(f"supports float32 and float64, got {dtype}")
+    return reasons
+
+
+if NATIVE_AVAILABLE:
+
+    @torch.library.register_fake("sparsestart::_native_spmm")
+    def _(values, ptr, idx, slot, x, rows, transpose_blocks):
+        return x.new_empty(rows, x.shape[1])
+
+    @torch.library.register_fake("sparsestart::_native_sddmm")
+    def _(ptr, idx, slot, a, b, capacity, block_size):
+        return a.new_empty((capacity,) if block_size == 1 else (capacity, block_size, block_size))
+
+
+registry.register_backend(
+    registry.Backend(
+        "cpu",
+        priority=10,
+        spmm=lambda *a: torch.ops.sparsestart._native_spmm(*a),
+        sddmm=lambda *a: torch.ops.sparsestart._native_sddmm(*a),
+        not_supported_reasons=_cpu_reasons,
+        is_available=lambda: NATIVE_AVAILABLE,
+        unavailable_reason="the C++ extension sparsestart._C is not built",
+    )
+)
