@@ -63,8 +63,10 @@ def _check_dense(op: str, name: str, t: Tensor, rows: int, like: Tensor) -> None
 
 
 def _dims(values_or_block, rowptr: Tensor, colptr: Tensor) -> tuple[int, int, int]:
-    b = values_or_block if isinstance(values_or_block, int) else (
-        1 if values_or_block.dim() == 1 else values_or_block.shape[1])
+    if isinstance(values_or_block, Tensor):
+        b = 1 if values_or_block.dim() == 1 else values_or_block.shape[1]
+    else:  # a block size (int or SymInt)
+        b = values_or_block
     return (rowptr.shape[0] - 1) * b, (colptr.shape[0] - 1) * b, b
 
 

@@ -1,0 +1,34 @@
+# The README's two commands: `make setup` (environment + build + demo) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: setup install test bench cmake-check clean
+
+setup: install
+	$(VENV)/bin/sparsestart demo
+
+# torch is pinned to the CPU build that lies on disk; the package is built with
+# --no-build-isolation so it compiles against that torch instead of pulling a
+# (multi-GB, CUDA) torch into an isolated build environment.
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation -e .
+
+test:
+	$(PY) -m pytest -q tests
+
+bench:
+	$(PY) -m bench
+
+# Configure and build the C++ sources with CMake as well (CUDA sources with SPARSESTART_CUDA=ON).
+cmake-check:
+	cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(abspath $(PY)) $(CMAKE_ARGS)
+	cmake --build build/cmake -j2
+
+clean:
+	rm -rf build *.egg-info sparsestart/_C*.so

@@ -1,0 +1,67 @@
+"""Erdős–Rényi sampling of sparse structures at a cost that follows nnz.
+
+``er_indices`` draws exactly round(p * R * Q) distinct (block) positions
+uniformly at random (or independent Bernoulli(p) per position with
+``exact=False``) without ever materialising a dense mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["sample_without_replacement", "er_indices", "check_density"]
+
+
+def check_density(density, name: str = "density") -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {density!r}")
+    density = float(density)
+    if not (0.0 < density <= 1.0):
+        raise ValueError(f"{name} must lie in (0, 1], got {density}")
+    return density
+
+
+def sample_without_replacement(n: int, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """k distinct integers from [0, n), uniformly, sorted ascending (int64).
+
+    For k well below n, draw with replacement, keep the distinct values and
+    repeat until there are enough; the distinct values of i.i.d. uniform draws
+    form a uniformly random subset given their number, so a random k-subset of
+    them is uniform too. Memory and time are O(k log k), not O(n).
+    """
+    if not (0 <= k <= n):
+        raise ValueError(f"k must lie in [0, n={n}], got {k}")
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    if 2 * k >= n or n <= 1 << 16:
+        return torch.sort(torch.randperm(n, generator=generator)[:k]).values
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < k:
+        missing = k - chosen.numel()
+        draw = torch.randint(0, n, (int(missing * 1.1) + 16,), generator=generator)
+        chosen = torch.unique(torch.cat([chosen, draw]))
+    keep = torch.randperm(chosen.numel(), generator=generator)[:k]
+    return torch.sort(chosen[keep]).values
+
+
+def er_indices(grid: tuple[int, int], density: float, *, exact: bool = True,
+               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of an ER structure on an R x Q grid, in row-major order.
+
+    exact=True: exactly round(density * R * Q) positions (at least one when the
+    grid is non-empty); exact=False: each position kept independently with
+    probability ``density`` (what the papers' code does).
+    """
+    density = check_density(density)
+    R, Q = grid
+    n = R * Q
+    if exact:
+        k = min(n, max(1 if n else 0, round(density * n)))
+        flat = sample_without_replacement(n, k, generator)
+    else:
+        # Bernoulli(p) per position = a Binomial(n, p) number of distinct uniform positions.
+        k = int(torch.binomial(torch.tensor([float(n)], dtype=torch.float64),
+                               torch.tensor([density], dtype=torch.float64), generator=generator))
+        flat = sample_without_replacement(n, k, generator)
+    return flat // max(Q, 1), flat % max(Q, 1)

@@ -1,0 +1,417 @@
+"""SparseLinear and SparseConv2d: drop-in layers that store only their nonzeros.
+
+Each layer owns exactly two parameters, ``values`` (the slot-indexed nonzeros,
+[C] for CSR or [C, b, b] for BSR) and ``bias``; the index (rowptr, col, slot,
+colptr, row, slot_t) lives in buffers. ``sparse_weight`` returns a
+:class:`~sparsestart.formats.SparseMatrix` over these very tensors, so a
+structure update made through it (drop/grow) is seen by the layer at once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..formats import BSR, CSR, SparseMatrix
+from ..init.sampling import check_density, er_indices
+
+__all__ = ["SparseLayer", "SparseLinear", "SparseConv2d"]
+
+_INDEX_NAMES = ("rowptr", "col", "slot", "colptr", "row", "slot_t")
+_FORMATS = ("csr", "bsr")
+
+
+def _generator(seed: Optional[int], device) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+class SparseLayer(nn.Module):
+    """Shared machinery: the compressed weight, its construction, inspection and (de)serialisation.
+
+    Subclasses define ``weight_shape`` (the torch weight shape), ``fan_in`` and
+    ``forward``; the compressed matrix is the weight viewed as (shape[0], prod(shape[1:])).
+    """
+
+    weight_shape: tuple[int, ...]
+
+    # --------------------------------------------------------------- structure
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.weight_shape[0], math.prod(self.weight_shape[1:])
+
+    @property
+    def format(self) -> str:
+        return "csr" if self.values.dim() == 1 else "bsr"
+
+    @property
+    def block_size(self) -> int:
+        return 1 if self.values.dim() == 1 else int(self.values.shape[1])
+
+    @property
+    def sparse_weight(self) -> SparseMatrix:
+        cls = CSR if self.values.dim() == 1 else BSR
+        return cls(self.values, *(getattr(self, n) for n in _INDEX_NAMES), self.matrix_shape)
+
+    def _set_structure(self, matrix: SparseMatrix) -> None:
+        self.values = nn.Parameter(matrix.values)
+        for name, t in zip(_INDEX_NAMES, matrix.index_tensors()):
+            self.register_buffer(name, t)
+
+    def _init_structure(self, density, format: str, block_size, capacity, exact: bool, seed,
+                        init_fan_in: str, device, dtype) -> None:
+        """Sample an ER structure of the given density and torch-default initial values."""
+        density = check_density(density)
+        fmt, b = _check_format(format, block_size)
+        M, K = self.matrix_shape
+        cls = CSR if fmt == "csr" else BSR
+        cls._check_shape((M, K), b)
+        gen = _generator(seed, device)
+        rows, cols = er_indices((M // b, K // b), density, exact=exact, generator=gen)
+        matrix = cls._build(rows, cols, None, (M, K), b, capacity, dtype, torch.device(device or "cpu"), None)
+        self._set_structure(matrix)
+        self._init_values(init_fan_in, gen)
+
+    @torch.no_grad()
+    def _init_values(self, init_fan_in: str, generator) -> None:
+        """As torch initialises the dense layer: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+        init_fan_in="kept" uses each output unit's number of stored inputs
+        instead of the dense fan-in, so the output variance does not shrink with
+        the density.
+        """
+        if init_fan_in not in ("dense", "kept"):
+            raise ValueError(f"init_fan_in must be 'dense' or 'kept', got {init_fan_in!r}")
+        m = self.sparse_weight
+        nnz, b = m.nnz, m.block_size
+        live = torch.empty(self.values[:nnz].shape, dtype=self.values.dtype).uniform_(-1, 1, generator=generator)
+        if init_fan_in == "dense":
+            bound = torch.full((nnz,), 1.0 / math.sqrt(self.fan_in) if self.fan_in else 0.0, dtype=torch.float64)
+        else:
+            rows, _, _ = m.coo()
+            kept = (m.rowptr[1:] - m.rowptr[:-1]).double() * b  # stored inputs of each output unit
+            bound = 1.0 / kept.clamp(min=1).sqrt()
+            bound = bound[rows]
+        shape = (nnz,) if b == 1 else (nnz, 1, 1)
+        self.values.data.zero_()
+        self.values.data[m.slot[:nnz].long()] = (live * bound.view(shape).to(live.dtype)).to(self.values.device)
+
+    def _init_bias(self, out_features: int, bias: bool, device, dtype, generator) -> None:
+        if bias:
+            bound = 1.0 / math.sqrt(self.fan_in) if self.fan_in else 0.0
+            b = torch.empty(out_features, dtype=dtype or torch.get_default_dtype()).uniform_(-bound, bound, generator=generator)
+            self.bias = nn.Parameter(b.to(device or "cpu"))
+        else:
+            self.register_parameter("bias", None)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Sparse weight (as [M, K]) times a feature-major [K, N] operand."""
+        return torch.ops.sparsestart.spmm(self.values, *(getattr(self, n) for n in _INDEX_NAMES), x)
+
+    # --------------------------------------------------------------- inspection
+    @property
+    def nnz(self) -> int:
+        """Stored weights (elements, counting every entry of a stored block)."""
+        return self.sparse_weight.nnz_elements
+
+    @property
+    def density(self) -> float:
+        return self.sparse_weight.density
+
+    def mask(self) -> torch.Tensor:
+        """Dense bool mask in the shape of the torch weight."""
+        return self.sparse_weight.mask().reshape(self.weight_shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The effective weight as a dense tensor of the torch weight shape (differentiable)."""
+        return self.sparse_weight.to_dense().reshape(self.weight_shape)
+
+    @torch.no_grad()
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (the torch twin of this layer) with the masked weight and the bias copied in."""
+        dense.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense
+
+    def validate(self) -> None:
+        self.sparse_weight.validate()
+        if self.bias is not None and self.bias.shape != (self.weight_shape[0],):
+            raise ValueError(f"bias has shape {tuple(self.bias.shape)}, expected ({self.weight_shape[0]},)")
+
+    def _sparsity_repr(self) -> str:
+        fmt = self.format if self.format == "csr" else f"bsr, block_size={self.block_size}"
+        return f"format={fmt}, nnz={self.nnz}, density={self.density:.4g}"
+
+    # ---------------------------------------------------------- serialisation
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = ("values",) + _INDEX_NAMES
+        incoming = {n: state_dict.get(prefix + n) for n in names}
+        if all(t is not None for t in incoming.values()):
+            # Check the incoming structure before anything of this layer changes.
+            vals = incoming["values"]
+            if vals.dim() != self.values.dim() or vals.shape[1:] != self.values.shape[1:]:
+                error_msgs.append(
+                    f"{prefix}values: shape {tuple(vals.shape)} does not match this layer's format "
+                    f"({self.format}, values {tuple(self.values.shape)})")
+                return
+            cls = CSR if vals.dim() == 1 else BSR
+            try:
+                cls(vals, *(incoming[n] for n in _INDEX_NAMES), self.matrix_shape).validate()
+            except ValueError as exc:
+                error_msgs.append(f"{prefix}: the saved sparse structure is invalid: {exc}")
+                return
+            # A saved structure may have another capacity or index dtype: adopt it.
+            if vals.shape != self.values.shape:
+                self.values = nn.Parameter(self.values.new_empty(vals.shape), requires_grad=self.values.requires_grad)
+            for n in _INDEX_NAMES:
+                cur, new = getattr(self, n), incoming[n]
+                if cur.shape != new.shape or cur.dtype != new.dtype:
+                    self._buffers[n] = torch.empty(new.shape, dtype=new.dtype, device=cur.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _check_format(format: str, block_size) -> tuple[str, int]:
+    if format not in _FORMATS:
+        raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
+    if format == "csr":
+        if block_size not in (None, 1):
+            raise ValueError(f"block_size applies to format='bsr' only, got block_size={block_size!r} with 'csr'")
+        return "csr", 1
+    if block_size is None:
+        raise ValueError("format='bsr' needs a block_size (e.g. 16, 32 or 64)")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an int >= 2 for format='bsr', got {block_size!r}")
+    return "bsr", block_size
+
+
+def _weight_to_matrix(module: SparseLayer, weight: torch.Tensor, mask: Optional[torch.Tensor], density,
+                      format: str, block_size, capacity, exact: bool, seed) -> SparseMatrix:
+    """The compressed matrix holding ``weight`` at the positions of ``mask`` (or of an ER sample)."""
+    fmt, b = _check_format(format, block_size)
+    M, K = module.matrix_shape
+    cls = CSR if fmt == "csr" else BSR
+    w2 = weight.detach().reshape(M, K)
+    if mask is not None:
+        if density is not None:
+            raise ValueError("give either mask or density, not both")
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight has {tuple(weight.shape)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        return cls.from_dense(w2, mask.reshape(M, K).to(w2.device), block_size=b, capacity=capacity)
+    if density is None:
+        return cls.from_dense(w2, None if b == 1 else _nonzero_blocks(w2, b), block_size=b, capacity=capacity)
+    density = check_density(density)
+    cls._check_shape((M, K), b)
+    rows, cols = er_indices((M // b, K // b), density, exact=exact, generator=_generator(seed, w2.device))
+    bm = torch.zeros(M // b, K // b, dtype=torch.bool, device=w2.device)
+    bm[rows.to(w2.device), cols.to(w2.device)] = True
+    return cls.from_dense(w2, bm, block_size=b, capacity=capacity)
+
+
+def _nonzero_blocks(w2: torch.Tensor, b: int) -> torch.Tensor:
+    M, K = w2.shape
+    return (w2 != 0).reshape(M // b, b, K // b, b).any(dim=(1, 3))
+
+
+class SparseLinear(SparseLayer):
+    """y = x W^T + b with a sparse W of shape (out_features, in_features).
+
+    Arguments as :class:`torch.nn.Linear`, plus:
+      density     fraction of weights kept, in (0, 1]; an ER structure with exactly
+                  round(density * numel) entries (blocks for BSR) is sampled
+      format      "csr" (unstructured) or "bsr" (square blocks of ``block_size``)
+      capacity    number of value slots (>= nnz) to leave room for regrowth
+      exact       False: keep each weight independently with probability density
+      seed        seed of the structure and initial values (None: torch's global RNG)
+      init_fan_in "dense" (torch's init) or "kept" (scale by each unit's kept fan-in)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float,
+                 format: str = "csr", block_size: Optional[int] = None, capacity: Optional[int] = None,
+                 exact: bool = True, seed: Optional[int] = None, init_fan_in: str = "dense", device=None,
+                 dtype=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        self._init_structure(density, format, block_size, capacity, exact, seed, init_fan_in, device, dtype)
+        self._init_bias(out_features, bias, device, dtype, _generator(None if seed is None else seed + 1, device))
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: input's last dimension must be in_features={self.in_features}, "
+                             f"got input of shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        # Feature-major in, feature-major out: one transpose each way.
+        y = self._matmul(x.reshape(-1, self.in_features).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, mask: Optional[torch.Tensor] = None, density: Optional[float] = None, *,
+                   format: str = "csr", block_size: Optional[int] = None, capacity: Optional[int] = None,
+                   exact: bool = True, seed: Optional[int] = None) -> "SparseLinear":
+        """Keep ``module``'s weights at ``mask`` (bool, weight-shaped), or at an ER sample of ``density``,
+        or, with neither, at its nonzero weights. The bias is copied."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be a torch.nn.Linear, got {type(module).__name__}")
+        self = cls.__new__(cls)
+        SparseLayer.__init__(self)
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.weight_shape = tuple(module.weight.shape)
+        self._set_structure(_weight_to_matrix(self, module.weight, mask, density, format, block_size, capacity,
+                                              exact, seed))
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        return self
+
+    def to_dense(self) -> nn.Linear:
+        """A torch.nn.Linear whose weight is the masked dense weight."""
+        return self._filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                      device=self.values.device, dtype=self.values.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                + self._sparsity_repr())
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or any(isinstance(i, bool) or not isinstance(i, int) for i in t):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+class SparseConv2d(SparseLayer):
+    """2-D convolution with a sparse weight (out_channels, in_channels, kh, kw).
+
+    Arguments as :class:`torch.nn.Conv2d` (groups must be 1) plus the sparsity
+    arguments of :class:`SparseLinear`. The weight is stored as the matrix
+    (out_channels, in_channels * kh * kw); the input is unfolded (im2col) into the
+    feature-major layout [in_channels * kh * kw, batch * positions].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding: Union[int, str, Sequence[int]] = 0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, density: float,
+                 format: str = "csr", block_size: Optional[int] = None, capacity: Optional[int] = None,
+                 exact: bool = True, seed: Optional[int] = None, init_fan_in: str = "dense", device=None, dtype=None):
+        super().__init__()
+        self._configure(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        self._init_structure(density, format, block_size, capacity, exact, seed, init_fan_in, device, dtype)
+        self._init_bias(out_channels, bias, device, dtype, _generator(None if seed is None else seed + 1, device))
+
+    def _configure(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode):
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if groups != 1:
+            raise NotImplementedError(f"SparseConv2d supports groups=1 only, got groups={groups}; "
+                                      f"exclude grouped/depthwise convolutions from sparsify")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in torch)")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding, "padding")
+        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
+            raise ValueError(f"kernel_size, stride and dilation must be positive, got {self.kernel_size}, "
+                             f"{self.stride}, {self.dilation}")
+        self.groups, self.padding_mode = groups, padding_mode
+        self.weight_shape = (out_channels, in_channels, *self.kernel_size)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def _explicit_padding(self) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) as F.pad takes it."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparseConv2d: input must be [N, {self.in_channels}, H, W] (or unbatched), "
+                             f"got shape {tuple(x.shape)}")
+        pad = self._explicit_padding()
+        if any(pad):
+            x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        ho = (h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"SparseConv2d: input of spatial size {(h, w)} (after padding) is smaller than the "
+                             f"dilated kernel {(self.dilation[0] * (kh - 1) + 1, self.dilation[1] * (kw - 1) + 1)}")
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [n, C*kh*kw, L]
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
+        y = self._matmul(xt).view(self.out_channels, n, ho * wo).transpose(0, 1)
+        y = y.reshape(n, self.out_channels, ho, wo)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y.squeeze(0) if unbatched else y
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, mask: Optional[torch.Tensor] = None, density: Optional[float] = None, *,
+                   format: str = "csr", block_size: Optional[int] = None, capacity: Optional[int] = None,
+                   exact: bool = True, seed: Optional[int] = None) -> "SparseConv2d":
+        """As :meth:`SparseLinear.from_dense`, for a torch.nn.Conv2d (groups=1)."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"module must be a torch.nn.Conv2d, got {type(module).__name__}")
+        self = cls.__new__(cls)
+        SparseLayer.__init__(self)
+        self._configure(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                        module.dilation, module.groups, module.padding_mode)
+        self._set_structure(_weight_to_matrix(self, module.weight, mask, density, format, block_size, capacity,
+                                              exact, seed))
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        return self
+
+    def to_dense(self) -> nn.Conv2d:
+        """A torch.nn.Conv2d whose weight is the masked dense weight."""
+        return self._filled(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                      self.padding, self.dilation, self.groups, self.bias is not None,
+                                      self.padding_mode, device=self.values.device, dtype=self.values.dtype))
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", bias={self.bias is not None}, " + self._sparsity_repr()

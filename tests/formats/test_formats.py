@@ -1,0 +1,162 @@
+"""CSR/BSR structures: construction, invariants, and in-place drop/grow against a set model."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsestart.formats import BSR, CSR, index_dtype_for
+from tests.util import random_matrix
+
+
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_from_dense_round_trip(b):
+    M, K = 6 * b, 4 * b
+    w = torch.randn(M, K)
+    bm = torch.rand(M // b, K // b) < 0.5
+    mask = bm.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    cls = CSR if b == 1 else BSR
+    m = cls.from_dense(w, mask, block_size=b)
+    m.validate()
+    assert m.nnz == int(bm.sum()) and m.nnz_elements == int(mask.sum())
+    assert torch.equal(m.mask(), mask)
+    assert torch.equal(m.to_dense(), w * mask)
+    assert m.rowptr.dtype == torch.int32 and m.capacity == m.nnz
+    assert m.density == pytest.approx(mask.float().mean().item())
+    if b > 1:  # a block-level mask gives the same structure
+        m2 = BSR.from_dense(w, bm, block_size=b)
+        assert torch.equal(m2.to_dense(), m.to_dense())
+
+
+def test_from_dense_default_mask_is_nonzeros():
+    w = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 3.0]])
+    m = CSR.from_dense(w)
+    assert m.nnz == 3 and torch.equal(m.to_dense(), w)
+    assert m.col[:3].tolist() == [1, 0, 2] and m.rowptr.tolist() == [0, 1, 3]
+    assert m.colptr.tolist() == [0, 1, 2, 3] and m.row[:3].tolist() == [1, 0, 1]
+
+
+def test_to_dense_is_differentiable():
+    m = random_matrix(5, 4, 0.6, seed=1)
+    m.values.requires_grad_()
+    (m.to_dense() * torch.arange(20.0, dtype=torch.float64).view(5, 4)).sum().backward()
+    rows, cols, slots = m.coo()
+    assert torch.equal(m.values.grad[slots], (rows * 4 + cols).double())
+
+
+def test_from_mask_init():
+    mask = torch.rand(50, 40) < 0.3
+    m = CSR.from_mask(mask, init="kaiming_uniform", generator=torch.Generator().manual_seed(0))
+    live = m.values[: m.nnz]
+    assert bool((live.abs() <= 1 / 40**0.5).all()) and live.std() > 0
+    assert torch.equal(m.mask(), mask)
+    z = CSR.from_mask(mask)
+    assert bool((z.values == 0).all())
+    with pytest.raises(ValueError, match="init must be"):
+        CSR.from_mask(mask, init="bogus")
+
+
+def test_index_dtype_rule():
+    assert index_dtype_for(10, 2**31 - 2) == torch.int32
+    assert index_dtype_for(2**31) == torch.int64
+    m = random_matrix(5, 4, 0.5, index_dtype=torch.int64)
+    m.validate()
+    assert m.col.dtype == torch.int64
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="rows must lie in"):
+        CSR.from_indices([0, 5], [0, 1], (5, 3))
+    with pytest.raises(ValueError, match="cols must lie in"):
+        CSR.from_indices([0, 1], [0, -1], (5, 3))
+    with pytest.raises(ValueError, match="duplicated"):
+        CSR.from_indices([1, 1], [2, 2], (5, 3))
+    with pytest.raises(TypeError, match="integer"):
+        CSR.from_indices(torch.tensor([0.0]), torch.tensor([1.0]), (5, 3))
+    with pytest.raises(ValueError, match="values must have shape"):
+        CSR.from_indices([0], [1], (5, 3), values=torch.ones(2))
+    with pytest.raises(ValueError, match="not a multiple of block_size=4"):
+        BSR.from_dense(torch.ones(6, 8), block_size=4)
+    with pytest.raises(ValueError, match="not constant inside 2x2 blocks"):
+        BSR.from_dense(torch.ones(4, 4), torch.eye(4, dtype=torch.bool), block_size=2)
+    with pytest.raises(ValueError, match="BSR needs block_size > 1"):
+        BSR.from_dense(torch.ones(4, 4))
+    with pytest.raises(ValueError, match="capacity must be >= nnz"):
+        CSR.from_indices([0, 1], [0, 1], (2, 2), capacity=1)
+    with pytest.raises(TypeError, match="mask must be a bool"):
+        CSR.from_dense(torch.ones(2, 2), torch.ones(2, 2))
+
+
+def test_validate_detects_corruption():
+    m = random_matrix(6, 5, 0.5, capacity_extra=2)
+    m.validate()
+    broken = CSR(m.values, m.rowptr, m.col.clone(), m.slot, m.colptr, m.row, m.slot_t, m.shape)
+    if m.rowptr[1] - m.rowptr[0] >= 2:
+        broken.col[0], broken.col[1] = broken.col[1].clone(), broken.col[0].clone()
+    else:
+        broken.col[: m.nnz] = broken.col[: m.nnz].flip(0)
+    with pytest.raises(ValueError):
+        broken.validate()
+    slot = m.slot.clone()
+    slot[0] = slot[1]
+    with pytest.raises(ValueError, match="permutation"):
+        CSR(m.values, m.rowptr, m.col, slot, m.colptr, m.row, m.slot_t, m.shape).validate()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    R=st.integers(1, 6), Q=st.integers(1, 6), b=st.sampled_from([1, 2]), density=st.floats(0, 1),
+    extra=st.integers(0, 6), seed=st.integers(0, 10_000),
+    steps=st.lists(st.tuples(st.booleans(), st.integers(0, 10_000), st.integers(1, 4)), max_size=6),
+)
+def test_drop_grow_against_set_model(R, Q, b, density, extra, seed, steps):
+    m = random_matrix(R * b, Q * b, density, block_size=b, capacity_extra=extra, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    # Model: {(row, col): value block}
+    rows, cols, slots = m.coo()
+    model = {(int(r), int(c)): m.values[s].clone() for r, c, s in zip(rows, cols, slots)}
+    for is_drop, pick, k in steps:
+        if is_drop:
+            if m.nnz == 0:
+                continue
+            k = min(k, m.nnz)
+            pos = torch.randperm(m.nnz, generator=g)[:k]
+            rows, cols, _ = m.coo()
+            gone = {(int(rows[p]), int(cols[p])) for p in pos}
+            freed = m.drop(pos)
+            assert freed.numel() == k and bool((m.values[freed] == 0).all())
+            for key in gone:
+                del model[key]
+        else:
+            absent = [(r, c) for r in range(R) for c in range(Q) if (r, c) not in model]
+            if not absent:
+                continue
+            take = [absent[i] for i in torch.randperm(len(absent), generator=g)[:k].tolist()]
+            if m.nnz + len(take) > m.capacity:
+                before = [t.clone() for t in m.index_tensors()]
+                with pytest.raises(ValueError, match="capacity"):
+                    m.grow([t[0] for t in take], [t[1] for t in take])
+                assert all(torch.equal(u, v) for u, v in zip(before, m.index_tensors()))
+                continue
+            used = m.grow([t[0] for t in take], [t[1] for t in take])
+            assert bool((m.values[used] == 0).all())
+            for key in take:
+                model[key] = torch.zeros_like(m.values[0])
+        m.validate()
+        rows, cols, slots = m.coo()
+        got = {(int(r), int(c)): m.values[s] for r, c, s in zip(rows, cols, slots)}
+        assert set(got) == set(model)
+        for key, v in model.items():  # values never move
+            assert torch.equal(got[key], v)
+
+
+def test_grow_rejects_existing_and_leaves_structure_intact():
+    m = random_matrix(4, 4, 0.5, capacity_extra=4, seed=2)
+    r, c, _ = m.coo()
+    before = [t.clone() for t in m.index_tensors()]
+    with pytest.raises(ValueError, match="already stored"):
+        m.grow([int(r[0])], [int(c[0])])
+    with pytest.raises(ValueError, match="positions must lie in"):
+        m.drop([m.nnz])
+    with pytest.raises(ValueError, match="duplicates"):
+        m.drop([0, 0])
+    assert all(torch.equal(u, v) for u, v in zip(before, m.index_tensors()))

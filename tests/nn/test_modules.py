@@ -1,0 +1,272 @@
+"""SparseLinear / SparseConv2d against the dense torch module with the masked weight."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import sparsestart
+from sparsestart import ops
+from sparsestart.nn import SparseConv2d, SparseLinear
+
+BACKENDS = [b for b in ("reference", "cpu") if b == "reference" or ops.NATIVE_AVAILABLE]
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def _compare_with_dense(sparse, x, tol=1e-5):
+    """Outputs and gradients (input, values, bias) of ``sparse`` equal those of its dense twin."""
+    sparse.zero_grad(set_to_none=True)
+    dense = sparse.to_dense()
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    y1, y2 = sparse(x1), dense(x2)
+    assert y1.shape == y2.shape
+    assert _rel_err(y1, y2) <= tol
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert _rel_err(x1.grad, x2.grad) <= tol
+    # The value gradient is the dense weight gradient read at the stored positions.
+    m = sparse.sparse_weight
+    grad_dense = type(m)(sparse.values.grad, *m.index_tensors(), m.shape).to_dense().reshape(dense.weight.shape)
+    mask = sparse.mask()
+    assert _rel_err(grad_dense, dense.weight.grad * mask) <= tol
+    free = m.slot[m.nnz:].long()
+    assert bool((sparse.values.grad[free] == 0).all())
+    if sparse.bias is not None:
+        assert _rel_err(sparse.bias.grad, dense.bias.grad) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("fmt,b", [("csr", None), ("bsr", 4)])
+def test_sparse_linear_matches_dense(backend, bias, fmt, b):
+    torch.manual_seed(0)
+    layer = SparseLinear(36, 20, bias=bias, density=0.3, format=fmt, block_size=b, seed=1)
+    layer.validate()
+    with ops.use_backend(backend):
+        _compare_with_dense(layer, torch.randn(3, 5, 36))  # extra leading dims
+        _compare_with_dense(layer, torch.randn(36))        # unbatched
+
+
+CONV_CASES = [
+    dict(kernel_size=3, stride=1, padding=0),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+    dict(kernel_size=1, stride=1, padding=0),
+    dict(kernel_size=3, padding="same", dilation=2),
+    dict(kernel_size=4, padding="same"),
+    dict(kernel_size=3, padding="valid"),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=3, padding=2, padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("cfg", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_sparse_conv_matches_dense(backend, bias, cfg):
+    layer = SparseConv2d(3, 5, bias=bias, density=0.4, seed=2, **cfg)
+    layer.validate()
+    with ops.use_backend(backend):
+        _compare_with_dense(layer, torch.randn(2, 3, 9, 8))
+        _compare_with_dense(layer, torch.randn(3, 7, 7))  # unbatched
+
+
+def test_sparse_conv_bsr():
+    layer = SparseConv2d(4, 8, 2, density=0.5, format="bsr", block_size=4, seed=0)  # K = 4*2*2 = 16
+    assert layer.block_size == 4 and layer.values.shape[1:] == (4, 4)
+    _compare_with_dense(layer, torch.randn(2, 4, 6, 6))
+
+
+def test_from_dense_keeps_weights_and_bias():
+    lin = nn.Linear(10, 6)
+    mask = torch.rand(6, 10) < 0.5
+    s = SparseLinear.from_dense(lin, mask)
+    assert torch.equal(s.mask(), mask)
+    assert torch.equal(s.dense_weight(), lin.weight.detach() * mask)
+    assert torch.equal(s.bias, lin.bias)
+    s2 = SparseLinear.from_dense(lin, density=0.2, seed=3)
+    assert s2.nnz == 12 and torch.equal(s2.dense_weight()[s2.mask()], lin.weight.detach()[s2.mask()])
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+    c = SparseConv2d.from_dense(conv, density=0.25, seed=0)
+    assert c.bias is None and c.nnz == 27 and c.mask().shape == conv.weight.shape
+    _compare_with_dense(c, torch.randn(2, 3, 8, 8))
+    with pytest.raises(TypeError, match="torch.nn.Linear"):
+        SparseLinear.from_dense(conv)
+    with pytest.raises(ValueError, match="either mask or density"):
+        SparseLinear.from_dense(lin, mask, density=0.5)
+
+
+def test_init_matches_torch_default_and_kept_fan_in():
+    layer = SparseLinear(400, 300, density=0.1, seed=0)
+    live = layer.values.detach()
+    bound = 1 / 400**0.5
+    assert bool((live.abs() <= bound).all())
+    assert live.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    assert bool((layer.bias.abs() <= bound).all())
+    kept = SparseLinear(400, 300, density=0.1, seed=0, init_fan_in="kept")
+    # Each output unit keeps ~40 inputs: values scale like 1/sqrt(40).
+    assert kept.values.std().item() == pytest.approx(1 / (40**0.5 * 3**0.5), rel=0.1)
+    with pytest.raises(ValueError, match="init_fan_in"):
+        SparseLinear(4, 3, density=0.5, init_fan_in="x")
+
+
+def test_exact_density_and_seed_reproducibility():
+    a = SparseLinear(50, 40, density=0.1, seed=7)
+    b = SparseLinear(50, 40, density=0.1, seed=7)
+    c = SparseLinear(50, 40, density=0.1, seed=8)
+    assert a.nnz == 200 and a.density == pytest.approx(0.1)
+    assert torch.equal(a.mask(), b.mask()) and torch.equal(a.values, b.values)
+    assert not torch.equal(a.mask(), c.mask())
+    d = SparseLinear(50, 40, density=0.1, seed=7, exact=False)
+    assert 100 < d.nnz < 300
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan")])
+def test_bad_density(bad):
+    with pytest.raises(ValueError, match="density must lie in"):
+        SparseLinear(4, 3, density=bad)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="density must be a number"):
+        SparseLinear(4, 3, density="0.5")
+    with pytest.raises(NotImplementedError, match="groups=1"):
+        SparseConv2d(4, 4, 3, groups=2, density=0.5)
+    with pytest.raises(ValueError, match="not a multiple of block_size=4"):
+        SparseLinear(6, 8, density=0.5, format="bsr", block_size=4)
+    with pytest.raises(ValueError, match="format must be one of"):
+        SparseLinear(6, 8, density=0.5, format="coo")
+    with pytest.raises(ValueError, match="needs a block_size"):
+        SparseLinear(8, 8, density=0.5, format="bsr")
+    layer = SparseLinear(6, 4, density=0.5)
+    with pytest.raises(ValueError, match="in_features=6"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(2, 6, dtype=torch.float64))
+
+
+def test_parameters_buffers_and_repr():
+    layer = SparseLinear(8, 4, density=0.5)
+    assert [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+    assert {n for n, _ in layer.named_buffers()} == {"rowptr", "col", "slot", "colptr", "row", "slot_t"}
+    r = repr(layer)
+    assert "nnz=16" in r and "density=0.5" in r and "format=csr" in r
+    conv = SparseConv2d(3, 4, 3, stride=2, padding=1, density=0.5)
+    assert "stride=(2, 2)" in repr(conv) and "nnz=54" in repr(conv)
+
+
+def test_state_dict_round_trip_into_other_seed_and_capacity():
+    src = SparseLinear(20, 10, density=0.3, seed=1)
+    dst = SparseLinear(20, 10, density=0.3, seed=2)
+    assert not torch.equal(src.mask(), dst.mask())
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(4, 20)
+    assert torch.equal(dst(x), src(x)) and torch.equal(dst.mask(), src.mask())
+    other = SparseLinear(20, 10, density=0.7, seed=3)  # different capacity: adopted
+    other.load_state_dict(src.state_dict())
+    assert torch.equal(other(x), src(x))
+    other.validate()
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    loaded = SparseLinear(20, 10, density=0.1, seed=9)
+    loaded.load_state_dict(torch.load(buf))
+    assert torch.equal(loaded(x), src(x))
+
+
+def test_loading_a_corrupt_structure_fails_and_changes_nothing():
+    src = SparseLinear(20, 10, density=0.3, seed=1)
+    dst = SparseLinear(20, 10, density=0.3, seed=2)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = src.state_dict()
+    sd["col"] = sd["col"].clone()
+    sd["col"][0] = 25  # out of range
+    with pytest.raises(RuntimeError, match="invalid"):
+        dst.load_state_dict(sd)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    bsr = SparseLinear(8, 8, density=0.5, format="bsr", block_size=4)
+    with pytest.raises(RuntimeError, match="does not match this layer's format"):
+        SparseLinear(8, 8, density=0.5).load_state_dict(bsr.state_dict())
+
+
+def test_deepcopy_and_pickle():
+    for layer in (SparseLinear(12, 7, density=0.4), SparseConv2d(2, 3, 3, padding=1, density=0.4)):
+        x = torch.randn(2, 12) if isinstance(layer, SparseLinear) else torch.randn(2, 2, 5, 5)
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert torch.equal(clone(x), layer(x))
+            clone.values.data.mul_(2)  # independent storage
+            assert not torch.equal(clone(x), layer(x))
+
+
+def test_structure_update_through_sparse_weight_is_seen_by_layer():
+    layer = SparseLinear(10, 8, density=0.5, seed=0)
+    x = torch.randn(3, 10)
+    layer.sparse_weight.drop(torch.arange(5))
+    layer.validate()
+    assert layer.nnz == 35
+    assert torch.allclose(layer(x), layer.to_dense()(x), atol=1e-6)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    layer = SparseLinear(16, 8, density=0.3, seed=0)
+    x = torch.randn(5, 16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    gx, gv, gb = x.grad.clone(), layer.values.grad.clone(), layer.bias.grad.clone()
+    x.grad = None
+    layer.zero_grad()
+    layer(x).sum().backward()
+    torch.testing.assert_close(y, layer(x))
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gv, layer.values.grad)
+    torch.testing.assert_close(gb, layer.bias.grad)
+
+
+def test_sparsify_densify_summary():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10),
+                          nn.ReLU(), nn.Linear(10, 2))
+    x = torch.randn(2, 3, 4, 4)
+    sparsestart.sparsify(model, 0.5, seed=0, exclude=["5"])
+    assert isinstance(model[0], SparseConv2d) and isinstance(model[3], SparseLinear)
+    assert isinstance(model[5], nn.Linear) and not isinstance(model[5], SparseLinear)
+    assert model[0].nnz == 108 and model[3].nnz == 640
+    y = model(x)
+    s = sparsestart.summary(model)
+    assert [r["name"] for r in s.rows] == ["0", "3", "5"]
+    assert s.rows[0]["nnz"] == 108 and s.rows[2]["density"] == 1.0
+    assert s.total["nnz"] == 108 + 640 + 20
+    assert "total" in str(s)
+    dense = sparsestart.densify(model)
+    assert not any(isinstance(m, sparsestart.nn.SparseLayer) for m in dense.modules())
+    torch.testing.assert_close(dense(x), y)
+
+
+def test_sparsify_exclude_glob_dict_and_errors():
+    def make():
+        return nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
+
+    m = sparsestart.sparsify(make(), 0.5, exclude="0.*")
+    assert [type(x).__name__ for x in (m[0][0], m[0][1], m[1])] == ["Linear", "Linear", "SparseLinear"]
+    m = sparsestart.sparsify(make(), {"0.0": 0.25, "0.1": 1.0, "1": 0.5})
+    assert m[0][0].nnz == 4 and m[0][1].nnz == 16 and m[1].nnz == 4
+    with pytest.raises(ValueError, match="missing"):
+        sparsestart.sparsify(make(), {"0.0": 0.25})
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
+        sparsestart.sparsify(nn.ReLU(), 0.5)
+    with pytest.raises(ValueError, match="density must lie in"):
+        sparsestart.sparsify(make(), 1.5)
+    with pytest.raises(NotImplementedError, match="exclude"):
+        sparsestart.sparsify(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), 0.5)
+    a = sparsestart.sparsify(make(), 0.5, seed=3)
+    b = sparsestart.sparsify(make(), 0.5, seed=3)
+    assert all(torch.equal(p.mask(), q.mask()) for p, q in zip(
+        [a[0][0], a[0][1], a[1]], [b[0][0], b[0][1], b[1]]))
