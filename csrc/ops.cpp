@@ -33,6 +33,19 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   m.def(
       "_native_sddmm(Tensor ptr, Tensor idx, Tensor slot, Tensor a, Tensor b, "
       "SymInt capacity, int block_size) -> Tensor");
+  // Direct sparse convolution, stride 1, CSR weight viewed as [Cout, Cin*KH*KW]
+  // (layouts in csrc/cpu/conv.cpp): y[N, Cout, Ho, Wo] from x[N, Cin, H, W] ...
+  m.def(
+      "_native_conv2d(Tensor values, Tensor ptr, Tensor idx, Tensor slot, Tensor x, "
+      "int[2] kernel_size, int[2] padding, int[2] dilation) -> Tensor");
+  // ... dx[N, Cin, H, W] from dy, walking the CSC view (ptr=colptr, idx=row, slot=slot_t) ...
+  m.def(
+      "_native_conv2d_input_grad(Tensor values, Tensor ptr, Tensor idx, Tensor slot, Tensor dy, "
+      "int[2] kernel_size, int[2] padding, int[2] dilation) -> Tensor");
+  // ... and dV[C] (value gradient in slots, zero in free slots).
+  m.def(
+      "_native_conv2d_weight_grad(Tensor ptr, Tensor idx, Tensor slot, Tensor dy, Tensor x, SymInt capacity, "
+      "int[2] kernel_size, int[2] padding, int[2] dilation) -> Tensor");
 }
 
 // A Python extension module with no functions: importing it runs the static

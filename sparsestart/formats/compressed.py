@@ -395,19 +395,7 @@ class SparseMatrix:
         Returns the freed slots (int64); their values are zeroed. Other values
         do not move.
         """
-        nnz = self.nnz
-        positions = torch.as_tensor(positions, device=self.rowptr.device).long().flatten()
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= nnz):
-            raise ValueError(f"positions must lie in [0, nnz={nnz}), got range [{int(positions.min())}, {int(positions.max())}]")
-        if torch.unique(positions).numel() != positions.numel():
-            raise ValueError("positions contain duplicates")
-        rows, cols, slots = self.coo()
-        keep = torch.ones(nnz, dtype=torch.bool, device=rows.device)
-        keep[positions] = False
-        freed = slots[~keep]
-        self._write_index(rows[keep], cols[keep], slots[keep])
-        self.values.data[freed] = 0
-        return freed
+        return self.replace(positions, (), ())[0]
 
     @torch.no_grad()
     def grow(self, rows, cols) -> torch.Tensor:
@@ -415,34 +403,61 @@ class SparseMatrix:
 
         Returns the slots used (int64), in the order of the given coordinates;
         their values are zero. Coordinates already present, duplicated or out of
-        range raise ValueError, as does exceeding the capacity.
+        range raise ValueError, as does exceeding the capacity; on error nothing
+        changes.
+        """
+        return self.replace((), rows, cols)[1]
+
+    @torch.no_grad()
+    def replace(self, positions, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the entries at CSR ``positions`` and add (rows, cols), rewriting the index once.
+
+        Returns (freed slots, used slots). A position dropped here may be grown
+        again in the same call; it then gets a fresh, zeroed slot like any new
+        entry. All checks happen before anything changes.
         """
         dev = self.rowptr.device
+        nnz = self.nnz
+        positions = torch.as_tensor(positions, device=dev).long().flatten()
         rows = torch.as_tensor(rows, device=dev).long().flatten()
         cols = torch.as_tensor(cols, device=dev).long().flatten()
         if rows.shape != cols.shape:
             raise ValueError(f"rows and cols must have equal length, got {rows.numel()} and {cols.numel()}")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= nnz):
+            raise ValueError(f"positions must lie in [0, nnz={nnz}), got range [{int(positions.min())}, "
+                             f"{int(positions.max())}]")
+        if torch.unique(positions).numel() != positions.numel():
+            raise ValueError("positions contain duplicates")
         R, Q = self.grid
         _check_coordinates(rows, cols, R, Q, "rows", "cols")
-        nnz, k = self.nnz, rows.numel()
-        if nnz + k > self.capacity:
-            raise ValueError(
-                f"growing {k} entries needs capacity {nnz + k} but the structure has capacity {self.capacity}; "
-                f"build it with a larger capacity"
-            )
         erows, ecols, eslots = self.coo()
-        present = torch.isin(rows * max(Q, 1) + cols, erows * max(Q, 1) + ecols)
+        keep = torch.ones(nnz, dtype=torch.bool, device=dev)
+        keep[positions] = False
+        # Stored keys are sorted (CSR order), so membership is a binary search.
+        stride = max(Q, 1)
+        keys, new_keys = erows * stride + ecols, rows * stride + cols
+        at = torch.searchsorted(keys, new_keys).clamp(max=max(nnz - 1, 0))
+        present = (keys[at] == new_keys) & keep[at] if nnz else torch.zeros_like(new_keys, dtype=torch.bool)
         if bool(present.any()):
             i = int(present.nonzero()[0])
             raise ValueError(f"entry ({int(rows[i])}, {int(cols[i])}) is already stored; grow only adds new entries")
-        new_slots = self.slot[nnz:nnz + k].long().clone()
-        all_rows, all_cols = torch.cat([erows, rows]), torch.cat([ecols, cols])
-        all_slots = torch.cat([eslots, new_slots])
-        order = torch.argsort(all_rows * max(Q, 1) + all_cols)
+        k = rows.numel()
+        if int(keep.sum()) + k > self.capacity:
+            raise ValueError(
+                f"growing {k} entries needs capacity {int(keep.sum()) + k} but the structure has capacity "
+                f"{self.capacity}; build it with a larger capacity"
+            )
+        freed = eslots[~keep]
+        # Free slots after the drop: the current tail, then the slots just freed.
+        free = torch.cat([self.slot[nnz:].long(), freed])
+        new_slots = free[:k].clone()
+        all_rows, all_cols = torch.cat([erows[keep], rows]), torch.cat([ecols[keep], cols])
+        all_slots = torch.cat([eslots[keep], new_slots])
+        order = torch.argsort(all_rows * stride + all_cols)
         self._write_index(all_rows[order], all_cols[order], all_slots[order])
+        self.values.data[freed] = 0
         self.values.data[new_slots] = 0
-        return new_slots
-
+        return freed, new_slots
 
 def _check_coordinates(rows, cols, R, Q, rname, cname):
     if rows.numel() == 0:

@@ -341,6 +341,9 @@ class SparseConv2d(SparseLayer):
                              f"{self.stride}, {self.dilation}")
         self.groups, self.padding_mode = groups, padding_mode
         self.weight_shape = (out_channels, in_channels, *self.kernel_size)
+        # "auto": direct sparse convolution for stride 1 / CSR, else unfold (im2col) + spmm;
+        # "direct" or "unfold" force one (for benchmarks and comparisons).
+        self.conv_algorithm = "auto"
 
     @property
     def fan_in(self) -> int:
@@ -367,22 +370,39 @@ class SparseConv2d(SparseLayer):
             raise ValueError(f"SparseConv2d: input must be [N, {self.in_channels}, H, W] (or unbatched), "
                              f"got shape {tuple(x.shape)}")
         pad = self._explicit_padding()
+        direct = self.stride == (1, 1) and self.values.dim() == 1 and self.conv_algorithm != "unfold"
+        if self.conv_algorithm == "direct" and not direct:
+            raise ValueError("SparseConv2d: conv_algorithm='direct' needs stride 1 and format 'csr'; "
+                             f"this layer has stride {self.stride} and format {self.format!r}")
+        if direct and self.padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
+            conv_padding, pad = [pad[2], pad[0]], (0, 0, 0, 0)  # the kernel pads symmetrically itself
+        else:
+            conv_padding = [0, 0]
         if any(pad):
             x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
-        ho = (h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        ho = (h + 2 * conv_padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * conv_padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         if ho <= 0 or wo <= 0:
             raise ValueError(f"SparseConv2d: input of spatial size {(h, w)} (after padding) is smaller than the "
                              f"dilated kernel {(self.dilation[0] * (kh - 1) + 1, self.dilation[1] * (kw - 1) + 1)}")
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [n, C*kh*kw, L]
-        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
-        y = self._matmul(xt).view(self.out_channels, n, ho * wo).transpose(0, 1)
-        y = y.reshape(n, self.out_channels, ho, wo)
+        if direct:
+            # Stride 1 and CSR: direct sparse convolution, no unfolded input in memory.
+            y = torch.ops.sparsestart.conv2d(self.values, *(getattr(self, n) for n in _INDEX_NAMES), x,
+                                             list(self.kernel_size), conv_padding, list(self.dilation))
+        else:
+            y = self._unfolded_conv(x, n, ho, wo)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y.squeeze(0) if unbatched else y
+
+    def _unfolded_conv(self, x: torch.Tensor, n: int, ho: int, wo: int) -> torch.Tensor:
+        """Strided or BSR convolution: unfold (im2col) to [Cin*kh*kw, n*ho*wo], then spmm."""
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [n, C*kh*kw, L]
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
+        y = self._matmul(xt).view(self.out_channels, n, ho * wo).transpose(0, 1)
+        return y.reshape(n, self.out_channels, ho, wo)
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, mask: Optional[torch.Tensor] = None, density: Optional[float] = None, *,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import reference, registry
 
-__all__ = ["spmm", "spmm_t", "sddmm", "NATIVE_AVAILABLE"]
+__all__ = ["spmm", "spmm_t", "sddmm", "conv2d", "conv2d_input_grad", "conv2d_weight_grad", "NATIVE_AVAILABLE"]
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -181,7 +181,125 @@ spmm_t.register_autograd(_spmm_t_backward, setup_context=_setup)
 sddmm.register_autograd(_sddmm_backward, setup_context=_sddmm_setup)
 
 
+# ------------------------------------------------------------------------ conv2d
+# Direct sparse convolution, stride 1, CSR weight (the Conv2d weight [Cout, Cin, KH, KW]
+# viewed as [Cout, Cin*KH*KW]); x is NCHW. Non-unit strides and BSR weights use the
+# unfold + spmm path of SparseConv2d instead.
+def _check_conv(op, values, index, t, kernel_size, padding, dilation, t_name, channels_of_t):
+    _check_index(op, values, index)
+    if values is not None and values.dim() != 1:
+        raise ValueError(f"sparsestart.{op}: direct convolution needs a CSR weight (values [C]), "
+                         f"got values of shape {tuple(values.shape)}")
+    if len(kernel_size) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise ValueError(f"sparsestart.{op}: kernel_size, padding and dilation need two entries each, got "
+                         f"{kernel_size}, {padding}, {dilation}")
+    if t.dim() != 4:
+        raise ValueError(f"sparsestart.{op}: {t_name} must be 4-D NCHW, got shape {tuple(t.shape)}")
+    if t.shape[1] != channels_of_t:
+        raise ValueError(f"sparsestart.{op}: {t_name} has {t.shape[1]} channels but the sparse weight needs "
+                         f"{channels_of_t}")
+    if values is not None and t.dtype != values.dtype:
+        raise TypeError(f"sparsestart.{op}: {t_name} has dtype {t.dtype} but the sparse weight has {values.dtype}")
+
+
+def _conv_sizes(h, w, kernel_size, padding, dilation):
+    ho = h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1)
+    wo = w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1)
+    return ho, wo
+
+
+@torch.library.custom_op("sparsestart::conv2d", mutates_args=())
+def conv2d(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
+           x: Tensor, kernel_size: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    kk = kernel_size[0] * kernel_size[1]
+    _check_conv("conv2d", values, index, x, kernel_size, padding, dilation, "x", (colptr.shape[0] - 1) // kk)
+    return _run("conv2d", [values, rowptr, x], values.contiguous(), rowptr, col, slot, x.contiguous(),
+                kernel_size, padding, dilation)
+
+
+@conv2d.register_fake
+def _(values, rowptr, col, slot, colptr, row, slot_t, x, kernel_size, padding, dilation):
+    kk = kernel_size[0] * kernel_size[1]
+    _check_conv("conv2d", values, (rowptr, col, slot, colptr, row, slot_t), x, kernel_size, padding, dilation, "x",
+                (colptr.shape[0] - 1) // kk)
+    ho, wo = _conv_sizes(x.shape[2], x.shape[3], kernel_size, padding, dilation)
+    return x.new_empty(x.shape[0], rowptr.shape[0] - 1, ho, wo)
+
+
+@torch.library.custom_op("sparsestart::conv2d_input_grad", mutates_args=())
+def conv2d_input_grad(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor,
+                      slot_t: Tensor, dy: Tensor, kernel_size: list[int], padding: list[int],
+                      dilation: list[int]) -> Tensor:
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    _check_conv("conv2d_input_grad", values, index, dy, kernel_size, padding, dilation, "dy", rowptr.shape[0] - 1)
+    return _run("conv2d_input_grad", [values, colptr, dy], values.contiguous(), colptr, row, slot_t,
+                dy.contiguous(), kernel_size, padding, dilation)
+
+
+@conv2d_input_grad.register_fake
+def _(values, rowptr, col, slot, colptr, row, slot_t, dy, kernel_size, padding, dilation):
+    _check_conv("conv2d_input_grad", values, (rowptr, col, slot, colptr, row, slot_t), dy, kernel_size, padding,
+                dilation, "dy", rowptr.shape[0] - 1)
+    h = dy.shape[2] + dilation[0] * (kernel_size[0] - 1) - 2 * padding[0]
+    w = dy.shape[3] + dilation[1] * (kernel_size[1] - 1) - 2 * padding[1]
+    return dy.new_empty(dy.shape[0], (colptr.shape[0] - 1) // (kernel_size[0] * kernel_size[1]), h, w)
+
+
+@torch.library.custom_op("sparsestart::conv2d_weight_grad", mutates_args=())
+def conv2d_weight_grad(rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
+                       dy: Tensor, x: Tensor, capacity: int, kernel_size: list[int], padding: list[int],
+                       dilation: list[int]) -> Tensor:
+    _check_conv_weight_grad(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, kernel_size, padding, dilation)
+    return _run("conv2d_weight_grad", [dy, rowptr, x], rowptr, col, slot, dy.contiguous(), x.contiguous(), capacity,
+                kernel_size, padding, dilation)
+
+
+@conv2d_weight_grad.register_fake
+def _(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, kernel_size, padding, dilation):
+    _check_conv_weight_grad(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, kernel_size, padding, dilation)
+    return dy.new_empty(capacity)
+
+
+def _check_conv_weight_grad(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, kernel_size, padding, dilation):
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    kk = kernel_size[0] * kernel_size[1]
+    _check_conv("conv2d_weight_grad", None, index, x, kernel_size, padding, dilation, "x", (colptr.shape[0] - 1) // kk)
+    _check_conv("conv2d_weight_grad", None, index, dy, kernel_size, padding, dilation, "dy", rowptr.shape[0] - 1)
+    if capacity != slot.shape[0]:
+        raise ValueError(f"sparsestart.conv2d_weight_grad: capacity={capacity} but the index has {slot.shape[0]} slots")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"sparsestart.conv2d_weight_grad: dy has dtype {dy.dtype} but x has {x.dtype}")
+    if tuple(dy.shape[2:]) != _conv_sizes(x.shape[2], x.shape[3], kernel_size, padding, dilation) or \
+            dy.shape[0] != x.shape[0]:
+        raise ValueError(f"sparsestart.conv2d_weight_grad: dy of shape {tuple(dy.shape)} does not match x of shape "
+                         f"{tuple(x.shape)} under kernel {kernel_size}, padding {padding}, dilation {dilation}")
+
+
+def _conv_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.geometry = inputs[8:11]
+
+
+def _conv_backward(ctx, grad):
+    values, rowptr, col, slot, colptr, row, slot_t, x = ctx.saved_tensors
+    index = (rowptr, col, slot, colptr, row, slot_t)
+    grad = grad.contiguous()
+    dvalues = conv2d_weight_grad(*index, grad, x, values.shape[0], *ctx.geometry) if ctx.needs_input_grad[0] else None
+    dx = conv2d_input_grad(values, *index, grad, *ctx.geometry) if ctx.needs_input_grad[7] else None
+    return dvalues, None, None, None, None, None, None, dx, None, None, None
+
+
+conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
 # ----------------------------------------------------------------------- backends
+def _run(op, probe, *args):
+    """Run native kernel ``op`` on the backend the registry picks for the ``probe`` tensors
+    (the values/dense operand first: their dtype and device decide)."""
+    return registry.choose(op, probe).kernel(op)(*args)
+
+
 def _native_spmm(values, ptr, idx, slot, x, rows, transpose_blocks):
     x = x.contiguous()
     backend = registry.choose("spmm", [values, ptr, x])
@@ -195,7 +313,10 @@ def _native_sddmm(ptr, idx, slot, a, b, capacity, block_size):
 
 
 registry.register_backend(
-    registry.Backend("reference", priority=0, spmm=reference.native_spmm, sddmm=reference.native_sddmm)
+    registry.Backend("reference", priority=0, spmm=reference.native_spmm, sddmm=reference.native_sddmm,
+                     kernels={"conv2d": reference.native_conv2d,
+                              "conv2d_input_grad": reference.native_conv2d_input_grad,
+                              "conv2d_weight_grad": reference.native_conv2d_weight_grad})
 )
 
 
@@ -238,6 +359,21 @@ if NATIVE_AVAILABLE:
     def _(ptr, idx, slot, a, b, capacity, block_size):
         return a.new_empty((capacity,) if block_size == 1 else (capacity, block_size, block_size))
 
+    @torch.library.register_fake("sparsestart::_native_conv2d")
+    def _(values, ptr, idx, slot, x, kernel_size, padding, dilation):
+        ho, wo = _conv_sizes(x.shape[2], x.shape[3], kernel_size, padding, dilation)
+        return x.new_empty(x.shape[0], ptr.shape[0] - 1, ho, wo)
+
+    @torch.library.register_fake("sparsestart::_native_conv2d_input_grad")
+    def _(values, ptr, idx, slot, dy, kernel_size, padding, dilation):
+        h = dy.shape[2] + dilation[0] * (kernel_size[0] - 1) - 2 * padding[0]
+        w = dy.shape[3] + dilation[1] * (kernel_size[1] - 1) - 2 * padding[1]
+        return dy.new_empty(dy.shape[0], (ptr.shape[0] - 1) // (kernel_size[0] * kernel_size[1]), h, w)
+
+    @torch.library.register_fake("sparsestart::_native_conv2d_weight_grad")
+    def _(ptr, idx, slot, dy, x, capacity, kernel_size, padding, dilation):
+        return dy.new_empty(capacity)
+
 
 registry.register_backend(
     registry.Backend(
@@ -248,5 +384,7 @@ registry.register_backend(
         not_supported_reasons=_cpu_reasons,
         is_available=lambda: NATIVE_AVAILABLE,
         unavailable_reason="the C++ extension sparsestart._C is not built",
+        kernels={op: (lambda *a, _op=op: getattr(torch.ops.sparsestart, f"_native_{_op}")(*a))
+                 for op in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad")},
     )
 )

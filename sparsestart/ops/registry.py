@@ -35,6 +35,11 @@ class Backend:
     not_supported_reasons: Callable[[str, list[torch.Tensor]], list[str]] = field(default=lambda op, ts: [])
     is_available: Callable[[], bool] = field(default=lambda: True)
     unavailable_reason: str = ""
+    # Further native kernels by op name (e.g. "conv2d", "conv2d_input_grad", "conv2d_weight_grad").
+    kernels: dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
+
+    def kernel(self, op: str) -> Callable[..., torch.Tensor]:
+        return getattr(self, op) if op in ("spmm", "sddmm") else self.kernels[op]
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -74,11 +79,13 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 def _reasons(backend: Backend, op: str, tensors: list[torch.Tensor]) -> list[str]:
     if not backend.is_available():
         return [backend.unavailable_reason or "not available"]
+    if op not in ("spmm", "sddmm") and op not in backend.kernels:
+        return [f"has no {op} kernel"]
     return backend.not_supported_reasons(op, tensors)
 
 
 def choose(op: str, tensors: list[torch.Tensor]) -> Backend:
-    """The backend that runs native kernel ``op`` ('spmm' or 'sddmm') on ``tensors``."""
+    """The backend that runs native kernel ``op`` ('spmm', 'sddmm' or a name in Backend.kernels) on ``tensors``."""
     forced = forced_backend()
     if forced is not None:
         backend = _BACKENDS[forced]

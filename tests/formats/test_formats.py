@@ -160,3 +160,23 @@ def test_grow_rejects_existing_and_leaves_structure_intact():
     with pytest.raises(ValueError, match="duplicates"):
         m.drop([0, 0])
     assert all(torch.equal(u, v) for u, v in zip(before, m.index_tensors()))
+
+
+def test_replace_drops_and_grows_in_one_rewrite():
+    m = random_matrix(6, 6, 0.5, seed=4)  # capacity == nnz: growth must reuse freed slots
+    rows, cols, slots = m.coo()
+    before = {(int(r), int(c)): m.values[s].item() for r, c, s in zip(rows, cols, slots)}
+    absent = [(r, c) for r in range(6) for c in range(6) if (r, c) not in before][:2]
+    regrown = (int(rows[0]), int(cols[0]))  # dropped and grown again in the same call
+    freed, used = m.replace([0, 1, 2], [absent[0][0], absent[1][0], regrown[0]],
+                            [absent[0][1], absent[1][1], regrown[1]])
+    m.validate()
+    assert m.nnz == len(before) and sorted(freed.tolist()) == sorted(used.tolist())
+    r2, c2, s2 = m.coo()
+    after = {(int(r), int(c)): m.values[s].item() for r, c, s in zip(r2, c2, s2)}
+    gone = {(int(rows[i]), int(cols[i])) for i in (1, 2)}
+    assert set(after) == (set(before) - gone) | set(absent)
+    assert after[regrown] == 0 and after[absent[0]] == 0 and after[absent[1]] == 0
+    assert all(after[k] == v for k, v in before.items() if k in after and k != regrown and k not in absent)
+    with pytest.raises(ValueError, match="already stored"):
+        m.replace([], [absent[0][0]], [absent[0][1]])

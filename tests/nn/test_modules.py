@@ -235,7 +235,7 @@ def test_sparsify_densify_summary():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10),
                           nn.ReLU(), nn.Linear(10, 2))
     x = torch.randn(2, 3, 4, 4)
-    sparsestart.sparsify(model, 0.5, seed=0, exclude=["5"])
+    sparsestart.sparsify(model, 0.5, "uniform", seed=0, exclude=["5"])
     assert isinstance(model[0], SparseConv2d) and isinstance(model[3], SparseLinear)
     assert isinstance(model[5], nn.Linear) and not isinstance(model[5], SparseLinear)
     assert model[0].nnz == 108 and model[3].nnz == 640
@@ -254,7 +254,7 @@ def test_sparsify_exclude_glob_dict_and_errors():
     def make():
         return nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 2))
 
-    m = sparsestart.sparsify(make(), 0.5, exclude="0.*")
+    m = sparsestart.sparsify(make(), 0.5, "uniform", exclude="0.*")
     assert [type(x).__name__ for x in (m[0][0], m[0][1], m[1])] == ["Linear", "Linear", "SparseLinear"]
     m = sparsestart.sparsify(make(), {"0.0": 0.25, "0.1": 1.0, "1": 0.5})
     assert m[0][0].nnz == 4 and m[0][1].nnz == 16 and m[1].nnz == 4

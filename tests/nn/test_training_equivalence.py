@@ -28,13 +28,14 @@ def _optimizer(name, params):
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_sparse_training_matches_masked_dense(make, opt):
     torch.manual_seed(0)
-    sparse = sparsestart.sparsify(make(), 0.1, seed=1)
+    sparse = sparsestart.sparsify(make(), 0.1, "uniform", seed=1)
     dense = sparsestart.densify(copy.deepcopy(sparse))
     masks = {n: m.mask() for n, m in sparse.named_modules() if isinstance(m, SparseLayer)}
     opt_s, opt_d = _optimizer(opt, sparse.parameters()), _optimizer(opt, dense.parameters())
     g = torch.Generator().manual_seed(2)
     x_all = torch.randn(100, 8, 1, 8, 8, generator=g)
-    y_all = torch.randint(0, 10, (100, 8), generator=g)
+    teacher = torch.randn(64, 10, generator=g)  # learnable labels: a random linear teacher
+    y_all = (x_all.reshape(100, 8, 64) @ teacher).argmax(-1)
     losses_s, losses_d = [], []
     for step in range(100):
         for model, optim, losses in ((sparse, opt_s, losses_s), (dense, opt_d, losses_d)):
@@ -47,6 +48,6 @@ def test_sparse_training_matches_masked_dense(make, opt):
             for name, mask in masks.items():
                 dense.get_submodule(name).weight.mul_(mask)
     ls, ld = torch.tensor(losses_s), torch.tensor(losses_d)
-    assert ls[-10:].mean() < ls[:10].mean()  # it trains
+    assert (ls - ls[0]).abs().max() > 0.05  # the trajectory moved, so matching it means something
     rel = ((ls - ld).abs() / ld.abs()).max().item()
     assert rel <= 1e-4, f"max relative loss difference {rel:.3g}"

@@ -1,0 +1,197 @@
+"""The dense weight gradient of a sparse layer, only when needed and in bounded memory.
+
+RigL grows the absent positions of largest |dL/dW|. That dense gradient is
+dY^T X for a linear layer (the value gradient ``sddmm`` is the same product
+sampled at the stored entries). It is needed only at update steps, so
+:class:`GradientCapture` keeps a layer's input and output gradient only for
+the forward/backward pass right before an update. :func:`topk_absent_gradient`
+then forms the gradient a chunk of rows at a time (a chunk holds at most
+``max_chunk_elements`` floats, 16M by default) and keeps a running top-k, so a
+full dense M x K gradient of a large layer never exists.
+
+Layouts: a captured pair is (x, dy) as the layer saw them: SparseLinear
+x [..., K], dy [..., M]; SparseConv2d x [n, C_in, H, W] (or unbatched), dy
+[n, C_out, H_out, W_out]. Rows of the gradient are output units/channels,
+columns the (flattened C_in x kh x kw) inputs, as in the compressed matrix.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..nn.modules import SparseConv2d, SparseLayer, SparseLinear
+from .structure import top_k
+
+__all__ = ["GradientCapture", "dense_gradient", "topk_absent_gradient", "feature_major", "DEFAULT_MAX_CHUNK_ELEMENTS"]
+
+DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 24
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output whose backward hands (x, dY) to ``keep``.
+
+    The output is a copy: a tensor hook on the layer's own output would be lost
+    when that output is a view (a reshape) and the next op works in place
+    (``ReLU(inplace=True)``), while a custom Function's fresh output can be
+    modified in place and still receives the gradient before the modification.
+    """
+
+    @staticmethod
+    def forward(ctx, output, keep, x):
+        ctx.keep, ctx.x = keep, x
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        ctx.keep((ctx.x, dy.detach()))
+        return dy, None, None
+
+
+class GradientCapture:
+    """Forward hooks that, while ``due()`` is true, keep each layer's input and the gradient of the
+    loss with respect to its output (an identity :class:`_Tap` on the output sees it in backward).
+
+    Only passes that run backward are kept, so evaluation passes under
+    ``torch.no_grad()`` cost nothing; several passes before one update
+    (gradient accumulation) are summed. When not due, the cost is one Python
+    call per layer and forward.
+    """
+
+    def __init__(self, layers: dict[str, SparseLayer], due: Callable[[], bool]):
+        self.due = due
+        self.pairs: dict[str, list[Pair]] = {name: [] for name in layers}
+        self._handles = [layer.register_forward_hook(partial(self._forward_hook, name))
+                         for name, layer in layers.items()]
+
+    def _forward_hook(self, name, module, inputs, output):
+        if not torch.is_tensor(output) or not output.requires_grad or not self.due():
+            return None
+        return _Tap.apply(output, self.pairs[name].append, inputs[0].detach())
+
+    def clear(self) -> None:
+        for pairs in self.pairs.values():
+            pairs.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+
+def feature_major(layer: SparseLayer, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X [K, N], dY [M, N]) in the layout of the op contract, from a captured (x, dy) pair.
+
+    For a convolution X is the unfolded (im2col) input, N = batch * output positions.
+    """
+    M, K = layer.matrix_shape
+    if isinstance(layer, SparseLinear):
+        return x.reshape(-1, K).t().contiguous(), dy.reshape(-1, M).t().contiguous()
+    if isinstance(layer, SparseConv2d):
+        if x.dim() == 3:
+            x, dy = x.unsqueeze(0), dy.unsqueeze(0)
+        x = _padded(layer, x)
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)  # [n, K, L]
+        n, _, L = cols.shape
+        return (cols.transpose(0, 1).reshape(K, n * L).contiguous(),
+                dy.reshape(n, M, L).transpose(0, 1).reshape(M, n * L).contiguous())
+    raise TypeError(f"expected a SparseLinear or SparseConv2d, got {type(layer).__name__}")
+
+
+def _padded(layer: SparseConv2d, x: torch.Tensor) -> torch.Tensor:
+    pad = layer._explicit_padding()
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+    return x
+
+
+def _prepared(layer: SparseLayer, pairs: list[Pair]) -> list[Pair]:
+    """Pairs ready for :func:`_gradient_rows`: conv inputs batched and padded once, not once per chunk."""
+    if isinstance(layer, SparseLinear):
+        return pairs
+    if isinstance(layer, SparseConv2d):
+        out = []
+        for x, dy in pairs:
+            if x.dim() == 3:
+                x, dy = x.unsqueeze(0), dy.unsqueeze(0)
+            out.append((_padded(layer, x), dy))
+        return out
+    raise TypeError(f"expected a SparseLinear or SparseConv2d, got {type(layer).__name__}")
+
+
+def _gradient_rows(layer: SparseLayer, prepared: list[Pair], r0: int, r1: int) -> torch.Tensor:
+    M, K = layer.matrix_shape
+    out = None
+    for x, dy in prepared:
+        if isinstance(layer, SparseLinear):
+            g = dy.reshape(-1, M)[:, r0:r1].t() @ x.reshape(-1, K)
+        else:
+            g = torch.nn.grad.conv2d_weight(x, (r1 - r0, *layer.weight_shape[1:]), dy[:, r0:r1],
+                                            stride=layer.stride, padding=0, dilation=layer.dilation)
+            g = g.reshape(r1 - r0, K)
+        out = g if out is None else out.add_(g)
+    if out is None:
+        raise ValueError("no (input, output gradient) pair was captured for this layer")
+    return out
+
+
+def dense_gradient(layer: SparseLayer, pairs: list[Pair], rows: Optional[slice] = None) -> torch.Tensor:
+    """Rows ``rows`` (default: all) of the dense gradient dL/dW as [rows, K], summed over ``pairs``.
+
+    Linear: dy[:, rows]^T @ x over the flattened batch. Conv: the weight gradient
+    of the convolution for the output channels ``rows`` (torch's convolution
+    backward, which does not need the unfolded input), flattened to
+    [rows, C_in*kh*kw].
+    """
+    M = layer.matrix_shape[0]
+    r0, r1, _ = (rows or slice(0, M)).indices(M)
+    return _gradient_rows(layer, _prepared(layer, pairs), r0, r1)
+
+
+def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_keys: torch.Tensor,
+                         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Keys (row * Q + col on the (block) grid) of the k absent positions of largest |dense gradient|.
+
+    ``present_keys`` (sorted ascending) are excluded. For BSR the score of a
+    block is the sum of |gradient| over it. Rows are processed in chunks of at
+    most ``max_chunk_elements`` gradient entries (at least one (block) row), with
+    a running top-k: memory is O(chunk + k). Ties go to the smaller key, so the
+    chunking never changes the result. Returned keys are sorted ascending, on
+    the layer's device.
+    """
+    matrix = layer.sparse_weight
+    b = matrix.block_size
+    R, Q = matrix.grid
+    dev = layer.values.device
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    prepared = _prepared(layer, pairs)
+    present_keys = present_keys.long().to(dev)
+    rows_per_chunk = max(1, int(max_chunk_elements) // max(1, b * b * Q))
+    best_scores = torch.empty(0, dtype=layer.values.dtype, device=dev)
+    best_keys = torch.empty(0, dtype=torch.long, device=dev)
+    for r0 in range(0, R, rows_per_chunk):
+        r1 = min(R, r0 + rows_per_chunk)
+        g = _gradient_rows(layer, prepared, r0 * b, r1 * b).detach().abs_()
+        score = g if b == 1 else g.reshape(r1 - r0, b, Q, b).sum(dim=(1, 3))
+        score = score.reshape(-1).to(best_scores.dtype)
+        lo, hi = torch.searchsorted(present_keys, torch.tensor([r0 * Q, r1 * Q], device=dev)).tolist()
+        score[present_keys[lo:hi] - r0 * Q] = -float("inf")
+        if best_keys.numel() == k:
+            # Only scores reaching the current k-th best can enter: usually a small fraction of the chunk.
+            cand = (score >= best_scores.min()).nonzero().flatten()
+            top = cand[top_k(score[cand], k)]
+        else:
+            top = top_k(score, k)
+        cand_scores = torch.cat([best_scores, score[top]])
+        cand_keys = torch.cat([best_keys, top + r0 * Q])
+        keep = top_k(cand_scores, k, keys=cand_keys)
+        best_scores, best_keys = cand_scores[keep], cand_keys[keep]
+    if best_keys.numel() < k or bool(torch.isinf(best_scores).any()):
+        raise ValueError(f"only {int(torch.isfinite(best_scores).sum())} absent positions for k={k}")
+    return torch.sort(best_keys).values

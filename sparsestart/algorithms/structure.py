@@ -1,0 +1,159 @@
+"""Structure updates shared by the algorithms: scores of stored entries, drop + grow with optimizer-state
+hygiene, uniform sampling of absent positions and global magnitude selection.
+
+Everything here works on the compressed index (``coo()``, ``drop``, ``grow``)
+and on tensors of size nnz; none of it builds a dense mask. Positions are
+(block) coordinates; a *key* is ``row * Q + col`` on the R x Q (block) grid,
+which is sorted in CSR order.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..formats import SparseMatrix
+from ..init.sampling import sample_without_replacement
+from ..nn.modules import SparseLayer
+
+__all__ = ["zero_slot_state", "entry_magnitude", "rewire", "sample_absent", "top_k", "smallest", "isin_sorted",
+           "smallest_global"]
+
+
+@torch.no_grad()
+def zero_slot_state(optimizer: Optional[torch.optim.Optimizer], param: torch.Tensor, slots: torch.Tensor) -> None:
+    """Zero, at ``slots`` (indices into dim 0), every optimizer state tensor shaped like ``param``
+    (momentum_buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, Adagrad's sum, ...) and ``param.grad``.
+
+    Scalar state such as Adam's ``step`` is per parameter, not per slot, and stays.
+    """
+    if slots.numel() == 0:
+        return
+    slots = slots.to(param.device)
+    if param.grad is not None:
+        param.grad[slots] = 0
+    if optimizer is None:
+        return
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape:
+            value[slots] = 0
+
+
+def entry_magnitude(matrix: SparseMatrix, values: Optional[torch.Tensor] = None, reduce: str = "sum") -> torch.Tensor:
+    """|w| of every stored entry in CSR order (float64 for a stable ranking).
+
+    For BSR an entry is a block: its score is the sum (``reduce="sum"``) or the
+    mean (``"mean"``, comparable with single weights) of |w| over the block.
+    ``values`` replaces ``matrix.values`` (e.g. STR's effective weights).
+    """
+    vals = matrix.values if values is None else values
+    slots = matrix.slot[:matrix.nnz].long()
+    mag = vals.detach()[slots].abs().double()
+    if mag.dim() == 3:
+        mag = mag.sum(dim=(1, 2)) if reduce == "sum" else mag.mean(dim=(1, 2))
+    return mag
+
+
+def rewire(layer: SparseLayer, drop_positions: torch.Tensor, grow_rows: torch.Tensor, grow_cols: torch.Tensor,
+           optimizer: Optional[torch.optim.Optimizer]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the entries at CSR ``drop_positions``, then add entries at (grow_rows, grow_cols).
+
+    Both happen in place on the layer's own tensors. Freed and new slots hold 0
+    and their optimizer state and gradient are zeroed, so nothing of a removed
+    weight survives into a new one. Returns (freed slots, new slots).
+    """
+    matrix = layer.sparse_weight
+    dev = matrix.rowptr.device
+    empty = torch.empty(0, dtype=torch.long, device=dev)
+    freed = matrix.drop(drop_positions) if drop_positions.numel() else empty
+    new = matrix.grow(grow_rows, grow_cols) if grow_rows.numel() else empty
+    zero_slot_state(optimizer, layer.values, torch.cat([freed, new]))
+    return freed, new
+
+
+def sample_absent(present_keys: torch.Tensor, n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct keys drawn uniformly from [0, n) minus the sorted ``present_keys``, sorted ascending.
+
+    Draws k distinct ranks among the n - len(present) absent keys and maps rank
+    r to the r-th absent key: with s_i the present keys in ascending order, the
+    number of absent keys below s_i is s_i - i, so the r-th absent key is r + j
+    with j = #{i : s_i - i <= r}. Cost O(k log nnz); no rejection, no dense mask.
+    """
+    present_keys = present_keys.long().cpu()
+    absent = n - present_keys.numel()
+    if not (0 <= k <= absent):
+        raise ValueError(f"cannot sample {k} absent positions: only {absent} of {n} are absent")
+    ranks = sample_without_replacement(absent, k, generator)
+    below = present_keys - torch.arange(present_keys.numel())
+    return ranks + torch.searchsorted(below, ranks, right=True)
+
+
+def top_k(scores: torch.Tensor, k: int, *, largest: bool = True, keys: Optional[torch.Tensor] = None
+          ) -> torch.Tensor:
+    """Indices of the k largest (or smallest) scores, in no particular order.
+
+    Among scores equal to the k-th best, the smallest ``keys`` (default: the
+    smallest indices) win, so the result does not depend on how candidates
+    were split into chunks. O(n): one selection (``kthvalue``) for the k-th
+    best value, then comparisons; no sort of all scores.
+    """
+    n = scores.numel()
+    if k >= n:
+        return torch.arange(n, device=scores.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    tau = torch.kthvalue(scores, n - k + 1 if largest else k).values
+    better = ((scores > tau) if largest else (scores < tau)).nonzero().flatten()
+    ties = (scores == tau).nonzero().flatten()
+    if keys is not None:
+        ties = ties[torch.argsort(keys[ties])]
+    return torch.cat([better, ties[:k - better.numel()]])
+
+
+def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k smallest scores, ascending by position (ties: the earlier position)."""
+    return torch.sort(top_k(scores, k, largest=False)).values
+
+
+def isin_sorted(values: torch.Tensor, sorted_set: torch.Tensor) -> torch.Tensor:
+    """``torch.isin(values, sorted_set)`` for an ascending ``sorted_set``, by binary search (O(n log m))."""
+    if sorted_set.numel() == 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    at = torch.searchsorted(sorted_set, values).clamp_(max=sorted_set.numel() - 1)
+    return sorted_set[at] == values
+
+
+def smallest_global(scores: Sequence[torch.Tensor], sizes: Sequence[int], n_remove: int,
+                    min_keep: int = 1) -> list[torch.Tensor]:
+    """Global magnitude selection: entries of smallest score across layers until ``n_remove`` weights go.
+
+    ``scores[l]`` holds the scores of layer l's entries (CSR order), each entry
+    standing for ``sizes[l]`` weights (1, or b*b for a block). The ``min_keep``
+    best entries of every layer are never selected, so no layer empties. The
+    selection stops at the first entry that reaches ``n_remove`` (it can exceed
+    it by less than one block). Ties go to the earlier layer, then the earlier
+    position. Returns the CSR positions to drop for every layer.
+    """
+    cand_scores, cand_layer, cand_pos = [], [], []
+    for i, s in enumerate(scores):
+        s = s.detach().double().cpu()
+        n_cand = max(0, s.numel() - min_keep)
+        order = torch.sort(s, stable=True).indices[:n_cand]
+        cand_scores.append(s[order])
+        cand_layer.append(torch.full((n_cand,), i, dtype=torch.long))
+        cand_pos.append(order)
+    out = [torch.empty(0, dtype=torch.long) for _ in scores]
+    if n_remove <= 0 or not cand_scores:
+        return out
+    all_scores, all_layer, all_pos = torch.cat(cand_scores), torch.cat(cand_layer), torch.cat(cand_pos)
+    order = torch.sort(all_scores, stable=True).indices  # stable over (layer, position) concatenation order
+    weight = torch.tensor([int(z) for z in sizes], dtype=torch.long)[all_layer[order]]
+    before = torch.cumsum(weight, 0) - weight
+    take = order[before < n_remove]
+    for i in range(len(scores)):
+        sel = all_pos[take[all_layer[take] == i]]
+        out[i] = torch.sort(sel).values
+    return out

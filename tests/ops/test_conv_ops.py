@@ -1,0 +1,110 @@
+"""Direct sparse convolution ops (stride 1, CSR) against dense F.conv2d in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsestart import ops
+from tests.util import assert_close_to_reference, random_matrix
+
+BACKENDS = [b for b in ("reference", "cpu") if b == "reference" or ops.NATIVE_AVAILABLE]
+S = torch.ops.sparsestart
+
+# (N, Cin, Cout, H, W, kernel, padding, dilation, density)
+CASES = [
+    (2, 3, 5, 9, 8, (3, 3), (1, 1), (1, 1), 0.4),
+    (1, 1, 1, 1, 1, (1, 1), (0, 0), (1, 1), 1.0),
+    (3, 4, 6, 7, 33, (3, 3), (0, 0), (1, 1), 0.3),
+    (2, 2, 3, 8, 8, (3, 2), (2, 1), (2, 1), 0.5),
+    (2, 5, 4, 17, 9, (5, 5), (3, 1), (1, 2), 0.2),   # padding larger than needed
+    (2, 3, 4, 6, 6, (3, 3), (1, 1), (1, 1), 0.0),    # nnz = 0
+    (1, 16, 8, 8, 8, (3, 3), (1, 1), (1, 1), 1.0),   # dense, 8x8 maps
+    (2, 4, 3, 5, 19, (1, 1), (0, 0), (1, 1), 0.5),   # 1x1
+]
+
+
+def _setup(case, dtype, seed=0):
+    n, cin, cout, h, w, k, p, d, density = case
+    m = random_matrix(cout, cin * k[0] * k[1], density, dtype=dtype, capacity_extra=2, empty_rows=(0,),
+                      seed=seed + cin * 7 + h)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g, dtype=torch.float64)
+    wd = m.to_dense().detach().double().reshape(cout, cin, *k)
+    y = F.conv2d(x, wd, padding=p, dilation=d)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    return m, x, wd, y, dy, k, p, d
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_conv_ops_match_dense(backend, dtype, case):
+    m, x, wd, y_ref, dy, k, p, d = _setup(case, dtype)
+    idx = m.index_tensors()
+    geo = (list(k), list(p), list(d))
+    with ops.use_backend(backend):
+        y = S.conv2d(m.values, *idx, x.to(dtype), *geo)
+        dx = S.conv2d_input_grad(m.values, *idx, dy.to(dtype), *geo)
+        dv = S.conv2d_weight_grad(*idx, dy.to(dtype), x.to(dtype), m.capacity, *geo)
+    assert y.dtype == dx.dtype == dv.dtype == dtype
+    assert_close_to_reference(y, y_ref, F.conv2d(x.abs(), wd.abs(), padding=p, dilation=d), dtype)
+    dx_ref = torch.nn.grad.conv2d_input(x.shape, wd, dy, padding=p, dilation=d)
+    dx_bound = torch.nn.grad.conv2d_input(x.shape, wd.abs(), dy.abs(), padding=p, dilation=d)
+    assert_close_to_reference(dx, dx_ref, dx_bound, dtype)
+    dw_ref = torch.nn.grad.conv2d_weight(x, wd.shape, dy, padding=p, dilation=d).reshape(m.shape) * m.mask()
+    dw_bound = torch.nn.grad.conv2d_weight(x.abs(), wd.shape, dy.abs(), padding=p, dilation=d).reshape(m.shape)
+    got = type(m)(dv, *idx, m.shape).to_dense()
+    assert_close_to_reference(got, dw_ref, dw_bound * m.mask(), dtype)
+    assert bool((dv[m.slot[m.nnz:].long()] == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_gradcheck(backend):
+    m, x, wd, y, dy, k, p, d = _setup(CASES[3], torch.float64, seed=1)
+    idx = m.index_tensors()
+    values = m.values.detach().clone().requires_grad_()
+    x = x[:, :, :5, :6].clone().requires_grad_()
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda v, x: S.conv2d(v, *idx, x, list(k), list(p), list(d)), (values, x))
+
+
+def test_conv_opcheck():
+    m, x, wd, y, dy, k, p, d = _setup(CASES[0], torch.float32, seed=2)
+    idx = m.index_tensors()
+    values = m.values.detach().clone().requires_grad_()
+    x = x.float().requires_grad_()
+    geo = (list(k), list(p), list(d))
+    torch.library.opcheck(S.conv2d.default, (values, *idx, x, *geo))
+    torch.library.opcheck(S.conv2d_input_grad.default, (values.detach(), *idx, dy.float(), *geo),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(S.conv2d_weight_grad.default, (*idx, dy.float(), x.detach(), m.capacity, *geo),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    if ops.NATIVE_AVAILABLE:
+        torch.library.opcheck(S._native_conv2d.default, (values.detach(), idx[0], idx[1], idx[2], x.detach(), *geo),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_conv_bad_input():
+    m, x, wd, y, dy, k, p, d = _setup(CASES[0], torch.float32)
+    idx = m.index_tensors()
+    with pytest.raises(ValueError, match="x has 4 channels but the sparse weight needs 3"):
+        S.conv2d(m.values, *idx, torch.randn(2, 4, 9, 8), list(k), list(p), list(d))
+    with pytest.raises(TypeError, match="dtype"):
+        S.conv2d(m.values, *idx, x, list(k), list(p), list(d))  # float64 x, float32 weight
+    with pytest.raises(ValueError, match="4-D"):
+        S.conv2d(m.values, *idx, x[0].float(), list(k), list(p), list(d))
+
+
+@pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="C++ extension not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_cpu_deterministic(threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        m, x, wd, y, dy, k, p, d = _setup(CASES[2], torch.float32, seed=3)
+        idx, geo = m.index_tensors(), (list(k), list(p), list(d))
+        with ops.use_backend("cpu"):
+            runs = [(S.conv2d(m.values, *idx, x.float(), *geo), S.conv2d_input_grad(m.values, *idx, dy.float(), *geo),
+                     S.conv2d_weight_grad(*idx, dy.float(), x.float(), m.capacity, *geo)) for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.set_num_threads(old)
