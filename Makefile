@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup install test bench cmake-check clean
+.PHONY: setup install test bench cmake-check cuda-check clean
 
 setup: install
 	$(VENV)/bin/sparsestart demo
@@ -29,6 +29,10 @@ bench:
 cmake-check:
 	cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(abspath $(PY)) $(CMAKE_ARGS)
 	cmake --build build/cmake -j2
+
+# Compile csrc/cuda/*.cu with nvcc for sm_80/sm_90; fails on any register spill.
+cuda-check:
+	PYTHON=$(abspath $(PY)) scripts/check_ptxas.sh
 
 clean:
 	rm -rf build *.egg-info sparsestart/_C*.so

@@ -31,8 +31,9 @@ def _extension():
     ) and bool(glob.glob("csrc/cuda/*.cu"))
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if use_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17"]
+        # Raw-pointer kernels (*.cu) plus the torch registration glue (csrc/cuda/torch).
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/torch/*.cpp"))
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
         return cpp_extension.CUDAExtension("sparsestart._C", sources, **kwargs), cpp_extension.BuildExtension
     return cpp_extension.CppExtension("sparsestart._C", sources, **kwargs), cpp_extension.BuildExtension
 

@@ -10,6 +10,7 @@ import torch
 from . import library, reference, registry
 from .library import NATIVE_AVAILABLE
 from .registry import NoBackendError, backends, use_backend
+from . import gpu  # noqa: E402,F401  (registers the triton and cuda backends)
 
 __all__ = ["matmul", "matmul_t", "sampled_matmul", "use_backend", "backends", "NoBackendError", "NATIVE_AVAILABLE",
            "reference", "registry"]

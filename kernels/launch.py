@@ -1,0 +1,179 @@
+"""Host side of the Triton kernels: jit + autotune, and launchers with the native kernel semantics.
+
+``spmm(values, ptr, idx, slot, x, rows, transpose_blocks)`` and
+``sddmm(ptr, idx, slot, a, b, capacity, block_size)`` take exactly the
+arguments of ``sparsestart::_native_spmm`` / ``_native_sddmm`` (layouts in
+csrc/ops.cpp) and dispatch on the format: BSR (values [C, b, b], b in 16/32/64)
+to kernels/bsr.py, CSR (values [C]) to kernels/csr.py.
+
+Interpreter. Triton decides once, when ``triton`` is first imported, whether
+its standard library (tl.cdiv, tl.sum, ...) is compiled or interpreted
+(TRITON_INTERPRET=1). The kernels here are jitted in the same mode
+(:data:`INTERPRETED`), so under the interpreter they run on CPU tensors; then
+each kernel has a single small config instead of an autotune list.
+
+Importing this module imports triton.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+from . import bsr, csr
+
+__all__ = ["INTERPRETED", "BLOCK_SIZES", "DTYPES", "spmm", "sddmm"]
+
+# Whether triton's own jit functions were created by the interpreter (TRITON_INTERPRET=1 at its import).
+INTERPRETED: bool = not isinstance(tl.standard.cdiv, triton.runtime.jit.JITFunction)
+
+BLOCK_SIZES = (16, 32, 64)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_TL_ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
+           torch.float64: tl.float64}
+
+
+def _jit(fn, do_not_specialize=()):
+    # Jit in the mode of triton's standard library, whatever TRITON_INTERPRET says now.
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = INTERPRETED
+        return triton.jit(fn, do_not_specialize=list(do_not_specialize))
+
+
+def _autotune(kernel, configs, key, prune=None):
+    if INTERPRETED:
+        configs = configs[:1]
+    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None and not INTERPRETED else {}
+    return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
+
+
+def _cfg(num_warps=4, num_stages=2, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+# ------------------------------------------------------------- autotune lists
+# The first entry of each list is the single config used under the interpreter
+# (small tiles: the interpreter runs every program in numpy).
+# Keys: N_BUCKET / R_BUCKET are N and the number of (block) rows rounded up to
+# a power of two, so a ragged last batch does not trigger a new tuning run;
+# the autotuner adds the dtypes of the tensor arguments itself.
+_BSR_SPMM_CONFIGS = [_cfg(4, 2, BLOCK_N=32)] + [
+    _cfg(w, s, BLOCK_N=bn) for bn in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (8, 3), (4, 4))
+]
+_BSR_SDDMM_CONFIGS = [_cfg(4, 2, BLOCK_N=32)] + [
+    _cfg(w, s, BLOCK_N=bn) for bn in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (8, 3))
+]
+_CSR_SPMM_CONFIGS = [_cfg(4, 2, BLOCK_E=16, BLOCK_N=32)] + [
+    _cfg(w, s, BLOCK_E=be, BLOCK_N=bn) for be in (16, 32) for bn in (32, 64, 128) for (w, s) in ((2, 2), (4, 3))
+]
+_CSR_SDDMM_CONFIGS = [_cfg(4, 2, BLOCK_E=16, BLOCK_N=32)] + [
+    _cfg(w, s, BLOCK_E=be, BLOCK_N=bn) for be in (8, 16, 32) for bn in (64, 128, 256) for (w, s) in ((4, 2), (8, 3))
+]
+
+
+def _prune_bsr(configs, named_args, **kwargs):
+    """Drop configs whose tile is too small for 8 warps (a B x BLOCK_N fp32 tile below 64 x 64)."""
+    b = named_args.get("B", kwargs.get("B", 64))
+    kept = [c for c in configs if c.num_warps <= 4 or b * c.kwargs["BLOCK_N"] >= 4096]
+    return kept or configs[:1]
+
+
+_bsr_spmm = _autotune(_jit(bsr.bsr_spmm_kernel, ("N_BUCKET", "R_BUCKET")), _BSR_SPMM_CONFIGS,
+                      key=["N_BUCKET", "R_BUCKET", "B", "TRANS", "PREC"], prune=_prune_bsr)
+_bsr_sddmm = _autotune(_jit(bsr.bsr_sddmm_kernel, ("R", "N_BUCKET", "LOG2_R")), _BSR_SDDMM_CONFIGS,
+                       key=["N_BUCKET", "LOG2_R", "B", "PREC"], prune=_prune_bsr)
+_csr_spmm = _autotune(_jit(csr.csr_spmm_kernel, ("N_BUCKET", "R_BUCKET")), _CSR_SPMM_CONFIGS,
+                      key=["N_BUCKET", "R_BUCKET"])
+_csr_sddmm = _autotune(_jit(csr.csr_sddmm_kernel, ("N_BUCKET",)), _CSR_SDDMM_CONFIGS, key=["N_BUCKET"])
+
+
+# ------------------------------------------------------------------ launchers
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 follows torch.set_float32_matmul_precision (as cuBLAS does in torch)."""
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"  # ignored for 16-bit operands
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+def _check_common(op: str, dense: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor) -> None:
+    if dense.dtype not in DTYPES:
+        raise TypeError(f"sparsestart.kernels.{op}: dtype must be one of {DTYPES}, got {dense.dtype}")
+    if not (ptr.dtype == idx.dtype == slot.dtype) or ptr.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"sparsestart.kernels.{op}: ptr, idx and slot must share int32 or int64, got "
+                        f"{ptr.dtype}, {idx.dtype}, {slot.dtype}")
+
+
+def _check_block(op: str, b: int) -> None:
+    if b != 1 and b not in BLOCK_SIZES:
+        raise ValueError(f"sparsestart.kernels.{op}: block size must be 1 (CSR) or one of {BLOCK_SIZES}, got {b}")
+
+
+def spmm(values: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, x: torch.Tensor,
+         rows: int, transpose_blocks: bool) -> torch.Tensor:
+    """out[rows, N] = W @ x over the compressed index (ptr, idx, slot); BSR blocks transposed if asked."""
+    _check_common("spmm", x, ptr, idx, slot)
+    if values.dtype != x.dtype:
+        raise TypeError(f"sparsestart.kernels.spmm: values dtype {values.dtype} differs from x dtype {x.dtype}")
+    b = 1 if values.dim() == 1 else int(values.shape[1])
+    _check_block("spmm", b)
+    R = ptr.numel() - 1
+    if rows != R * b:
+        raise ValueError(f"sparsestart.kernels.spmm: rows={rows} but ptr describes {R} (block) rows of size {b}")
+    values, x = values.contiguous(), x.contiguous()
+    ptr, idx, slot = ptr.contiguous(), idx.contiguous(), slot.contiguous()
+    N = x.shape[1]
+    out = x.new_empty(rows, N)
+    if rows == 0 or N == 0:
+        return out
+
+    def grid(meta):
+        return (R * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    if b == 1:
+        _csr_spmm[grid](values, ptr, idx, slot, x, out, N, _bucket(N), _bucket(R), ACC=_TL_ACC[x.dtype])
+    else:
+        _bsr_spmm[grid](values, ptr, idx, slot, x, out, N, _bucket(N), _bucket(R), B=b,
+                        TRANS=bool(transpose_blocks), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+                        ACC=_TL_ACC[x.dtype])
+    return out
+
+
+def sddmm(ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+          capacity: int, block_size: int) -> torch.Tensor:
+    """out[slot[e]] = a[row of e] . b[idx[e]] (BSR: the block of dot products); free slots zero."""
+    _check_common("sddmm", a, ptr, idx, slot)
+    if a.dtype != b.dtype:
+        raise TypeError(f"sparsestart.kernels.sddmm: a dtype {a.dtype} differs from b dtype {b.dtype}")
+    _check_block("sddmm", block_size)
+    R = ptr.numel() - 1
+    if a.shape[0] != R * block_size:
+        raise ValueError(f"sparsestart.kernels.sddmm: a has {a.shape[0]} rows but ptr describes {R} (block) rows "
+                         f"of size {block_size}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"sparsestart.kernels.sddmm: a has N={a.shape[1]} but b has N={b.shape[1]}")
+    a, b = a.contiguous(), b.contiguous()
+    ptr, idx, slot = ptr.contiguous(), idx.contiguous(), slot.contiguous()
+    N = a.shape[1]
+    shape = (capacity,) if block_size == 1 else (capacity, block_size, block_size)
+    out = a.new_zeros(shape)
+    if R == 0 or capacity == 0 or N == 0:
+        return out
+    if block_size == 1:
+        _csr_sddmm[(R,)](ptr, idx, slot, a, b, out, N, _bucket(N), ACC=_TL_ACC[a.dtype])
+    else:
+        _bsr_sddmm[(capacity,)](ptr, idx, slot, a, b, out, R, N, _bucket(N), max(R - 1, 1).bit_length(),
+                                B=block_size, PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype),
+                                ACC=_TL_ACC[a.dtype])
+    return out

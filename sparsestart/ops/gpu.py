@@ -1,0 +1,240 @@
+"""GPU backends of the registry: "cuda" (CUDA C++, csrc/cuda) and "triton" (kernels/).
+
+Default choice on CUDA tensors (by priority): cuda (30) for CSR, triton (20)
+for BSR and for CSR when the extension was built without CUDA, then the
+reference (0). Both can be forced like any backend (``SPARSESTART_BACKEND`` or
+``sparsestart.ops.use_backend``).
+
+Triton on CPU tensors. With ``TRITON_INTERPRET=1`` in the environment before
+anything imports triton, the Triton kernels run in Triton's interpreter on CPU
+tensors. The triton backend accepts CPU tensors only then, and only when it is
+forced (``SPARSESTART_BACKEND=triton`` or ``use_backend("triton")``): the
+interpreter is a verification tool and must never win the automatic choice
+over the C++ CPU kernels.
+
+torch.compile. The kernels are not registered as ops of their own
+(``torch.library.triton_op``): the public ops ``sparsestart::spmm/spmm_t/sddmm``
+are custom ops with fake impls, opaque to the compiler, and the registry picks
+the backend at run time inside them. That choice depends on the environment,
+on ``use_backend`` and on the format, which a compiled graph could not follow;
+and inductor could not fuse anything across an index-dependent sparse kernel
+anyway.
+
+Nothing here imports triton until a triton kernel is about to run (the
+availability check uses ``importlib.util.find_spec``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import library, registry
+
+__all__ = ["triton_available", "cuda_extension_available", "TRITON_PRIORITY", "CUDA_PRIORITY"]
+
+CUDA_PRIORITY = 30
+TRITON_PRIORITY = 20
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BLOCK_SIZES = (16, 32, 64)
+
+
+def _dtype_name(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _block_size(op: str, tensors: list[Tensor]) -> Optional[int]:
+    """1 for CSR, b for BSR, None when it cannot be told (sddmm over zero rows).
+
+    spmm, conv2d and conv2d_input_grad get [values, ptr, dense]; sddmm gets [a, ptr, b]
+    with a of R * block_size rows; conv2d_weight_grad (CSR only) gets [dy, ptr, x].
+    """
+    first, ptr = tensors[0], tensors[1]
+    if op in ("spmm", "conv2d", "conv2d_input_grad"):
+        return 1 if first.dim() == 1 else int(first.shape[1])
+    if op != "sddmm":
+        return 1
+    R = ptr.numel() - 1
+    return int(first.shape[0]) // R if R > 0 else None
+
+
+# ------------------------------------------------------------------------ triton
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _kernels():
+    from ..kernels import launch  # imports triton
+
+    return launch
+
+
+def _triton_interpreted() -> bool:
+    """Whether triton was imported in interpreter mode (imports triton)."""
+    return _kernels().INTERPRETED
+
+
+def _triton_reasons(op: str, tensors: list[Tensor]) -> list[str]:
+    reasons = []
+    devices = {t.device.type for t in tensors}
+    if devices - {"cuda", "cpu"}:
+        reasons.append(f"needs CUDA tensors (or CPU tensors under the Triton interpreter), got {sorted(devices)}")
+    if "cpu" in devices:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("CPU tensors run only in the Triton interpreter: set TRITON_INTERPRET=1 before triton is "
+                           "imported and force this backend (SPARSESTART_BACKEND=triton)")
+        elif registry.forced_backend() != "triton":
+            reasons.append("CPU tensors under TRITON_INTERPRET=1 run on this backend only when it is forced "
+                           "(SPARSESTART_BACKEND=triton or sparsestart.ops.use_backend('triton'))")
+        elif not _triton_interpreted():
+            reasons.append("triton was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled for "
+                           "the GPU; set TRITON_INTERPRET=1 before anything imports triton")
+    dtype = tensors[0].dtype
+    if dtype not in _TRITON_DTYPES:
+        reasons.append(f"supports {_dtype_name(_TRITON_DTYPES)}, got {dtype}")
+    b = _block_size(op, tensors)
+    if b is not None and b != 1 and b not in _BLOCK_SIZES:
+        reasons.append(f"BSR block size {b} is not one of {_BLOCK_SIZES}")
+    if "cuda" in devices and not reasons:
+        index = tensors[0].device.index
+        major, minor = _capability(torch.cuda.current_device() if index is None else index)
+        if major < 7:
+            reasons.append(f"needs compute capability >= 7.0 for tl.dot, device has {major}.{minor}")
+        elif dtype == torch.bfloat16 and major < 8:
+            reasons.append(f"bfloat16 needs compute capability >= 8.0, device has {major}.{minor}")
+    return reasons
+
+
+def _triton_spmm(values, ptr, idx, slot, x, rows, transpose_blocks):
+    return _kernels().spmm(values, ptr, idx, slot, x, rows, transpose_blocks)
+
+
+def _triton_sddmm(ptr, idx, slot, a, b, capacity, block_size):
+    return _kernels().sddmm(ptr, idx, slot, a, b, capacity, block_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+# -------------------------------------------------------------------------- cuda
+def cuda_extension_available() -> bool:
+    """Whether sparsestart._C registered CUDA kernels for the native ops (built with CUDA)."""
+    if not library.NATIVE_AVAILABLE:
+        return False
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has("sparsestart::_native_spmm", "CUDA") and has("sparsestart::_native_sddmm", "CUDA")
+
+
+def _cuda_unavailable_reason() -> str:
+    if not library.NATIVE_AVAILABLE:
+        return "the C++ extension sparsestart._C is not built"
+    return ("the C++ extension sparsestart._C was built without CUDA (that needs a CUDA build of torch and nvcc "
+            "at install time; see docs/gpu.md)")
+
+
+def _cuda_reasons(op: str, tensors: list[Tensor]) -> list[str]:
+    reasons = []
+    devices = {t.device.type for t in tensors}
+    if devices != {"cuda"}:
+        reasons.append(f"needs CUDA tensors, got {sorted(devices)}")
+    dtype = tensors[0].dtype
+    if dtype not in _CUDA_DTYPES:
+        reasons.append(f"supports {_dtype_name(_CUDA_DTYPES)}, got {dtype}")
+    b = _block_size(op, tensors)
+    if b is not None and b != 1:
+        reasons.append(f"runs CSR only, got BSR with block size {b} (BSR runs on the triton backend)")
+    return reasons
+
+
+def _cuda_spmm(values, ptr, idx, slot, x, rows, transpose_blocks):
+    return torch.ops.sparsestart._native_spmm(values, ptr, idx, slot, x, rows, transpose_blocks)
+
+
+def _cuda_sddmm(ptr, idx, slot, a, b, capacity, block_size):
+    return torch.ops.sparsestart._native_sddmm(ptr, idx, slot, a, b, capacity, block_size)
+
+
+# ---------------------------------------------------------------- convolutions
+def _conv_kernels(spmm, sddmm) -> dict:
+    """The direct-convolution kernels of the registry (stride 1, CSR weight [Cout, Cin*KH*KW], NCHW
+    operands; semantics of reference.native_conv2d*) as unfold + this backend's spmm/sddmm.
+
+    Neither GPU backend has a direct sparse convolution yet; without these, SparseConv2d's stride-1
+    CSR layers would fall back to the pure-PyTorch reference on CUDA, and fail when a GPU backend is
+    forced. Costs the unfolded input in memory, like SparseConv2d's strided path.
+    """
+    F = torch.nn.functional
+
+    def out_size(h, w, kernel_size, padding, dilation):
+        return (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1),
+                w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1))
+
+    def conv2d(values, ptr, idx, slot, x, kernel_size, padding, dilation):
+        n, _, h, w = x.shape
+        ho, wo = out_size(h, w, kernel_size, padding, dilation)
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding)  # [n, Cin*KH*KW, ho*wo]
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
+        m = ptr.shape[0] - 1
+        y = spmm(values, ptr, idx, slot, xt, m, False)
+        return y.view(m, n, ho * wo).transpose(0, 1).reshape(n, m, ho, wo)
+
+    def conv2d_input_grad(values, ptr, idx, slot, dy, kernel_size, padding, dilation):
+        n, m, ho, wo = dy.shape
+        ckk = ptr.shape[0] - 1
+        h = ho + dilation[0] * (kernel_size[0] - 1) - 2 * padding[0]
+        w = wo + dilation[1] * (kernel_size[1] - 1) - 2 * padding[1]
+        dyt = dy.reshape(n, m, ho * wo).transpose(0, 1).reshape(m, n * ho * wo)
+        cols = spmm(values, ptr, idx, slot, dyt, ckk, True).view(ckk, n, ho * wo).transpose(0, 1)
+        return F.fold(cols, (h, w), kernel_size, dilation=dilation, padding=padding)
+
+    def conv2d_weight_grad(ptr, idx, slot, dy, x, capacity, kernel_size, padding, dilation):
+        n, m = dy.shape[:2]
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding)
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        dyt = dy.reshape(n, m, -1).transpose(0, 1).reshape(m, -1)
+        return sddmm(ptr, idx, slot, dyt.contiguous(), xt.contiguous(), capacity, 1)
+
+    return {"conv2d": conv2d, "conv2d_input_grad": conv2d_input_grad, "conv2d_weight_grad": conv2d_weight_grad}
+
+
+def _extra(spmm, sddmm) -> dict:
+    # Backend.kernels (further native kernels by op name) exists in registries that know conv2d.
+    if "kernels" in getattr(registry.Backend, "__dataclass_fields__", {}):
+        return {"kernels": _conv_kernels(spmm, sddmm)}
+    return {}
+
+
+registry.register_backend(
+    registry.Backend(
+        "cuda",
+        priority=CUDA_PRIORITY,
+        spmm=_cuda_spmm,
+        sddmm=_cuda_sddmm,
+        not_supported_reasons=_cuda_reasons,
+        is_available=cuda_extension_available,
+        unavailable_reason=_cuda_unavailable_reason(),
+        **_extra(_cuda_spmm, _cuda_sddmm),
+    )
+)
+
+registry.register_backend(
+    registry.Backend(
+        "triton",
+        priority=TRITON_PRIORITY,
+        spmm=_triton_spmm,
+        sddmm=_triton_sddmm,
+        not_supported_reasons=_triton_reasons,
+        is_available=triton_available,
+        unavailable_reason="triton is not installed (pip install triton)",
+        **_extra(_triton_spmm, _triton_sddmm),
+    )
+)
