@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import library, registry
+from . import library, reference, registry
 
 __all__ = ["triton_available", "cuda_extension_available", "TRITON_PRIORITY", "CUDA_PRIORITY"]
 
@@ -164,53 +164,9 @@ def _cuda_sddmm(ptr, idx, slot, a, b, capacity, block_size):
 
 
 # ---------------------------------------------------------------- convolutions
-def _conv_kernels(spmm, sddmm) -> dict:
-    """The direct-convolution kernels of the registry (stride 1, CSR weight [Cout, Cin*KH*KW], NCHW
-    operands; semantics of reference.native_conv2d*) as unfold + this backend's spmm/sddmm.
-
-    Neither GPU backend has a direct sparse convolution yet; without these, SparseConv2d's stride-1
-    CSR layers would fall back to the pure-PyTorch reference on CUDA, and fail when a GPU backend is
-    forced. Costs the unfolded input in memory, like SparseConv2d's strided path.
-    """
-    F = torch.nn.functional
-
-    def out_size(h, w, kernel_size, padding, dilation):
-        return (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1),
-                w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1))
-
-    def conv2d(values, ptr, idx, slot, x, kernel_size, padding, dilation):
-        n, _, h, w = x.shape
-        ho, wo = out_size(h, w, kernel_size, padding, dilation)
-        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding)  # [n, Cin*KH*KW, ho*wo]
-        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
-        m = ptr.shape[0] - 1
-        y = spmm(values, ptr, idx, slot, xt, m, False)
-        return y.view(m, n, ho * wo).transpose(0, 1).reshape(n, m, ho, wo)
-
-    def conv2d_input_grad(values, ptr, idx, slot, dy, kernel_size, padding, dilation):
-        n, m, ho, wo = dy.shape
-        ckk = ptr.shape[0] - 1
-        h = ho + dilation[0] * (kernel_size[0] - 1) - 2 * padding[0]
-        w = wo + dilation[1] * (kernel_size[1] - 1) - 2 * padding[1]
-        dyt = dy.reshape(n, m, ho * wo).transpose(0, 1).reshape(m, n * ho * wo)
-        cols = spmm(values, ptr, idx, slot, dyt, ckk, True).view(ckk, n, ho * wo).transpose(0, 1)
-        return F.fold(cols, (h, w), kernel_size, dilation=dilation, padding=padding)
-
-    def conv2d_weight_grad(ptr, idx, slot, dy, x, capacity, kernel_size, padding, dilation):
-        n, m = dy.shape[:2]
-        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding)
-        xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-        dyt = dy.reshape(n, m, -1).transpose(0, 1).reshape(m, -1)
-        return sddmm(ptr, idx, slot, dyt.contiguous(), xt.contiguous(), capacity, 1)
-
-    return {"conv2d": conv2d, "conv2d_input_grad": conv2d_input_grad, "conv2d_weight_grad": conv2d_weight_grad}
-
-
-def _extra(spmm, sddmm) -> dict:
-    # Backend.kernels (further native kernels by op name) exists in registries that know conv2d.
-    if "kernels" in getattr(registry.Backend, "__dataclass_fields__", {}):
-        return {"kernels": _conv_kernels(spmm, sddmm)}
-    return {}
+# Neither GPU backend has a direct sparse convolution yet: SparseConv2d's stride-1 CSR
+# layers run as unfold + this backend's spmm/sddmm (reference.unfold_conv_kernels)
+# rather than falling back to the pure-PyTorch reference on CUDA.
 
 
 registry.register_backend(
@@ -222,7 +178,7 @@ registry.register_backend(
         not_supported_reasons=_cuda_reasons,
         is_available=cuda_extension_available,
         unavailable_reason=_cuda_unavailable_reason(),
-        **_extra(_cuda_spmm, _cuda_sddmm),
+        kernels=reference.unfold_conv_kernels(_cuda_spmm, _cuda_sddmm),
     )
 )
 
@@ -235,6 +191,6 @@ registry.register_backend(
         not_supported_reasons=_triton_reasons,
         is_available=triton_available,
         unavailable_reason="triton is not installed (pip install triton)",
-        **_extra(_triton_spmm, _triton_sddmm),
+        kernels=reference.unfold_conv_kernels(_triton_spmm, _triton_sddmm),
     )
 )

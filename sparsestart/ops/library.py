@@ -314,9 +314,7 @@ def _native_sddmm(ptr, idx, slot, a, b, capacity, block_size):
 
 registry.register_backend(
     registry.Backend("reference", priority=0, spmm=reference.native_spmm, sddmm=reference.native_sddmm,
-                     kernels={"conv2d": reference.native_conv2d,
-                              "conv2d_input_grad": reference.native_conv2d_input_grad,
-                              "conv2d_weight_grad": reference.native_conv2d_weight_grad})
+                     kernels=reference.unfold_conv_kernels(reference.native_spmm, reference.native_sddmm))
 )
 
 

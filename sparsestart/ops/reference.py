@@ -47,35 +47,39 @@ def native_sddmm(ptr, idx, slot, a, b, capacity: int, block_size: int) -> torch.
     return out
 
 
-# Direct convolution kernels (stride 1, CSR weight viewed as [Cout, Cin*KH*KW]); the
-# reference goes through unfold (im2col) and the matrix kernels above.
-def _conv_out(h: int, k: int, p: int, d: int) -> int:
-    return h + 2 * p - d * (k - 1)
+# Direct-convolution kernels (stride 1, CSR weight viewed as [Cout, Cin*KH*KW], NCHW
+# operands) expressed through unfold (im2col) and a backend's spmm/sddmm. This is the
+# reference semantics of _native_conv2d*, and the conv path of backends that have no
+# direct convolution of their own (it costs the unfolded input in memory).
+def unfold_conv_kernels(spmm, sddmm) -> dict:
+    """{"conv2d", "conv2d_input_grad", "conv2d_weight_grad"} built on ``spmm``/``sddmm``
+    (native-kernel signatures)."""
+    F = torch.nn.functional
 
+    def conv2d(values, ptr, idx, slot, x, kernel_size, padding, dilation):
+        n, _, h, w = x.shape
+        ho = h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1)
+        wo = w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1)
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding)  # [n, Cin*KH*KW, ho*wo]
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
+        m = ptr.shape[0] - 1
+        y = spmm(values, ptr, idx, slot, xt, m, False)
+        return y.view(m, n, ho * wo).transpose(0, 1).reshape(n, m, ho, wo)
 
-def native_conv2d(values, ptr, idx, slot, x, kernel_size, padding, dilation) -> torch.Tensor:
-    n, _, h, w = x.shape
-    ho, wo = _conv_out(h, kernel_size[0], padding[0], dilation[0]), _conv_out(w, kernel_size[1], padding[1], dilation[1])
-    cols = torch.nn.functional.unfold(x, kernel_size, dilation=dilation, padding=padding)  # [n, CKK, L]
-    xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-    m = ptr.shape[0] - 1
-    y = native_spmm(values, ptr, idx, slot, xt, m, False)
-    return y.view(m, n, ho * wo).transpose(0, 1).reshape(n, m, ho, wo)
+    def conv2d_input_grad(values, ptr, idx, slot, dy, kernel_size, padding, dilation):
+        n, m, ho, wo = dy.shape
+        ckk = ptr.shape[0] - 1
+        h = ho + dilation[0] * (kernel_size[0] - 1) - 2 * padding[0]
+        w = wo + dilation[1] * (kernel_size[1] - 1) - 2 * padding[1]
+        dyt = dy.reshape(n, m, ho * wo).transpose(0, 1).reshape(m, n * ho * wo)
+        cols = spmm(values, ptr, idx, slot, dyt, ckk, True).view(ckk, n, ho * wo).transpose(0, 1)
+        return F.fold(cols, (h, w), kernel_size, dilation=dilation, padding=padding)
 
+    def conv2d_weight_grad(ptr, idx, slot, dy, x, capacity, kernel_size, padding, dilation):
+        n, m = dy.shape[:2]
+        cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding)
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        dyt = dy.reshape(n, m, -1).transpose(0, 1).reshape(m, -1)
+        return sddmm(ptr, idx, slot, dyt.contiguous(), xt.contiguous(), capacity, 1)
 
-def native_conv2d_input_grad(values, ptr, idx, slot, dy, kernel_size, padding, dilation) -> torch.Tensor:
-    n, m, ho, wo = dy.shape
-    ckk = ptr.shape[0] - 1
-    h = ho + dilation[0] * (kernel_size[0] - 1) - 2 * padding[0]
-    w = wo + dilation[1] * (kernel_size[1] - 1) - 2 * padding[1]
-    dyt = dy.reshape(n, m, ho * wo).transpose(0, 1).reshape(m, -1)
-    cols = native_spmm(values, ptr, idx, slot, dyt, ckk, True).view(ckk, n, ho * wo).transpose(0, 1)
-    return torch.nn.functional.fold(cols, (h, w), kernel_size, dilation=dilation, padding=padding)
-
-
-def native_conv2d_weight_grad(ptr, idx, slot, dy, x, capacity, kernel_size, padding, dilation) -> torch.Tensor:
-    n, m = dy.shape[:2]
-    cols = torch.nn.functional.unfold(x, kernel_size, dilation=dilation, padding=padding)
-    xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-    dyt = dy.reshape(n, m, -1).transpose(0, 1).reshape(m, -1)
-    return native_sddmm(ptr, idx, slot, dyt, xt, capacity, 1)
+    return {"conv2d": conv2d, "conv2d_input_grad": conv2d_input_grad, "conv2d_weight_grad": conv2d_weight_grad}
