@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 _COMMANDS = [
     "sparsestart.demo",
+    "sparsestart.train.cli",
+    "sparsestart.init.cli",
 ]
 
 

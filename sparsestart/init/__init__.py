@@ -1,4 +1,7 @@
-"""Initialisation of sparse structures: ER sampling (layer-wise densities and flow repair to come)."""
+"""Initialisation of sparse structures: layer-wise densities, ER sampling, flow repair."""
+from .densities import DISTRIBUTIONS, allocate_densities, layer_budget
+from .flow import FlowReport, repair_flow
 from .sampling import check_density, er_indices, sample_without_replacement
 
-__all__ = ["er_indices", "sample_without_replacement", "check_density"]
+__all__ = ["allocate_densities", "DISTRIBUTIONS", "layer_budget", "repair_flow", "FlowReport", "er_indices",
+           "sample_without_replacement", "check_density"]

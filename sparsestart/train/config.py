@@ -1,0 +1,266 @@
+"""The configuration of a training run: defaults, config files (YAML/TOML), validation.
+
+Precedence: built-in defaults < config file (``--config``) < command-line options.
+Keys in files use the long option names with ``_`` or ``-`` (``batch_size`` or
+``batch-size``). ``dataset``, ``distribution`` and ``method`` may stay unset
+("auto"): they resolve to Fashion-MNIST if installed else digits, ERK if
+available else uniform, RigL if available else static.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["TrainConfig", "QUICK", "RUNTIME_KEYS", "RESUME_CHANGEABLE", "load_config_file", "config_from_dict", "resolve", "validate",
+           "parse_key_values", "OPTIMIZERS", "SCHEDULES", "FORMATS", "distributions"]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+FORMATS = ("csr", "bsr")
+
+#: Keys that may change between an interrupted run and its resumption without changing its results.
+RUNTIME_KEYS = ("threads", "tensorboard", "progress", "final_eval")
+#: Keys --resume accepts with a new value: the runtime keys and where the (same) data lives.
+RESUME_CHANGEABLE = RUNTIME_KEYS + ("data_dir", "ood_dir")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "convnet_small"
+    model_options: dict = field(default_factory=dict)
+    dataset: Optional[str] = None  # None: fashion-mnist if installed, else digits
+    data_dir: Optional[str] = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    train_limit: Optional[int] = None  # keep only the first N (shuffled) training images
+    test_limit: Optional[int] = None  # evaluate on the first N test images
+    augment: Optional[bool] = None  # None: CIFAR only
+    # sparsity
+    density: float = 0.1  # 1.0: the plain dense model (no sparse layers)
+    distribution: Optional[str] = None  # None: erk if available, else uniform
+    distribution_options: dict = field(default_factory=dict)
+    format: str = "csr"
+    block_size: Optional[int] = None
+    exclude: list = field(default_factory=list)
+    flow: Optional[str] = None
+    method: Optional[str] = None  # None: rigl if available, else static
+    method_options: dict = field(default_factory=dict)
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    epochs: int = 2
+    batch_size: int = 128
+    eval_batch_size: int = 128
+    seed: int = 0
+    # evaluation
+    fgsm_eps: float = 8 / 255
+    ood_dir: Optional[str] = None
+    final_eval: bool = True  # OoD + FGSM evaluation at the end
+    # runtime (may differ on --resume)
+    threads: Optional[int] = None
+    tensorboard: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def experiment_dict(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+
+
+#: What ``sparsestart train`` runs without arguments: a few minutes on a laptop CPU.
+QUICK = dict(epochs=1, train_limit=16000, test_limit=2000, density=0.1, model="convnet_small")
+
+_FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+def config_from_dict(d: dict, *, where: str = "config") -> TrainConfig:
+    """A TrainConfig from a dict of overrides (keys with _ or -); unknown keys list the valid ones."""
+    cfg = TrainConfig()
+    for key, value in d.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELD_NAMES:
+            raise ValueError(f"{where}: unknown key {key!r}; valid keys are: {', '.join(_FIELD_NAMES)}")
+        setattr(cfg, name, value)
+    return cfg
+
+
+def load_config_file(path) -> dict:
+    """The mapping in a .yaml/.yml or .toml file (keys normalised to underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            raise ValueError(f"--config {path}: unknown file type {suffix!r}; use .yaml, .yml or .toml")
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"--config {path}: cannot parse ({type(exc).__name__}: {exc})")
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    out = {}
+    for k, v in data.items():
+        name = str(k).replace("-", "_")
+        if name not in _FIELD_NAMES:
+            raise ValueError(f"--config {path}: unknown key {k!r}; valid keys are: {', '.join(_FIELD_NAMES)}")
+        out[name] = v
+    return out
+
+
+def parse_key_values(items, what: str) -> dict:
+    """["k=v", ...] -> {k: yaml-parsed v} for --model-option and friends."""
+    import yaml
+
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"{what}: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise ValueError(f"{what}: empty key in {item!r}")
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+def distributions() -> tuple[str, ...]:
+    try:
+        from ..init import DISTRIBUTIONS
+        return tuple(DISTRIBUTIONS)
+    except ImportError:
+        return ("uniform",)
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the "auto" fields (dataset, distribution, method) with concrete names."""
+    from .data import canonical_dataset_name, fashion_mnist_available
+    from .methods import available_methods
+
+    cfg = dataclasses.replace(cfg)
+    if cfg.dataset is None:
+        cfg.dataset = "fashion-mnist" if fashion_mnist_available(cfg.data_dir) else "digits"
+    else:
+        cfg.dataset = canonical_dataset_name(cfg.dataset)
+    if cfg.distribution is None:
+        cfg.distribution = "erk" if "erk" in distributions() else "uniform"
+    if cfg.method is None:
+        cfg.method = "rigl" if "rigl" in available_methods() else "static"
+        if _is_dense(cfg):
+            cfg.method = "static"
+    return cfg
+
+
+def _is_dense(cfg) -> bool:
+    return isinstance(cfg.density, numbers.Real) and not isinstance(cfg.density, bool) and float(cfg.density) == 1.0
+
+
+def _number(cfg, name, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False):
+    v = getattr(cfg, name)
+    if v is None and optional:
+        return
+    ok_type = isinstance(v, numbers.Integral) if integer else isinstance(v, numbers.Real)
+    if isinstance(v, bool) or not ok_type or (not integer and not math.isfinite(float(v))):
+        raise ValueError(f"--{name.replace('_', '-')}: expected {'an integer' if integer else 'a number'}, "
+                         f"got {v!r}")
+    bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+    if bad:
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}" \
+              f"{')' if hi_open else ']'}"
+        raise ValueError(f"--{name.replace('_', '-')}: {v!r} is outside the accepted range {rng}")
+
+
+def validate(cfg: TrainConfig, explicit: frozenset = frozenset()) -> None:
+    """Every check that can fail before any data is read or any model is built.
+
+    ``explicit``: keys the user set (file or command line); options that the
+    chosen combination ignores are an error only when set explicitly.
+    """
+    from ..models import names as model_names
+    from .data import canonical_dataset_name
+    from .methods import METHODS, check_method
+
+    if not isinstance(cfg.model, str) or cfg.model.strip().lower().replace("-", "") not in model_names():
+        raise ValueError(f"unknown model {cfg.model!r}; valid names are: {', '.join(model_names())}")
+    canonical_dataset_name(cfg.dataset)
+    for key in ("model_options", "distribution_options", "method_options"):
+        if not isinstance(getattr(cfg, key), dict):
+            raise ValueError(f"{key} must be a mapping, got {getattr(cfg, key)!r}")
+    _number(cfg, "density", lo=0.0, hi=1.0, lo_open=True)
+    _number(cfg, "val_fraction", lo=0.0, hi=0.5, lo_open=True)
+    _number(cfg, "split_seed", integer=True)
+    _number(cfg, "seed", integer=True)
+    _number(cfg, "train_limit", lo=1, integer=True, optional=True)
+    _number(cfg, "test_limit", lo=1, integer=True, optional=True)
+    _number(cfg, "lr", lo=0.0, lo_open=True)
+    _number(cfg, "momentum", lo=0.0, hi=1.0, hi_open=True)
+    _number(cfg, "weight_decay", lo=0.0)
+    _number(cfg, "warmup_epochs", lo=0.0)
+    _number(cfg, "epochs", lo=1, integer=True)
+    _number(cfg, "batch_size", lo=1, integer=True)
+    _number(cfg, "eval_batch_size", lo=1, integer=True)
+    _number(cfg, "fgsm_eps", lo=0.0, hi=1.0)
+    _number(cfg, "threads", lo=1, integer=True, optional=True)
+    if cfg.warmup_epochs >= cfg.epochs:
+        raise ValueError(f"--warmup-epochs {cfg.warmup_epochs} must be smaller than --epochs {cfg.epochs}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid names are: {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; valid names are: {', '.join(SCHEDULES)}")
+    if cfg.optimizer == "adamw" and ({"momentum", "nesterov"} & explicit):
+        raise ValueError("--momentum/--nesterov apply to --optimizer sgd only (AdamW has betas)")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise ValueError("--nesterov needs --momentum > 0")
+    if not isinstance(cfg.exclude, (list, tuple)) or not all(isinstance(e, str) for e in cfg.exclude):
+        raise ValueError(f"exclude must be a list of layer names or glob patterns, got {cfg.exclude!r}")
+    method = cfg.method.lower() if isinstance(cfg.method, str) else cfg.method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; valid methods are: {', '.join(METHODS)}")
+    if _is_dense(cfg):
+        if method != "static":
+            raise ValueError(f"--density 1.0 trains the plain dense baseline (no sparse layers), so --method must be "
+                             f"static, got {method!r}; use a density below 1 for {method}")
+        sparse_only = {"distribution_options", "block_size", "exclude", "flow", "method_options"} & explicit
+        if cfg.format != "csr" and "format" in explicit:
+            sparse_only.add("format")
+        if sparse_only:
+            raise ValueError(f"--density 1.0 trains the plain dense baseline; "
+                             f"{', '.join('--' + k.replace('_', '-') for k in sorted(sparse_only))} "
+                             f"only apply to sparse runs")
+    else:
+        dists = distributions()
+        if cfg.distribution not in dists:
+            raise ValueError(f"unknown distribution {cfg.distribution!r}; valid names are: {', '.join(dists)}")
+        if cfg.format not in FORMATS:
+            raise ValueError(f"unknown format {cfg.format!r}; valid formats are: {', '.join(FORMATS)}")
+        if cfg.format == "bsr":
+            if cfg.block_size is None:
+                raise ValueError("--format bsr needs --block-size (e.g. 16, 32 or 64)")
+            _number(cfg, "block_size", lo=2, integer=True)
+        elif cfg.block_size not in (None, 1):
+            raise ValueError(f"--block-size applies to --format bsr only, got --block-size {cfg.block_size} with csr")
+        if cfg.flow is not None and cfg.flow not in ("random_addition", "rejection"):
+            raise ValueError(f"unknown flow repair {cfg.flow!r}; valid names are: random_addition, rejection")
+        check_method(method)
