@@ -6,8 +6,10 @@ PIP    := $(PY) -m pip
 
 .PHONY: setup install test bench cmake-check cuda-check clean
 
+# The main job: `sparsestart train` with its short default (Fashion-MNIST if installed,
+# else scikit-learn digits; convnet_small at density 0.1, ERK, RigL; a few minutes on 2 cores).
 setup: install
-	$(VENV)/bin/sparsestart demo
+	$(VENV)/bin/sparsestart train
 
 # torch is pinned to the CPU build that lies on disk; the package is built with
 # --no-build-isolation so it compiles against that torch instead of pulling a

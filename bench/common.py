@@ -1,0 +1,154 @@
+"""Timing, machine description and line fits shared by the CPU benchmarks.
+
+Timing rules (DESIGN.md, "Benchmarks"):
+- correctness is checked before anything is timed;
+- all implementations of one problem are timed in the same process, interleaved:
+  every round runs each of them once, in an order rotated from round to round,
+  so a burst of background load hits all of them alike;
+- a sample is one call, or for calls shorter than ``min_sample`` seconds, the mean
+  of enough back-to-back calls to reach it (the inner count is fixed per
+  implementation before the rounds start);
+- the reported time is the median over rounds, with the quartiles and minimum.
+
+The machine this runs on may be shared: the CPU idle fraction just before each
+problem is recorded, and ``wait_quiet`` can hold the run until the machine is idle.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> List[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in ("avx512f", "avx512bw", "avx512vl", "avx2", "fma") if x in have]
+    except OSError:
+        pass
+    return []
+
+
+def _cpu_times():
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return idle, sum(vals)
+
+
+def idle_fraction(interval: float = 0.25) -> Optional[float]:
+    """Fraction of all CPUs' time spent idle over ``interval`` seconds (None if /proc/stat is missing)."""
+    try:
+        i0, t0 = _cpu_times()
+        time.sleep(interval)
+        i1, t1 = _cpu_times()
+    except OSError:
+        return None
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.85) -> Optional[float]:
+    """Wait (up to ``max_wait`` s) until the machine is at least ``threshold`` idle; return the last idle fraction."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        f = idle_fraction()
+        if f is None or f >= threshold or time.monotonic() >= deadline:
+            return f
+        time.sleep(0.5)
+
+
+def machine_info(threads: int) -> dict:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "torch_parallel": torch.__config__.parallel_info().splitlines()[0:3],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": load,
+        "portable_build": os.environ.get("SPARSESTART_PORTABLE", "0") == "1",
+    }
+
+
+def _calibrate(fn: Callable[[], object], min_sample: float, max_inner: int) -> int:
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    if dt >= min_sample:
+        return 1
+    return int(min(max_inner, max(1, round(min_sample / max(dt, 1e-7)))))
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, *, warmup: int = 2, min_sample: float = 2e-3,
+                max_inner: int = 200) -> Dict[str, dict]:
+    """Time each callable ``rounds`` times, interleaved; return per-name statistics in seconds."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    inner = {n: _calibrate(fns[n], min_sample, max_inner) for n in names}
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            f, k = fns[n], inner[n]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                f()
+            samples[n].append((time.perf_counter() - t0) / k)
+    return {n: summarize(samples[n], inner[n]) for n in names}
+
+
+def summarize(xs: Sequence[float], inner: int = 1) -> dict:
+    s = sorted(xs)
+    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
+    return {"median": statistics.median(s), "min": s[0], "q1": q[0], "q3": q[2], "n": len(s), "inner": inner}
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    """Least-squares y = intercept + slope * x, with R^2."""
+    n = len(xs)
+    if n < 2:
+        return {"slope": float("nan"), "intercept": float("nan"), "r2": float("nan")}
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx if sxx else float("nan")
+    intercept = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    return {"slope": slope, "intercept": intercept, "r2": 1 - ss_res / ss_tot if ss_tot else float("nan")}
+
+
+def break_even(fit: dict, dense_time: float, numel: float) -> Optional[float]:
+    """Density at which the fitted sparse time equals the dense time (None if the fit does not cross)."""
+    s, a = fit["slope"], fit["intercept"]
+    if not s or s != s or s <= 0:
+        return None
+    return (dense_time - a) / (s * numel)
