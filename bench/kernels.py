@@ -190,6 +190,20 @@ def fits(records: List[dict]) -> List[dict]:
     return res
 
 
+def dispatch_overhead(rounds: int = 7) -> dict:
+    """Fixed cost per call of the native op and of the public op (Python checks, registry), on a problem
+    small enough that the kernel itself takes about a microsecond."""
+    m = _structure(64, 64, 0.1, 1, 0)
+    x = torch.randn(64, 16)
+    vals, idx = m.values.detach(), m.index_tensors()
+    r, c, s = idx[:3]
+    st = common.interleaved({
+        "native": lambda: NATIVE._native_spmm(vals, r, c, s, x, 64, False),
+        "public_op": lambda: NATIVE.spmm(vals, *idx, x),
+    }, rounds, min_sample=2e-2, max_inner=20000)
+    return {k: {"median_us": v["median"] * 1e6, "min_us": v["min"] * 1e6} for k, v in st.items()}
+
+
 def run(args, log=print) -> dict:
     global NATIVE
     import sparsestart  # noqa: F401  (registers the ops)
@@ -213,4 +227,7 @@ def run(args, log=print) -> dict:
                     log(f"  {r['op']:6s} {r['format']:6s} {M}x{K}x{N} d={d:<6g} "
                         f"{r['times']['sparsestart']['median'] * 1e3:9.3f} ms {r['gflops_effective']:6.1f} GF/s  "
                         f"vs dense x{r['speedup_vs_dense']:.2f}{vs}")
-    return {"records": records, "fits": fits(records)}
+    overhead = dispatch_overhead()
+    log(f"  per-call overhead (64x64x16 spmm): native op {overhead['native']['median_us']:.1f} us, "
+        f"public op {overhead['public_op']['median_us']:.1f} us")
+    return {"records": records, "fits": fits(records), "call_overhead": overhead}

@@ -177,6 +177,12 @@ def render(result: dict, source: Optional[str] = None) -> str:
     if recs:
         parts += ["## Targets", "", _targets(recs), ""]
         parts += ["## Kernels", "", _kernel_tables(recs), ""]
+        oh = kern.get("call_overhead")
+        if oh:
+            parts += ["Fixed cost per call (a 64 x 64 x 16 spmm, ~1 us of kernel work): native op "
+                      f"{oh['native']['median_us']:.1f} us, public `torch.ops.sparsestart.spmm` "
+                      f"{oh['public_op']['median_us']:.1f} us (medians). The `op overhead` columns above are "
+                      "differences of two medians and are noisy for long calls.", ""]
         parts += ["## Time against nnz, break-even density", "", _fit_table(kern.get("fits", [])), ""]
     lay = result.get("layers", {})
     if lay.get("records"):
