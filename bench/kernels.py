@@ -167,7 +167,7 @@ def bench_problem(M: int, K: int, N: int, density: float, block: int, rounds: in
 def fits(records: List[dict]) -> List[dict]:
     """Per (shape, format, op, implementation): time vs nnz line fit and break-even density."""
     res = []
-    keys = sorted({(r["M"], r["K"], r["N"], r["format"], r["op"]) for r in records})
+    keys = list(dict.fromkeys((r["M"], r["K"], r["N"], r["format"], r["op"]) for r in records))
     for key in keys:
         rs = sorted((r for r in records if (r["M"], r["K"], r["N"], r["format"], r["op"]) == key),
                     key=lambda r: r["nnz_elements"])

@@ -55,7 +55,8 @@ def sparsify(model: nn.Module, density: Union[float, dict], distribution: str = 
     reproducible (None: torch's global RNG). ``exact=False`` keeps each weight
     with probability p instead of exactly round(p * numel) (budget met only in
     expectation). ``flow="random_addition"`` or ``"rejection"`` then repairs dead
-    units with :func:`sparsestart.init.repair_flow` (budget kept); its
+    units with :func:`sparsestart.init.repair_flow` (``keep_budget=True``: exact
+    except in layers with fewer weights than units, see ``over_budget``); its
     :class:`~sparsestart.init.FlowReport` is stored as ``model.flow_report``.
     Returns ``model``.
     """
@@ -95,7 +96,8 @@ def sparsify(model: nn.Module, density: Union[float, dict], distribution: str = 
         _set_submodule(model, name, sparse)
     if flow is not None:
         model.flow_report = repair_flow(model, flow, keep_budget=True,
-                                        seed=None if seed is None else int(seed) + 7_919)
+                                        seed=None if seed is None else int(seed) + 7_919,
+                                        input_shape=options.get("input_shape"))
     return model
 
 

@@ -10,7 +10,6 @@ from torch import nn
 import sparsestart
 from sparsestart.init import allocate_densities
 from sparsestart.init import cli as dcli
-from sparsestart.nn import SparseLayer
 
 from . import shapes
 
