@@ -45,3 +45,33 @@ def assert_close_to_reference(out, ref64, bound64, dtype):
     err = (out.double() - ref64).abs()
     bad = err > tol
     assert not bool(bad.any()), f"max error {err.max().item():.3g} exceeds tolerance (dtype {dtype})"
+
+
+def rel_err(a, b):
+    """max |a - b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def compare_with_dense(sparse, x, tol=1e-5, device_type=None):
+    """Outputs and gradients (input, values, bias) of a sparse layer equal those of its dense twin
+    (``sparse.to_dense()``); free value slots get zero gradient. ``device_type``, when given, is
+    the device the output must be on."""
+    sparse.zero_grad(set_to_none=True)
+    dense = sparse.to_dense()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = sparse(x1), dense(x2)
+    assert y1.shape == y2.shape
+    if device_type is not None:
+        assert y1.device.type == device_type
+    assert rel_err(y1, y2) <= tol
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert rel_err(x1.grad, x2.grad) <= tol
+    # The value gradient is the dense weight gradient read at the stored positions.
+    m = sparse.sparse_weight
+    grad = type(m)(sparse.values.grad, *m.index_tensors(), m.shape).to_dense().reshape(dense.weight.shape)
+    assert rel_err(grad, dense.weight.grad * sparse.mask()) <= tol
+    assert bool((sparse.values.grad[m.slot[m.nnz:].long()] == 0).all())
+    if sparse.bias is not None:
+        assert rel_err(sparse.bias.grad, dense.bias.grad) <= tol

@@ -1,11 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    """The models here are tiny: extra threads only add overhead (and spin badly on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(single_thread):
+    """Every test in this folder runs on one thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)

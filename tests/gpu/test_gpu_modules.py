@@ -15,6 +15,7 @@ import sparsestart
 import sparsestart.ops.gpu as gpu
 from sparsestart import ops
 from sparsestart.nn import SparseConv2d, SparseLayer, SparseLinear
+from tests.util import compare_with_dense, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -26,29 +27,6 @@ if gpu.cuda_extension_available():
 if gpu.triton_available():
     COMBOS += [("triton", "csr", None), ("triton", "bsr", 16), ("triton", "bsr", 32), ("triton", "bsr", 64)]
 IDS = [f"{b}-{f}{s or ''}" for b, f, s in COMBOS]
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-
-
-def _compare_with_dense(sparse, x, tol):
-    sparse.zero_grad(set_to_none=True)
-    dense = sparse.to_dense()
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = sparse(x1), dense(x2)
-    assert y1.shape == y2.shape and y1.device.type == "cuda"
-    assert _rel_err(y1, y2) <= tol
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    assert _rel_err(x1.grad, x2.grad) <= tol
-    m = sparse.sparse_weight
-    grad = type(m)(sparse.values.grad, *m.index_tensors(), m.shape).to_dense().reshape(dense.weight.shape)
-    assert _rel_err(grad, dense.weight.grad * sparse.mask()) <= tol
-    assert bool((sparse.values.grad[m.slot[m.nnz:].long()] == 0).all())
-    if sparse.bias is not None:
-        assert _rel_err(sparse.bias.grad, dense.bias.grad) <= tol
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +47,7 @@ def test_sparse_linear_matches_dense(backend, fmt, b, dtype, tol):
                          capacity=None)
     layer.validate()
     with ops.use_backend(backend):
-        _compare_with_dense(layer, torch.randn(4, 5, 192, device=DEV, dtype=dtype), tol)
+        compare_with_dense(layer, torch.randn(4, 5, 192, device=DEV, dtype=dtype), tol, device_type="cuda")
 
 
 CONV_CASES = [
@@ -86,7 +64,7 @@ def test_sparse_conv_matches_dense(backend, fmt, b, cfg):
     cin = b or 8  # K = cin * kh * kw is then a multiple of the block size
     layer = SparseConv2d(cin, 64, density=0.4, format=fmt, block_size=b, seed=2, device=DEV, **cfg)
     with ops.use_backend(backend):
-        _compare_with_dense(layer, torch.randn(2, cin, 11, 9, device=DEV), 1e-5)
+        compare_with_dense(layer, torch.randn(2, cin, 11, 9, device=DEV), 1e-5, device_type="cuda")
 
 
 @pytest.mark.parametrize("fmt,b", [("csr", None), ("bsr", 16)])
@@ -113,7 +91,7 @@ def test_training_matches_masked_dense(fmt, b):
                 dense.get_submodule(name).weight.mul_(mask)
     for name in masks:
         s, d = sparse.get_submodule(name), dense.get_submodule(name)
-        assert _rel_err(s.dense_weight().detach(), d.weight.detach()) < 1e-4
+        assert rel_err(s.dense_weight().detach(), d.weight.detach()) < 1e-4
 
 
 @pytest.mark.skipif(not gpu.triton_available(), reason="torch.compile with inductor needs triton")
@@ -129,4 +107,4 @@ def test_torch_compile_inductor(fmt, b):
     x2 = x.detach().clone().requires_grad_()
     y2 = ref(x2)
     y2.sum().backward()
-    assert _rel_err(y, y2) < 1e-5 and _rel_err(x.grad, x2.grad) < 1e-5
+    assert rel_err(y, y2) < 1e-5 and rel_err(x.grad, x2.grad) < 1e-5

@@ -1,11 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny kernels: one thread avoids OpenMP spin-waiting on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(single_thread):
+    """Every test in this folder runs on one thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(n)

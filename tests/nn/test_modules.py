@@ -10,36 +10,9 @@ from torch import nn
 import sparsestart
 from sparsestart import ops
 from sparsestart.nn import SparseConv2d, SparseLinear
+from tests.util import compare_with_dense
 
 BACKENDS = [b for b in ("reference", "cpu") if b == "reference" or ops.NATIVE_AVAILABLE]
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-
-
-def _compare_with_dense(sparse, x, tol=1e-5):
-    """Outputs and gradients (input, values, bias) of ``sparse`` equal those of its dense twin."""
-    sparse.zero_grad(set_to_none=True)
-    dense = sparse.to_dense()
-    x1 = x.clone().requires_grad_()
-    x2 = x.clone().requires_grad_()
-    y1, y2 = sparse(x1), dense(x2)
-    assert y1.shape == y2.shape
-    assert _rel_err(y1, y2) <= tol
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    assert _rel_err(x1.grad, x2.grad) <= tol
-    # The value gradient is the dense weight gradient read at the stored positions.
-    m = sparse.sparse_weight
-    grad_dense = type(m)(sparse.values.grad, *m.index_tensors(), m.shape).to_dense().reshape(dense.weight.shape)
-    mask = sparse.mask()
-    assert _rel_err(grad_dense, dense.weight.grad * mask) <= tol
-    free = m.slot[m.nnz:].long()
-    assert bool((sparse.values.grad[free] == 0).all())
-    if sparse.bias is not None:
-        assert _rel_err(sparse.bias.grad, dense.bias.grad) <= tol
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,8 +23,8 @@ def test_sparse_linear_matches_dense(backend, bias, fmt, b):
     layer = SparseLinear(36, 20, bias=bias, density=0.3, format=fmt, block_size=b, seed=1)
     layer.validate()
     with ops.use_backend(backend):
-        _compare_with_dense(layer, torch.randn(3, 5, 36))  # extra leading dims
-        _compare_with_dense(layer, torch.randn(36))        # unbatched
+        compare_with_dense(layer, torch.randn(3, 5, 36))  # extra leading dims
+        compare_with_dense(layer, torch.randn(36))        # unbatched
 
 
 CONV_CASES = [
@@ -74,14 +47,14 @@ def test_sparse_conv_matches_dense(backend, bias, cfg):
     layer = SparseConv2d(3, 5, bias=bias, density=0.4, seed=2, **cfg)
     layer.validate()
     with ops.use_backend(backend):
-        _compare_with_dense(layer, torch.randn(2, 3, 9, 8))
-        _compare_with_dense(layer, torch.randn(3, 7, 7))  # unbatched
+        compare_with_dense(layer, torch.randn(2, 3, 9, 8))
+        compare_with_dense(layer, torch.randn(3, 7, 7))  # unbatched
 
 
 def test_sparse_conv_bsr():
     layer = SparseConv2d(4, 8, 2, density=0.5, format="bsr", block_size=4, seed=0)  # K = 4*2*2 = 16
     assert layer.block_size == 4 and layer.values.shape[1:] == (4, 4)
-    _compare_with_dense(layer, torch.randn(2, 4, 6, 6))
+    compare_with_dense(layer, torch.randn(2, 4, 6, 6))
 
 
 def test_from_dense_keeps_weights_and_bias():
@@ -96,7 +69,7 @@ def test_from_dense_keeps_weights_and_bias():
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
     c = SparseConv2d.from_dense(conv, density=0.25, seed=0)
     assert c.bias is None and c.nnz == 27 and c.mask().shape == conv.weight.shape
-    _compare_with_dense(c, torch.randn(2, 3, 8, 8))
+    compare_with_dense(c, torch.randn(2, 3, 8, 8))
     with pytest.raises(TypeError, match="torch.nn.Linear"):
         SparseLinear.from_dense(conv)
     with pytest.raises(ValueError, match="either mask or density"):

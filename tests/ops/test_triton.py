@@ -59,7 +59,7 @@ import sparsestart.ops.gpu  # noqa: E402,F401  (registers the triton and cuda ba
 from sparsestart import ops  # noqa: E402
 from sparsestart.nn import SparseConv2d, SparseLinear  # noqa: E402
 from sparsestart.ops import registry  # noqa: E402
-from tests.util import random_matrix  # noqa: E402
+from tests.util import compare_with_dense, random_matrix, rel_err  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not IN_PROCESS, reason="runs in a subprocess under TRITON_INTERPRET=1 "
                                                                 "(test_interpreter_suite_in_subprocess)")
@@ -132,34 +132,12 @@ def test_float64(interpreter, b):
     torch.testing.assert_close(dense_dv, (dy @ x.T) * m.mask())
 
 
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-
-
-def _compare_with_dense(sparse, x, tol=1e-5):
-    """Output and all gradients (input, values, bias) of ``sparse`` equal those of its dense twin."""
-    dense = sparse.to_dense()
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = sparse(x1), dense(x2)
-    assert _rel_err(y1, y2) <= tol
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    assert _rel_err(x1.grad, x2.grad) <= tol
-    m = sparse.sparse_weight
-    grad = type(m)(sparse.values.grad, *m.index_tensors(), m.shape).to_dense().reshape(dense.weight.shape)
-    assert _rel_err(grad, dense.weight.grad * sparse.mask()) <= tol
-    assert bool((sparse.values.grad[m.slot[m.nnz:].long()] == 0).all())
-    if sparse.bias is not None:
-        assert _rel_err(sparse.bias.grad, dense.bias.grad) <= tol
-
-
 @needs_interpreter
 @pytest.mark.parametrize("fmt,b", [("bsr", 16), ("csr", None)])
 def test_sparse_linear_forward_backward(interpreter, fmt, b):
     layer = SparseLinear(48, 32, density=0.5, format=fmt, block_size=b, capacity=None, seed=1)
     layer.validate()
-    _compare_with_dense(layer, torch.randn(3, 2, 48))
+    compare_with_dense(layer, torch.randn(3, 2, 48))
 
 
 @needs_interpreter
@@ -167,7 +145,7 @@ def test_sparse_conv2d_bsr_forward_backward(interpreter):
     layer = SparseConv2d(8, 32, 2, stride=1, padding=1, density=0.5, format="bsr", block_size=16, seed=2)  # K = 32
     layer.validate()
     assert layer.values.shape[1:] == (16, 16)
-    _compare_with_dense(layer, torch.randn(2, 8, 3, 4))
+    compare_with_dense(layer, torch.randn(2, 8, 3, 4))
 
 
 @needs_interpreter
@@ -177,7 +155,7 @@ def test_sparse_conv2d_csr_stride1_uses_the_conv_kernels(interpreter):
     layer = SparseConv2d(3, 5, 3, padding=1, density=0.4, seed=4)
     probe = [layer.values, layer.rowptr, torch.randn(1, 3, 4, 4)]
     assert registry.choose("conv2d", probe).name == "triton"
-    _compare_with_dense(layer, torch.randn(2, 3, 5, 4))
+    compare_with_dense(layer, torch.randn(2, 3, 5, 4))
 
 
 @needs_interpreter
@@ -193,8 +171,8 @@ def test_sparse_linear_bf16_trains(interpreter):
         yr = ref(x.to(torch.bfloat16).float())
         yr.sum().backward()
     assert y.dtype == torch.bfloat16 and layer.values.grad.dtype == torch.bfloat16
-    assert _rel_err(y.float(), yr) < 3e-2
-    assert _rel_err(layer.values.grad.float(), ref.values.grad) < 3e-2
+    assert rel_err(y.float(), yr) < 3e-2
+    assert rel_err(layer.values.grad.float(), ref.values.grad) < 3e-2
 
 
 @needs_interpreter
