@@ -1,5 +1,6 @@
 import pytest
-import torch
+
+from tests.util import threads
 
 
 @pytest.fixture
@@ -9,7 +10,5 @@ def single_thread():
     Folders of many tiny kernels use it: extra threads only add overhead and
     OpenMP spin-waiting makes them many times slower on a loaded machine.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads(1):
+        yield

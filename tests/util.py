@@ -1,6 +1,8 @@
 """Shared helpers of the test suite: random sparse matrices and tolerance rules."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sparsestart.formats import BSR, CSR
@@ -75,3 +77,14 @@ def compare_with_dense(sparse, x, tol=1e-5, device_type=None):
     assert bool((sparse.values.grad[m.slot[m.nnz:].long()] == 0).all())
     if sparse.bias is not None:
         assert rel_err(sparse.bias.grad, dense.bias.grad) <= tol
+
+
+@contextlib.contextmanager
+def threads(n):
+    """Run the block on ``n`` torch threads, restoring the previous count afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

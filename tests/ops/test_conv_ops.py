@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsestart import ops
-from tests.util import assert_close_to_reference, random_matrix
+from tests.util import assert_close_to_reference, random_matrix, threads
 
 BACKENDS = [b for b in ("reference", "cpu") if b == "reference" or ops.NATIVE_AVAILABLE]
 S = torch.ops.sparsestart
@@ -95,16 +95,12 @@ def test_conv_bad_input():
 
 
 @pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="C++ extension not built")
-@pytest.mark.parametrize("threads", [1, 2])
-def test_conv_cpu_deterministic(threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_conv_cpu_deterministic(n_threads):
+    with threads(n_threads):
         m, x, wd, y, dy, k, p, d = _setup(CASES[2], torch.float32, seed=3)
         idx, geo = m.index_tensors(), (list(k), list(p), list(d))
         with ops.use_backend("cpu"):
             runs = [(S.conv2d(m.values, *idx, x.float(), *geo), S.conv2d_input_grad(m.values, *idx, dy.float(), *geo),
                      S.conv2d_weight_grad(*idx, dy.float(), x.float(), m.capacity, *geo)) for _ in range(2)]
         assert all(torch.equal(a, b) for a, b in zip(*runs))
-    finally:
-        torch.set_num_threads(old)

@@ -11,14 +11,12 @@ kernels also promise the same bits for any thread count, which is checked too.
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from sparsestart import ops
 from sparsestart.ops import reference
-from tests.util import random_matrix
+from tests.util import random_matrix, threads
 
 pytestmark = pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="the C++ extension sparsestart._C is not built")
 
@@ -47,16 +45,6 @@ LARGE = {
               65: (128, 96, 0.5, 16, (2,), (), 1),
               1100: (48, 32, 0.6, 16, (), (), 1)},
 }
-
-
-@contextlib.contextmanager
-def threads(n):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _tol(dtype):

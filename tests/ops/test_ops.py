@@ -4,7 +4,7 @@ import torch
 
 from sparsestart import ops
 from sparsestart.ops import registry
-from tests.util import assert_close_to_reference, random_matrix
+from tests.util import assert_close_to_reference, random_matrix, threads
 
 BACKENDS = [b for b in ("reference", "cpu") if b == "reference" or ops.NATIVE_AVAILABLE]
 
@@ -154,11 +154,9 @@ def test_registry_choice_forcing_and_reasons(monkeypatch):
 
 
 @pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="C++ extension not built")
-@pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_backend_threads_deterministic(threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cpu_backend_threads_deterministic(n_threads):
+    with threads(n_threads):
         m = random_matrix(301, 257, 0.1, dtype=torch.float32, seed=7)
         x = torch.randn(257, 129)
         dy = torch.randn(301, 129)
@@ -169,5 +167,3 @@ def test_cpu_backend_threads_deterministic(threads):
             assert torch.equal(u, v)
         w = m.to_dense().detach().double()
         assert_close_to_reference(a[0], w @ x.double(), w.abs() @ x.double().abs(), torch.float32)
-    finally:
-        torch.set_num_threads(old)
