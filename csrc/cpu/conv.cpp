@@ -11,16 +11,28 @@
 //   out: y [N, Cout, Ho, Wo], dx [N, Cin, H, W], dV [C] (zero in free slots)
 // with Ho = H + 2*ph - dh*(KH-1), Wo = W + 2*pw - dw*(KW-1).
 //
-// Forward and input gradient are the same computation: an output plane tile is a
-// weighted sum of shifted windows of input planes, out[r][j] += v * in[base_e + r*ld + j].
-// Inputs are first copied into zero-padded planes with margins, so every tile reads
-// in bounds with no per-element checks; each task (sample, output plane) has one
-// writer, so no atomics and results are deterministic. The tile (ROWS x TW floats)
-// lives in registers for the whole entry loop; TW is a compile-time constant so the
-// compiler vectorises the j loop with the host's widest SIMD.
-// The weight gradient is, per stored entry, the dot product of dy[:, co] with the
-// matching shifted window of x[:, ci]; entries are taken four at a time so each dy
-// vector load feeds four accumulators.
+// The idea: flatten each zero-padded plane of one sample. In a padded plane of
+// width Wp, output pixel (h, w) of a 3x3 convolution reads input pixels
+// (h + kh*dh, w + kw*dw), i.e. flat position h*Wp + w plus the constant offset
+// kh*dh*Wp + kw*dw. So over the flat axis q = h*Wp + w (w running over the whole
+// padded width, the extra Wp - Wo columns computed and thrown away), every
+// stored weight is one shifted contiguous input row:
+//
+//   forward      y'[co, q]  = sum_e v_e * xp[ci_e*Hp*Wp + kh_e*dh*Wp + kw_e*dw + q]
+//   input grad   dx'[ci, q] = sum_e v_e * dyp[co_e*Hq*Wq + (shift of kh_e, kw_e) + q]
+//   weight grad  dV[e]      = sum_n sum_q dyw[n, co_e, q] * xp[n, (offset of e) + q]
+//
+// These are exactly the CSR SpMM and SDDMM of spmm_kernel.h / sddmm_kernel.h
+// with an input "row" given by a per-entry address instead of column * N, so
+// the convolution runs on the same register-tiled SIMD kernels (tiles of up to
+// 256 floats, full vectors except the last of a plane, weights broadcast once
+// per tile) instead of small 2-D tiles with scalar edges. A sample's padded
+// input (Cin*Hp*Wp floats) stays in L2 while every output channel sweeps it.
+// Each output element has one writer and a fixed summation order, and the
+// weight gradient sums over a fixed number of sample chunks in chunk order, so
+// results are bitwise identical for any thread count.
+// Reads past the last real column of a plane land in the next row or, for the
+// last plane, in `slack` zeros appended to the padded buffer.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,6 +41,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#include "sddmm_kernel.h"
+#include "spmm_kernel.h"
 
 namespace sparsestart {
 namespace {
@@ -48,7 +63,8 @@ Geometry geometry(at::IntArrayRef kernel, at::IntArrayRef padding, at::IntArrayR
 }
 
 // Copy planes [P, h, w] into zero planes [P, h + top + bottom, w + left + right] at (top, left),
-// in one pass per plane (zeroing strided margins through TensorIterator is far slower).
+// in one pass per plane (zeroing strided margins through TensorIterator is far slower),
+// followed by `slack` zeros. Returns the flat buffer.
 template <typename scalar_t>
 void pad_planes_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t h, int64_t w, int64_t top,
                        int64_t bottom, int64_t left, int64_t right) {
@@ -69,73 +85,88 @@ void pad_planes_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64
   });
 }
 
-at::Tensor pad_planes(const at::Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right) {
-  if (top == 0 && bottom == 0 && left == 0 && right == 0) return t;
-  auto sizes = t.sizes().vec();
-  const int64_t h = sizes[sizes.size() - 2], w = sizes[sizes.size() - 1];
+at::Tensor pad_planes(const at::Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right,
+                      int64_t slack) {
+  const int64_t h = t.size(-2), w = t.size(-1);
   const int64_t planes = h * w ? t.numel() / (h * w) : 0;
-  sizes[sizes.size() - 2] = h + top + bottom;
-  sizes[sizes.size() - 1] = w + left + right;
-  auto out = at::empty(sizes, t.options());
+  const int64_t size = planes * (h + top + bottom) * (w + left + right);
+  auto out = at::empty({size + slack}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "sparsestart_pad_planes", [&] {
-    pad_planes_kernel<scalar_t>(t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), planes, h, w, top, bottom, left,
-                                right);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    pad_planes_kernel<scalar_t>(t.data_ptr<scalar_t>(), o, planes, h, w, top, bottom, left, right);
+    std::fill(o + size, o + size + slack, scalar_t(0));
   });
   return out;
 }
 
-// One output tile: out[r*ldo + j] = sum_e v[e] * in[base[e] + r*ldi + j] for r < rn, j < cn.
-// FULL tiles have rn = ROWS and cn = TW known at compile time, so the accumulators stay in
-// vector registers; edge tiles use the same code with run-time bounds.
-template <typename scalar_t, int ROWS, int TW, bool FULL>
-inline void tile(const scalar_t* in, const int64_t* base, const scalar_t* v, int64_t ne, int64_t ldi,
-                 scalar_t* out, int64_t ldo, int64_t rn, int64_t cn) {
-  if (FULL) {
-    rn = ROWS;
-    cn = TW;
-  }
-  scalar_t acc[ROWS][TW] = {};
-  for (int64_t e = 0; e < ne; ++e) {
-    const scalar_t w = v[e];
-    const scalar_t* p = in + base[e];
-    for (int64_t r = 0; r < rn; ++r)
-      for (int64_t j = 0; j < cn; ++j) acc[r][j] += w * p[r * ldi + j];
-  }
-  for (int64_t r = 0; r < rn; ++r)
-    for (int64_t j = 0; j < cn; ++j) out[r * ldo + j] = acc[r][j];
-}
+// Slack after a padded buffer: reads reach `reach` elements past the last plane,
+// and a masked vector load may touch up to one vector beyond.
+int64_t slack_for(int64_t reach) { return reach + 64; }
 
-// A whole output plane [rows, cols] (leading dimension cols) from shifted windows of `in`.
-template <typename scalar_t, int ROWS, int TW>
-void gather_tiles(const scalar_t* in, const int64_t* base, const scalar_t* v, int64_t ne, int64_t ldi,
-                  scalar_t* out, int64_t rows, int64_t cols) {
-  int64_t r0 = 0;
-  for (; r0 + ROWS <= rows; r0 += ROWS) {
-    int64_t c0 = 0;
-    for (; c0 + TW <= cols; c0 += TW)
-      tile<scalar_t, ROWS, TW, true>(in + r0 * ldi + c0, base, v, ne, ldi, out + r0 * cols + c0, cols, ROWS, TW);
-    if (c0 < cols)
-      tile<scalar_t, ROWS, TW, false>(in + r0 * ldi + c0, base, v, ne, ldi, out + r0 * cols + c0, cols, ROWS,
-                                      cols - c0);
-  }
-  for (; r0 < rows; ++r0) {  // leftover rows, one at a time
-    int64_t c0 = 0;
-    for (; c0 + TW <= cols; c0 += TW)
-      tile<scalar_t, 1, TW, true>(in + r0 * ldi + c0, base, v, ne, ldi, out + r0 * cols + c0, cols, 1, TW);
-    if (c0 < cols)
-      tile<scalar_t, 1, TW, false>(in + r0 * ldi + c0, base, v, ne, ldi, out + r0 * cols + c0, cols, 1, cols - c0);
+// out[r - r0, q] = sum_{e in row r} w[e] * in[addr[e] + q] for r0 <= r < r1, q < L (out rows of length L).
+// rowptr, addr and w are the gathered entry lists (64-bit addresses, values in entry order).
+template <typename T>
+void gathered_spmm(const T* in, const int64_t* rowptr, const int64_t* addr, const T* w, int64_t r0, int64_t r1,
+                   int64_t L, T* out) {
+  using Tu = cpu::SpmmTuning<T>;
+  constexpr int W = Tu::W;
+  // Tile-outer: the input window of one tile is reused by every row.
+  for (int64_t nb = 0; nb < L; nb += Tu::kTile) {
+    const int64_t tw = std::min<int64_t>(Tu::kTile, L - nb);
+    const int nv = static_cast<int>((tw + W - 1) / W);
+    const int tail = static_cast<int>(tw - (nv - 1) * W);
+    const auto fn = cpu::csr_tile_for<T, int64_t>(nv, tail != W);
+    for (int64_t r = r0; r < r1; ++r)
+      fn(w + rowptr[r], addr + rowptr[r], rowptr[r + 1] - rowptr[r], in + nb, 1, out + (r - r0) * L + nb, tail,
+         true);
   }
 }
 
-template <typename scalar_t>
-void gather_plane(const scalar_t* in, const std::vector<int64_t>& base, const std::vector<scalar_t>& v, int64_t ldi,
-                  scalar_t* out, int64_t rows, int64_t cols) {
-  const int64_t ne = static_cast<int64_t>(base.size());
-  // Narrow planes (8x8 feature maps) use 8-wide tiles of 8 rows; wider ones 16-wide tiles of 4 rows.
-  if (cols <= 8)
-    gather_tiles<scalar_t, 8, 8>(in, base.data(), v.data(), ne, ldi, out, rows, cols);
-  else
-    gather_tiles<scalar_t, 4, 16>(in, base.data(), v.data(), ne, ldi, out, rows, cols);
+// Copy planes [P, rows, ld] (first `cols` columns of each row, starting at column c0) to [P, rows, cols].
+template <typename T>
+void crop_planes(const T* src, int64_t planes, int64_t rows, int64_t ld, int64_t c0, int64_t cols, T* dst) {
+  for (int64_t p = 0; p < planes; ++p)
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(src + (p * rows + r) * ld + c0, cols, dst + (p * rows + r) * cols);
+}
+
+// Row blocks per sample so that there are at least ~4 tasks per thread when the batch is small
+// (the split changes only who computes a row, not how: results do not depend on it).
+int64_t row_blocks(int64_t N, int64_t rows) {
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(rows, (want + N - 1) / std::max<int64_t>(1, N)));
+}
+
+// The shared driver of forward and input gradient: for every sample n,
+//   out[n, r, h, w] = sum_e w[e] * in[n*in_stride + addr[e] + h*ld + c0 + w]   (r < R, h < rows, w < cols)
+template <typename T>
+void shifted_conv(const T* in, int64_t in_stride, const std::vector<int64_t>& rowptr,
+                  const std::vector<int64_t>& addr, const std::vector<T>& w, int64_t N, int64_t R, int64_t rows,
+                  int64_t ld, int64_t c0, int64_t cols, T* out) {
+  const int64_t L = rows * ld, RB = row_blocks(N, R), per = (R + RB - 1) / RB;
+  at::parallel_for(0, N * RB, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> buf(static_cast<size_t>(std::min(per, R) * L));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / RB, ra = (t % RB) * per, rb = std::min(R, ra + per);
+      if (ra >= rb) continue;
+      gathered_spmm<T>(in + n * in_stride, rowptr.data(), addr.data(), w.data(), ra, rb, L, buf.data());
+      crop_planes<T>(buf.data(), rb - ra, rows, ld, c0, cols, out + (n * R + ra) * rows * cols);
+    }
+  });
+}
+
+template <typename index_t, typename scalar_t, typename F>
+void entry_lists(const index_t* P, const index_t* S, const scalar_t* V, int64_t R, F&& address,
+                 std::vector<int64_t>& rowptr, std::vector<int64_t>& addr, std::vector<scalar_t>& w) {
+  const int64_t base = P[0], nnz = P[R] - P[0];
+  rowptr.resize(R + 1);
+  addr.resize(nnz);
+  w.resize(nnz);
+  for (int64_t r = 0; r <= R; ++r) rowptr[r] = P[r] - base;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t e = P[r]; e < P[r + 1]; ++e) {
+      addr[e - base] = address(r, e);
+      w[e - base] = V[S[e]];
+    }
 }
 
 at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& idx,
@@ -152,36 +183,23 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, c
   TORCH_CHECK_VALUE(Ho > 0 && Wo > 0, "sparsestart.conv2d: input ", H, "x", W, " is smaller than the dilated kernel");
   auto out = at::empty({N, M, Ho, Wo}, x_in.options());
   if (out.numel() == 0) return out;
-  // Zero-padded input: every tile then reads in bounds without per-element checks.
-  auto xp = pad_planes(x_in.contiguous(), g.ph, g.ph, g.pw, g.pw);
-  const int64_t Hp = xp.size(2), Wp = xp.size(3);
+  const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
+  auto xp = pad_planes(x_in.contiguous(), g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw));
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
   auto vals = values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "sparsestart_conv2d_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "sparsestart_conv2d_cpu_index", [&] {
-      const index_t* P = p.data_ptr<index_t>();
       const index_t* I = ix.data_ptr<index_t>();
-      const index_t* S = sl.data_ptr<index_t>();
-      const scalar_t* V = vals.data_ptr<scalar_t>();
-      const scalar_t* X = xp.data_ptr<scalar_t>();
-      scalar_t* Y = out.data_ptr<scalar_t>();
-      // Tasks are (sample, output channel); consecutive tasks share the sample, so
-      // its padded input stays in cache while its output channels are computed.
-      at::parallel_for(0, N * M, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<int64_t> base;
-        std::vector<scalar_t> v;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t n = t / M, co = t % M;
-          base.clear();
-          v.clear();
-          for (int64_t e = P[co]; e < P[co + 1]; ++e) {
-            const int64_t c = I[e], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
-            base.push_back((ci * Hp + kh * g.dh) * Wp + kw * g.dw);
-            v.push_back(V[S[e]]);
-          }
-          gather_plane<scalar_t>(X + n * Cin * Hp * Wp, base, v, Wp, Y + (n * M + co) * Ho * Wo, Ho, Wo);
-        }
-      });
+      std::vector<int64_t> rowptr, addr;
+      std::vector<scalar_t> w;
+      entry_lists(p.data_ptr<index_t>(), sl.data_ptr<index_t>(), vals.data_ptr<scalar_t>(), M,
+                  [&](int64_t, int64_t e) {
+                    const int64_t c = I[e], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
+                    return (ci * Hp + kh * g.dh) * Wp + kw * g.dw;
+                  },
+                  rowptr, addr, w);
+      shifted_conv<scalar_t>(xp.data_ptr<scalar_t>(), Cin * Hp * Wp, rowptr, addr, w, N, M, Ho, Wp, 0, Wo,
+                             out.data_ptr<scalar_t>());
     });
   });
   return out;
@@ -204,93 +222,72 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
   TORCH_CHECK_VALUE(H > 0 && W > 0, "sparsestart.conv2d: padding too large for this output size");
   auto dx = at::empty({N, Cin, H, W}, dy_in.options());
   if (dx.numel() == 0) return dx;
-  // dx[i][j] = sum over (co, kh, kw) of v * dy[i + ph - kh*dh][j + pw - kw*dw] (zero outside dy):
-  // pad dy so that the smallest index, ph - dh*(KH-1), lands at row >= 0.
+  // dx[h][w] = sum over (co, kh, kw) of v * dy[h + ph - kh*dh][w + pw - kw*dw] (zero outside dy).
+  // Pad dy by `top` rows so the smallest row index, ph - dh*(KH-1), lands at >= 0; the largest,
+  // H - 1 + ph, then needs the same margin below (likewise for columns). Over the flat axis
+  // q = h*Wq + w the read for entry (co, kh, kw) is at co*Hq*Wq + (ph + top - kh*dh)*Wq +
+  // (pw + left - kw*dw) + q, reaching pw + left past the last plane.
   const int64_t top = std::max<int64_t>(0, g.dh * (g.KH - 1) - g.ph);
   const int64_t left = std::max<int64_t>(0, g.dw * (g.KW - 1) - g.pw);
-  // The largest index read is H - 1 + ph (kh = 0), i.e. Ho - 1 + (dh*(KH-1) - ph): the same margin below.
-  const int64_t bottom = top, right = left;
-  auto dyp = pad_planes(dy_in.contiguous(), top, bottom, left, right);
-  const int64_t Hd = dyp.size(2), Wd = dyp.size(3);
+  const int64_t Hq = Ho + 2 * top, Wq = Wo + 2 * left;
+  auto dyp = pad_planes(dy_in.contiguous(), top, top, left, left, slack_for(g.pw + left));
   auto p = colptr.contiguous(), ix = row.contiguous(), sl = slot_t.contiguous();
   auto vals = values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(dy_in.scalar_type(), "sparsestart_conv2d_input_grad_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "sparsestart_conv2d_input_grad_cpu_index", [&] {
       const index_t* P = p.data_ptr<index_t>();
       const index_t* I = ix.data_ptr<index_t>();
-      const index_t* S = sl.data_ptr<index_t>();
-      const scalar_t* V = vals.data_ptr<scalar_t>();
-      const scalar_t* D = dyp.data_ptr<scalar_t>();
-      scalar_t* DX = dx.data_ptr<scalar_t>();
-      at::parallel_for(0, N * Cin, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<int64_t> base;
-        std::vector<scalar_t> v;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t n = t / Cin, ci = t % Cin;
-          base.clear();
-          v.clear();
-          for (int64_t r = 0; r < KK; ++r) {
-            const int64_t c = ci * KK + r, kh = r / g.KW, kw = r % g.KW;
-            const int64_t roff = top + g.ph - kh * g.dh, coff = left + g.pw - kw * g.dw;
-            for (int64_t e = P[c]; e < P[c + 1]; ++e) {
-              base.push_back((static_cast<int64_t>(I[e]) * Hd + roff) * Wd + coff);
-              v.push_back(V[S[e]]);
-            }
-          }
-          gather_plane<scalar_t>(D + n * M * Hd * Wd, base, v, Wd, DX + (n * Cin + ci) * H * W, H, W);
-        }
-      });
+      // Rows of the gathered product are input channels: the CSC columns ci*KK .. ci*KK + KK - 1
+      // are consecutive, so channel ci's entries are one contiguous range of the CSC arrays.
+      std::vector<index_t> chan_ptr(Cin + 1);
+      for (int64_t ci = 0; ci <= Cin; ++ci) chan_ptr[ci] = P[ci * KK];
+      std::vector<int64_t> rowptr, addr;
+      std::vector<scalar_t> w;
+      int64_t c = 0;  // column of the current entry (entries are visited in order)
+      entry_lists(chan_ptr.data(), sl.data_ptr<index_t>(), vals.data_ptr<scalar_t>(), Cin,
+                  [&](int64_t, int64_t e) {
+                    while (P[c + 1] <= e) ++c;
+                    const int64_t k = c % KK, kh = k / g.KW, kw = k % g.KW;
+                    return (static_cast<int64_t>(I[e]) * Hq + g.ph + top - kh * g.dh) * Wq + g.pw + left - kw * g.dw;
+                  },
+                  rowptr, addr, w);
+      shifted_conv<scalar_t>(dyp.data_ptr<scalar_t>(), M * Hq * Wq, rowptr, addr, w, N, Cin, H, Wq, 0, W,
+                             dx.data_ptr<scalar_t>());
     });
   });
   return dx;
 }
 
-// Value gradient: for each stored entry (co; ci, kh, kw), the dot product of dy[:, co] with
-// the window of the padded x[:, ci] shifted by (kh*dh, kw*dw). Four entries at a time share
-// each dy load; samples are processed in cache-sized chunks and partial sums added to the
-// slot in a fixed order (one writer per slot: deterministic).
-template <typename scalar_t, typename index_t>
-void weight_grad_kernel(const index_t* P, const index_t* I, const index_t* S, const scalar_t* D, const scalar_t* X,
-                        scalar_t* O, const Geometry& g, int64_t N, int64_t M, int64_t Cin, int64_t Ho, int64_t Wo,
-                        int64_t Hp, int64_t Wp, int64_t chunk) {
-  constexpr int TW = 16;
-  const int64_t KK = g.KH * g.KW;
-  const int64_t Wfull = Wo / TW * TW;
-  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-      const int64_t n1 = std::min(N, n0 + chunk);
-      for (int64_t co = r0; co < r1; ++co) {
-        for (int64_t e0 = P[co]; e0 < P[co + 1]; e0 += 4) {
-          const int ne = static_cast<int>(std::min<int64_t>(4, P[co + 1] - e0));
-          int64_t base[4];
-          for (int k = 0; k < 4; ++k) {
-            const int64_t c = I[e0 + std::min(k, ne - 1)], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
-            base[k] = (ci * Hp + kh * g.dh) * Wp + kw * g.dw;
-          }
-          scalar_t acc[4][TW] = {};
-          scalar_t tail[4] = {};
-          for (int64_t n = n0; n < n1; ++n) {
-            const scalar_t* dyn = D + (n * M + co) * Ho * Wo;
-            const scalar_t* xn = X + n * Cin * Hp * Wp;
-            for (int64_t oh = 0; oh < Ho; ++oh) {
-              const scalar_t* d = dyn + oh * Wo;
-              for (int64_t c0 = 0; c0 < Wfull; c0 += TW) {
-                for (int k = 0; k < 4; ++k) {
-                  const scalar_t* xr = xn + base[k] + oh * Wp + c0;
-                  for (int j = 0; j < TW; ++j) acc[k][j] += d[c0 + j] * xr[j];
-                }
-              }
-              for (int k = 0; k < 4; ++k) {
-                const scalar_t* xr = xn + base[k] + oh * Wp;
-                for (int64_t j = Wfull; j < Wo; ++j) tail[k] += d[j] * xr[j];
-              }
-            }
-          }
-          for (int k = 0; k < ne; ++k) {
-            scalar_t sum = tail[k];
-            for (int j = 0; j < TW; ++j) sum += acc[k][j];
-            O[S[e0 + k]] += sum;
-          }
+// Value gradient: dV[e] = sum_n sum_q dyw[n, co, q] * xp[n, addr_e + q] over the flat axis
+// q = h*Wp + w of the padded input's width, with dy widened to Wp by zero columns (so the
+// thrown-away columns contribute nothing). Samples are cut into a fixed number of chunks
+// (independent of the thread count); each chunk sums into its own partial vector with the
+// SDDMM tile kernel (a dy tile in registers, 8 shifted x rows per pass) and the partials
+// are added in chunk order: deterministic for any thread count.
+template <typename T>
+void weight_grad_kernel(const T* dyw, const T* xp, const std::vector<int64_t>& rowptr,
+                        const std::vector<int64_t>& addr, int64_t N, int64_t M, int64_t x_stride, int64_t L,
+                        int64_t chunks, T* partial) {
+  using Tu = cpu::SddmmTuning<T>;
+  constexpr int W = Tu::W;
+  const int64_t nnz = rowptr[M], per = (N + chunks - 1) / chunks;
+  std::vector<int64_t> local(static_cast<size_t>(nnz));
+  for (int64_t e = 0; e < nnz; ++e) local[e] = e;
+  const int64_t RB = row_blocks(chunks, M), rper = (M + RB - 1) / RB;
+  at::parallel_for(0, chunks * RB, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t ch = t / RB, ra = (t % RB) * rper, rb = std::min(M, ra + rper);
+      T* part = partial + ch * nnz;
+      for (int64_t n = ch * per; n < std::min(N, (ch + 1) * per); ++n) {
+        const T* d = dyw + n * M * L;
+        const T* x = xp + n * x_stride;
+        for (int64_t nb = 0; nb < L; nb += Tu::kTile) {
+          const int64_t tw = std::min<int64_t>(Tu::kTile, L - nb);
+          const int nv = static_cast<int>((tw + W - 1) / W);
+          const int tail = static_cast<int>(tw - (nv - 1) * W);
+          const auto fn = cpu::sddmm_tile_for<T, int64_t>(nv, tail != W);
+          for (int64_t r = ra; r < rb; ++r)
+            fn(d + r * L + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1], x + nb, 1, part, tail);
         }
       }
     }
@@ -306,26 +303,42 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
                     dy_in.sizes(), " and ", x_in.sizes());
   TORCH_CHECK_TYPE(dy_in.scalar_type() == x_in.scalar_type(), "sparsestart.conv2d: dy dtype ", dy_in.scalar_type(),
                    " differs from x dtype ", x_in.scalar_type());
-  const int64_t N = x_in.size(0), H = x_in.size(2), W = x_in.size(3);
-  const int64_t M = ptr.numel() - 1, Ho = dy_in.size(2), Wo = dy_in.size(3);
+  const int64_t N = x_in.size(0), Cin = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t M = ptr.numel() - 1, Ho = dy_in.size(2), Wo = dy_in.size(3), KK = g.KH * g.KW;
   TORCH_CHECK_VALUE(Ho == H + 2 * g.ph - g.dh * (g.KH - 1) && Wo == W + 2 * g.pw - g.dw * (g.KW - 1),
                     "sparsestart.conv2d: dy spatial size ", Ho, "x", Wo, " does not match x ", H, "x", W,
                     " under this geometry");
   auto out = at::zeros({capacity}, dy_in.options());
   if (N == 0 || M == 0) return out;
-  auto dy = dy_in.contiguous();
-  auto xp = pad_planes(x_in.contiguous(), g.ph, g.ph, g.pw, g.pw);
-  const int64_t Cin = x_in.size(1), Hp = xp.size(2), Wp = xp.size(3);
-  // Samples are taken in chunks whose padded input (~512 KB) stays in cache while every
-  // output channel's entries sweep over it; streaming all of x once per output channel
-  // would make the gradient memory-bound.
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(512) << 10) / std::max<int64_t>(1, Cin * Hp * Wp * 4));
+  const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
+  auto xp = pad_planes(x_in.contiguous(), g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw));
+  auto dyw = pad_planes(dy_in.contiguous(), 0, 0, 0, Wp - Wo, 0);
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
+  // A fixed number of sample chunks: enough parallel work, bounded partial-sum memory.
+  const int64_t chunks = std::min<int64_t>(N, 16);
   AT_DISPATCH_FLOATING_TYPES(dy_in.scalar_type(), "sparsestart_conv2d_weight_grad_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "sparsestart_conv2d_weight_grad_cpu_index", [&] {
-      weight_grad_kernel<scalar_t, index_t>(p.data_ptr<index_t>(), ix.data_ptr<index_t>(), sl.data_ptr<index_t>(),
-                                            dy.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                            g, N, M, Cin, Ho, Wo, Hp, Wp, chunk);
+      const index_t* P = p.data_ptr<index_t>();
+      const index_t* I = ix.data_ptr<index_t>();
+      const index_t* S = sl.data_ptr<index_t>();
+      const int64_t base = P[0], nnz = P[M] - base;
+      std::vector<int64_t> rowptr(M + 1), addr(nnz);
+      for (int64_t r = 0; r <= M; ++r) rowptr[r] = P[r] - base;
+      for (int64_t e = 0; e < nnz; ++e) {
+        const int64_t c = I[base + e], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
+        addr[e] = (ci * Hp + kh * g.dh) * Wp + kw * g.dw;
+      }
+      std::vector<scalar_t> partial(static_cast<size_t>(chunks * nnz), scalar_t(0));
+      weight_grad_kernel<scalar_t>(dyw.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), rowptr, addr, N, M,
+                                   Cin * Hp * Wp, Ho * Wp, chunks, partial.data());
+      scalar_t* O = out.data_ptr<scalar_t>();
+      at::parallel_for(0, nnz, 4096, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          scalar_t s = 0;
+          for (int64_t ch = 0; ch < chunks; ++ch) s += partial[ch * nnz + e];
+          O[S[base + e]] = s;
+        }
+      });
     });
   });
   return out;
