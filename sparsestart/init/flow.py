@@ -299,7 +299,7 @@ def _apply(layer, plan: dict, init: str, gen) -> None:
     if not n_add:
         return
     if mat.nnz + n_add > mat.capacity:
-        _grow_capacity(layer, mat.nnz + n_add)
+        layer.set_capacity(mat.nnz + n_add)
         mat = layer.sparse_weight
     new_slots = mat.grow(torch.tensor(plan["add_rows"], dtype=torch.long),
                          torch.tensor(plan["add_cols"], dtype=torch.long))
@@ -315,18 +315,6 @@ def _apply(layer, plan: dict, init: str, gen) -> None:
         sign = torch.randint(0, 2, (count,), generator=gen).mul(2).sub(1)
         vals = (vals.cpu() * sign.to(vals.dtype)).reshape(shape)
         mat.values.data[new_slots.to(mat.values.device)] = vals.to(mat.values.device, mat.values.dtype)
-
-
-def _grow_capacity(layer, capacity: int) -> None:
-    """Rebuild ``layer``'s compressed weight with a larger capacity, keeping entries and values."""
-    mat = layer.sparse_weight
-    rows, cols, slots = mat.coo()
-    new = type(mat).from_indices(rows, cols, mat.shape, values=mat.values.detach()[slots],
-                                 block_size=mat.block_size, capacity=capacity, dtype=mat.values.dtype,
-                                 device=mat.values.device)
-    requires_grad = layer.values.requires_grad
-    layer._set_structure(new)
-    layer.values.requires_grad_(requires_grad)
 
 
 # ---------------------------------------------------------------------------- cross-layer analysis

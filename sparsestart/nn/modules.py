@@ -63,6 +63,26 @@ class SparseLayer(nn.Module):
         for name, t in zip(_INDEX_NAMES, matrix.index_tensors()):
             self.register_buffer(name, t)
 
+    @torch.no_grad()
+    def set_capacity(self, capacity: int) -> None:
+        """Rebuild the compressed weight with room for ``capacity`` stored entries (blocks for BSR),
+        keeping every stored entry and its value (free slots are zero).
+
+        This replaces the ``values`` parameter, so an optimizer built before the call keeps the old
+        tensor: call it before creating the optimizer (``repair_flow`` uses it to make room for the
+        edges it adds beyond a layer's budget).
+        """
+        mat = self.sparse_weight
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < mat.nnz:
+            raise ValueError(f"capacity must be an int >= the layer's stored entries ({mat.nnz}), got {capacity!r}")
+        rows, cols, slots = mat.coo()
+        new = type(mat).from_indices(rows, cols, mat.shape, values=mat.values.detach()[slots],
+                                     block_size=mat.block_size, capacity=capacity, dtype=mat.values.dtype,
+                                     device=mat.values.device)
+        requires_grad = self.values.requires_grad
+        self._set_structure(new)
+        self.values.requires_grad_(requires_grad)
+
     def _init_structure(self, density, format: str, block_size, capacity, exact: bool, seed,
                         init_fan_in: str, device, dtype) -> None:
         """Sample an ER structure of the given density and torch-default initial values."""

@@ -243,3 +243,22 @@ def test_sparsify_exclude_glob_dict_and_errors():
     b = sparsestart.sparsify(make(), 0.5, seed=3)
     assert all(torch.equal(p.mask(), q.mask()) for p, q in zip(
         [a[0][0], a[0][1], a[1]], [b[0][0], b[0][1], b[1]]))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_set_capacity_keeps_entries_and_values(fmt):
+    kw = dict(format=fmt, block_size=2) if fmt == "bsr" else {}
+    layer = SparseLinear(8, 6, density=0.5, seed=0, **kw)
+    before_mask, before_weight = layer.mask().clone(), layer.dense_weight().detach().clone()
+    nnz = layer.sparse_weight.nnz
+    layer.set_capacity(nnz + 5)
+    assert layer.sparse_weight.capacity == nnz + 5 and layer.values.requires_grad
+    layer.sparse_weight.validate()
+    assert torch.equal(layer.mask(), before_mask)
+    assert torch.equal(layer.dense_weight().detach(), before_weight)
+    free = layer.sparse_weight.slot[nnz:].long()
+    assert bool((layer.values.detach()[free] == 0).all())
+    with pytest.raises(ValueError, match=r"capacity must be an int >= the layer's stored entries"):
+        layer.set_capacity(nnz - 1)
+    with pytest.raises(ValueError, match="capacity"):
+        layer.set_capacity(float(nnz + 1))
