@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 _COMMANDS = [
     "sparsestart.demo",
     "sparsestart.train.cli",
+    "sparsestart.train.sweep",
+    "sparsestart.train.report",
     "sparsestart.init.cli",
 ]
 

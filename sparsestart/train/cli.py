@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["register"]
+__all__ = ["register", "OPTIONS", "add_options", "gather_options", "error"]
 
-# dest -> (flags, argparse kwargs); every dest is a TrainConfig field.
+# dest -> (flags, argparse kwargs); every dest is a TrainConfig field. Shared with ``sparsestart sweep``.
 _S = argparse.SUPPRESS
-_OPTIONS = [
+OPTIONS = [
     # what to train
     ("model", ["--model"], dict(metavar="NAME", help="zoo model (convnet_small, mlp, lenet5, vgg11..19, resnet20.., "
                                                      "resnet18); default convnet_small")),
@@ -84,8 +84,7 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/<dataset>-<model>-<density>-<method>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation (resume later)")
-    for dest, flags, kw in _OPTIONS:
-        p.add_argument(*flags, dest=dest, default=_S, **kw)
+    add_options(p)
     p.set_defaults(func=_train_main)
 
     e = sub.add_parser("evaluate", help="re-evaluate a saved run: accuracy, NLL, ECE, OoD AUROC, FGSM",
@@ -104,19 +103,31 @@ def register(sub) -> None:
     e.set_defaults(func=_evaluate_main)
 
 
-def _error(cmd: str, msg) -> int:
+def add_options(parser, skip=()) -> None:
+    """Add the training options of :data:`OPTIONS` (but the dests in ``skip``) to ``parser``.
+
+    Options not given stay absent from the parsed namespace (``argparse.SUPPRESS``),
+    so :func:`gather_options` can tell given options from defaults.
+    """
+    for dest, flags, kw in OPTIONS:
+        if dest not in skip:
+            parser.add_argument(*flags, dest=dest, default=_S, **kw)
+
+
+def error(cmd: str, msg) -> int:
+    """Print ``sparsestart CMD: error: MSG`` to stderr; the exit code 2."""
     print(f"sparsestart {cmd}: error: {msg}", file=sys.stderr)
     return 2
 
 
-def _gather(args) -> tuple[dict, set]:
+def gather_options(args) -> tuple[dict, set]:
     """(options dict, explicit keys): config file values overridden by command-line values."""
     from .config import load_config_file, parse_key_values
 
     values = {}
     if args.config:
         values.update(load_config_file(args.config))
-    cli = {dest: getattr(args, dest) for dest, _, _ in _OPTIONS if hasattr(args, dest)}
+    cli = {dest: getattr(args, dest) for dest, _, _ in OPTIONS if hasattr(args, dest)}
     for key in _KEY_VALUE & set(cli):
         merged = dict(values.get(key) or {})
         merged.update(parse_key_values(cli[key], "--" + key[:-1].replace("_", "-")))
@@ -132,7 +143,7 @@ def _train_main(args) -> int:
     from .trainer import Trainer
 
     try:
-        values, explicit = _gather(args)
+        values, explicit = gather_options(args)
         if args.stop_after is not None and args.stop_after < 1:
             raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
         if args.resume:
@@ -162,7 +173,7 @@ def _train_main(args) -> int:
                   f"from {d.source}), {sparsity}, method {cfg.method}, {cfg.optimizer} lr {cfg.lr:g}, "
                   f"{cfg.epochs} epoch(s) -> {out}")
     except (ValueError, TypeError, DatasetNotFoundError, CheckpointError) as exc:
-        return _error("train", exc)
+        return error("train", exc)
     try:
         trainer.fit(stop_after=args.stop_after)
     except KeyboardInterrupt:
@@ -182,7 +193,7 @@ def _evaluate_main(args) -> int:
                            test_limit=args.test_limit, fgsm_eps=args.fgsm_eps, eval_batch_size=args.eval_batch_size,
                            threads=args.threads, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, TypeError, DatasetNotFoundError, CheckpointError) as exc:
-        return _error("evaluate", exc)
+        return error("evaluate", exc)
     from .checkpoint import atomic_write_text
 
     text = json.dumps(res, indent=2)
