@@ -103,6 +103,19 @@ at::Tensor pad_planes(const at::Tensor& t, int64_t top, int64_t bottom, int64_t 
 // and a masked vector load may touch up to one vector beyond.
 int64_t slack_for(int64_t reach) { return reach + 64; }
 
+// Width, vector count and last-vector lanes of the tile starting at nb of a row of length L.
+struct TileShape {
+  int nv, tail;
+  bool partial;
+};
+template <int W>
+inline TileShape tile_shape(int64_t L, int64_t nb, int64_t tile) {
+  const int64_t tw = std::min<int64_t>(tile, L - nb);
+  const int nv = static_cast<int>((tw + W - 1) / W);
+  const int tail = static_cast<int>(tw - (nv - 1) * W);
+  return {nv, tail, tail != W};
+}
+
 // out[r - r0, q] = sum_{e in row r} w[e] * in[addr[e] + q] for r0 <= r < r1, q < L (out rows of length L).
 // rowptr, addr and w are the gathered entry lists (64-bit addresses, values in entry order).
 template <typename T>
@@ -112,12 +125,10 @@ void gathered_spmm(const T* in, const int64_t* rowptr, const int64_t* addr, cons
   constexpr int W = Tu::W;
   // Tile-outer: the input window of one tile is reused by every row.
   for (int64_t nb = 0; nb < L; nb += Tu::kTile) {
-    const int64_t tw = std::min<int64_t>(Tu::kTile, L - nb);
-    const int nv = static_cast<int>((tw + W - 1) / W);
-    const int tail = static_cast<int>(tw - (nv - 1) * W);
-    const auto fn = cpu::csr_tile_for<T, int64_t>(nv, tail != W);
+    const TileShape ts = tile_shape<W>(L, nb, Tu::kTile);
+    const auto fn = cpu::csr_tile_for<T, int64_t>(ts.nv, ts.partial);
     for (int64_t r = r0; r < r1; ++r)
-      fn(w + rowptr[r], addr + rowptr[r], rowptr[r + 1] - rowptr[r], in + nb, 1, out + (r - r0) * L + nb, tail,
+      fn(w + rowptr[r], addr + rowptr[r], rowptr[r + 1] - rowptr[r], in + nb, 1, out + (r - r0) * L + nb, ts.tail,
          true);
   }
 }
@@ -282,12 +293,10 @@ void weight_grad_kernel(const T* dyw, const T* xp, const std::vector<int64_t>& r
         const T* d = dyw + n * M * L;
         const T* x = xp + n * x_stride;
         for (int64_t nb = 0; nb < L; nb += Tu::kTile) {
-          const int64_t tw = std::min<int64_t>(Tu::kTile, L - nb);
-          const int nv = static_cast<int>((tw + W - 1) / W);
-          const int tail = static_cast<int>(tw - (nv - 1) * W);
-          const auto fn = cpu::sddmm_tile_for<T, int64_t>(nv, tail != W);
+          const TileShape ts = tile_shape<W>(L, nb, Tu::kTile);
+          const auto fn = cpu::sddmm_tile_for<T, int64_t>(ts.nv, ts.partial);
           for (int64_t r = ra; r < rb; ++r)
-            fn(d + r * L + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1], x + nb, 1, part, tail);
+            fn(d + r * L + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1], x + nb, 1, part, ts.tail);
         }
       }
     }
