@@ -92,6 +92,10 @@ class SparseAlgorithm:
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         self._removers: list[Callable[[], None]] = []
+        # Applied in place to scores computed from this process's data alone (chunks of RigL's dense
+        # gradient) before they are ranked; data-parallel training sets it to the average over the ranks,
+        # so that every rank takes the same structure decision. None: the local scores are used.
+        self.sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> None:

@@ -154,7 +154,8 @@ def dense_gradient(layer: SparseLayer, pairs: list[Pair], rows: Optional[slice] 
 
 
 def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_keys: torch.Tensor,
-                         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+                         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+                         sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Keys (row * Q + col on the (block) grid) of the k absent positions of largest |dense gradient|.
 
     ``present_keys`` (sorted ascending) are excluded. For BSR the score of a
@@ -162,7 +163,10 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
     most ``max_chunk_elements`` gradient entries (at least one (block) row), with
     a running top-k: memory is O(chunk + k). Ties go to the smaller key, so the
     chunking never changes the result. Returned keys are sorted ascending, on
-    the layer's device.
+    the layer's device. ``sync``, when given, is applied to every chunk of the
+    gradient (rows of the chunk as [rows, K]) before scoring, e.g. an average
+    over data-parallel ranks; the chunks depend only on the layer's shape, so
+    its calls line up across ranks.
     """
     matrix = layer.sparse_weight
     b = matrix.block_size
@@ -177,7 +181,10 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
     best_keys = torch.empty(0, dtype=torch.long, device=dev)
     for r0 in range(0, R, rows_per_chunk):
         r1 = min(R, r0 + rows_per_chunk)
-        g = _gradient_rows(layer, prepared, r0 * b, r1 * b).detach().abs_()
+        g = _gradient_rows(layer, prepared, r0 * b, r1 * b).detach()
+        if sync is not None:
+            g = sync(g.contiguous())
+        g = g.abs_()
         score = g if b == 1 else g.reshape(r1 - r0, b, Q, b).sum(dim=(1, 3))
         score = score.reshape(-1).to(best_scores.dtype)
         lo, hi = torch.searchsorted(present_keys, torch.tensor([r0 * Q, r1 * Q], device=dev)).tolist()

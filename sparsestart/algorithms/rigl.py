@@ -102,7 +102,8 @@ class _Rewiring(SparseAlgorithm):
         keep[drop_pos] = False
         kept_keys = keys[keep]
         if self.growth == "gradient":
-            grow_keys = topk_absent_gradient(layer, self._capture.pairs[name], k, kept_keys, self.max_chunk_elements)
+            grow_keys = topk_absent_gradient(layer, self._capture.pairs[name], k, kept_keys, self.max_chunk_elements,
+                                             sync=self.sync)
         else:
             grow_keys = sample_absent(kept_keys, R * Q, k, self.generator).to(keys.device)
         dropped_keys = keys[drop_pos]

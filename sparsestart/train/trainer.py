@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import nn as snn
+from . import distributed
 from .checkpoint import (FORMAT, VERSION, CheckpointError, atomic_save, atomic_write_text, load_checkpoint,
                          rng_state, set_rng_state)
 from .config import RESUME_CHANGEABLE, TrainConfig, config_from_dict, resolve, validate
@@ -285,8 +285,9 @@ class Trainer:
 
     def __init__(self, cfg: Optional[TrainConfig], out_dir, *, resume: bool = False, overrides: Optional[dict] = None,
                  explicit: frozenset = frozenset(), log: Callable[[str], None] = print):
+        distributed.check_launch()
         self.out = Path(out_dir)
-        self.log = log
+        self.log = distributed.main_only(log)
         self.session_start = time.perf_counter()
         ckpt = None
         if resume:
@@ -338,12 +339,15 @@ class Trainer:
         self.elapsed_before = float(ckpt["elapsed"]) if ckpt else 0.0
         self.train_seconds = float(ckpt["train_seconds"]) if ckpt else 0.0
         self.out.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None:
+        main = distributed.is_main()  # only rank 0 writes into the run directory
+        if ckpt is not None and main:
             # Rows of epochs after the checkpoint (a crash between the two writes) are dropped.
             self._rewrite_metrics()
-        if cfg.tensorboard:
+        if cfg.tensorboard and main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        # Several ranks: the DDP wrapper, data shards, synchronised structure decisions (distributed.py).
+        self.parallel = distributed.DistributedRun(self.run, self._state)
 
     # ------------------------------------------------------------------ helpers
     def _elapsed(self) -> float:
@@ -399,25 +403,26 @@ class Trainer:
     def _train_epoch(self) -> dict:
         from tqdm import tqdm
 
-        r, cfg = self.run, self.cfg
+        r, cfg, par = self.run, self.cfg, self.parallel
         r.model.train()
         it = BatchIterator(r.data.train, cfg.batch_size, r.generator, augment=r.data.augment)
         loss_sum = 0.0
         correct = seen = 0
         bar = tqdm(total=len(it), desc=f"epoch {self.epoch + 1}/{r.total_epochs}", unit="batch", leave=False,
-                   dynamic_ncols=True, disable=None if cfg.progress else True)
+                   dynamic_ncols=True, disable=None if cfg.progress and par.is_main else True)
         try:
-            for x, y in it:
-                logits = r.model(x)
-                loss = F.cross_entropy(logits, y)
+            for x, y, n_batch in par.batches(it):  # this rank's shard of each global batch of n_batch
+                logits = par.model(x)
+                loss = par.loss(logits, y, n_batch)
                 r.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                par.after_backward()
                 r.optimizer.step()
                 r.algorithm.step()
                 r.scheduler.step()
                 self.step += 1
                 n = y.numel()
-                loss_sum += float(loss.detach()) * n
+                loss_sum += float(loss.detach()) * n_batch / par.world
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += n
                 bar.update(1)
@@ -425,14 +430,19 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         finally:
             bar.close()
+        loss_sum, correct, seen = par.end_epoch(loss_sum, correct, seen)  # over all ranks
         return dict(train_loss=loss_sum / max(seen, 1), train_accuracy=correct / max(seen, 1), samples=seen)
 
     def fit(self, stop_after: Optional[int] = None) -> Optional[dict]:
-        """Train the remaining epochs (at most ``stop_after`` of them); the summary dict when the run is done."""
+        """Train the remaining epochs (at most ``stop_after`` of them); the summary dict when the run is done
+        (distributed: on rank 0, None on the other ranks)."""
         r, cfg = self.run, self.cfg
         total = r.total_epochs
+        main = self.parallel.is_main  # rank 0 alone evaluates and writes; all ranks hold the same state
         if self.epoch >= total:
             self.log(f"{self.out}: all {total} epochs are done")
+            if not main:
+                return None
             return self.finish() if not (self.out / "summary.json").exists() else \
                 json.loads((self.out / "summary.json").read_text())
         done_now = 0
@@ -452,34 +462,40 @@ class Trainer:
                 (updates - dense_updates_before) * cfg.batch_size * fl["dense"]
             dense_updates_before = updates
             self.epoch += 1
-            val = basic_metrics(predict_logits(r.model, r.data.val.pixels(), cfg.eval_batch_size),
-                                r.data.val.labels)
-            test = basic_metrics(predict_logits(r.model, r.data.test.pixels(), cfg.eval_batch_size),
-                                 r.data.test.labels)
-            nnz, numel = _layer_stats(r.net)
-            row = {"epoch": self.epoch, "step": self.step, "lr": lr,
-                   "train_loss": stats["train_loss"], "train_accuracy": stats["train_accuracy"],
-                   **{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()},
-                   "nnz": nnz, "density": nnz / numel if numel else 1.0,
-                   "samples_seen": self.samples_seen, "train_flops": self.train_flops,
-                   "epoch_seconds": time.perf_counter() - t0, "elapsed_seconds": None}
-            self.history.append(row)
-            improved = val["accuracy"] > self.best["val_accuracy"]
-            if improved:
-                self.best = {"epoch": self.epoch, "val_accuracy": val["accuracy"]}
+            row, improved = self._evaluate_epoch(stats, lr, t0) if main else (None, False)
             # IMP: the level ends after the evaluation of its trained weights.
             if r.phases > 1 and self.epoch % cfg.epochs == 0 and self.epoch < total:
                 r.algorithm.prune_and_rewind()  # also resets the optimizer state (IMP's reset_optimizer)
-            row["elapsed_seconds"] = self._elapsed()
-            self._append_metrics(row)
-            if improved:
-                self._save_best()
-            atomic_save(self._state(), self.out / CHECKPOINT)
+            if main:
+                row["elapsed_seconds"] = self._elapsed()
+                self._append_metrics(row)
+                if improved:
+                    self._save_best()
+                atomic_save(self._state(), self.out / CHECKPOINT)
+                self.log(f"epoch {self.epoch}/{total}: train loss {row['train_loss']:.4f} acc "
+                         f"{row['train_accuracy']:.4f} | val acc {row['val_accuracy']:.4f} | test acc "
+                         f"{row['test_accuracy']:.4f} | density {row['density']:.4f} | {row['epoch_seconds']:.1f} s")
+            self.parallel.wait_for_main()  # the epoch ends on every rank with its checkpoint on disk
             done_now += 1
-            self.log(f"epoch {self.epoch}/{total}: train loss {row['train_loss']:.4f} acc "
-                     f"{row['train_accuracy']:.4f} | val acc {row['val_accuracy']:.4f} | test acc "
-                     f"{row['test_accuracy']:.4f} | density {row['density']:.4f} | {row['epoch_seconds']:.1f} s")
-        return self.finish()
+        return self.finish() if main else None
+
+    def _evaluate_epoch(self, stats: dict, lr: float, t0: float) -> tuple[dict, bool]:
+        """The metrics row of the epoch just trained (validation and test evaluated), and whether it is the best."""
+        r, cfg = self.run, self.cfg
+        val = basic_metrics(predict_logits(r.model, r.data.val.pixels(), cfg.eval_batch_size), r.data.val.labels)
+        test = basic_metrics(predict_logits(r.model, r.data.test.pixels(), cfg.eval_batch_size), r.data.test.labels)
+        nnz, numel = _layer_stats(r.net)
+        row = {"epoch": self.epoch, "step": self.step, "lr": lr,
+               "train_loss": stats["train_loss"], "train_accuracy": stats["train_accuracy"],
+               **{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()},
+               "nnz": nnz, "density": nnz / numel if numel else 1.0,
+               "samples_seen": self.samples_seen, "train_flops": self.train_flops,
+               "epoch_seconds": time.perf_counter() - t0, "elapsed_seconds": None}
+        self.history.append(row)
+        improved = val["accuracy"] > self.best["val_accuracy"]
+        if improved:
+            self.best = {"epoch": self.epoch, "val_accuracy": val["accuracy"]}
+        return row, improved
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict:
