@@ -1,19 +1,33 @@
-"""python -m bench: CPU kernel and layer benchmarks -> bench/results/<name>.json and docs/benchmarks.md."""
+"""python -m bench: CPU benchmarks (kernels, layers, training step, structure updates, ER sampling)
+-> bench/results/<name>.json and docs/benchmarks.md.
+
+Running some suites into an existing result file keeps the other suites' results
+from it (each suite records when and how it was run); --no-merge starts afresh."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import torch
 
-from . import common, kernels, layers, report
+from . import algorithms, common, kernels, layers, report, sampling, training
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSITIES = [0.5, 0.2, 0.1, 0.05, 0.01, 0.001]
+SUITES = {"kernels": kernels, "layers": layers, "training": training, "algorithms": algorithms, "sampling": sampling}
+# The options each suite depends on, recorded with its results.
+SETTINGS = {
+    "kernels": ("shapes", "blocks", "densities", "rounds"),
+    "layers": ("densities", "layer_rounds"),
+    "training": ("train_models", "train_densities", "distributions", "vgg_batch", "train_rounds"),
+    "algorithms": ("train_models", "algo_density", "distributions", "vgg_batch", "update_interval", "drop_fraction",
+                   "algo_rounds"),
+    "sampling": ("sampling_size", "sampling_density", "sampling_variants", "sampling_rounds"),
+}
 
 
 def _shape(s: str):
@@ -27,13 +41,34 @@ def _shape(s: str):
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small shapes, two densities, few rounds")
-    p.add_argument("--suites", nargs="+", default=["kernels", "layers"], choices=["kernels", "layers"])
+    p.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
     p.add_argument("--shapes", nargs="+", type=_shape, default=None,
                    help="kernel shapes MxKxN (default 4096x4096x256 1024x1024x256 64x576x65536 256x2304x4096)")
     p.add_argument("--blocks", nargs="+", type=int, default=None, help="1 = CSR, b = BSR with b x b blocks (default 1 16)")
     p.add_argument("--densities", nargs="+", type=float, default=None)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per kernel problem (default 15)")
     p.add_argument("--layer-rounds", type=int, default=None, help="interleaved rounds per layer problem (default 9)")
+    g = p.add_argument_group("training and algorithms suites")
+    g.add_argument("--train-models", nargs="+", default=["mlp", "vgg11"], choices=["mlp", "vgg11"])
+    g.add_argument("--train-densities", nargs="+", type=float, default=[0.1, 0.01],
+                   help="overall densities of the training suite (default 0.1 0.01)")
+    g.add_argument("--distributions", nargs="+", default=None, metavar="NAME",
+                   help="layer-wise density rules for sparsify, e.g. erk uniform (default: sparsify's default, erk); "
+                        "the algorithms suite uses the first")
+    g.add_argument("--vgg-batch", type=int, default=None, help="VGG-11 batch size (default 64; 2 with --quick)")
+    g.add_argument("--train-rounds", type=int, default=None, help="interleaved rounds per training problem (default 9)")
+    g.add_argument("--algo-rounds", type=int, default=None, help="interleaved rounds per algorithm problem (default 5)")
+    g.add_argument("--algo-density", type=float, default=0.1, help="density of the algorithms suite (default 0.1)")
+    g.add_argument("--update-interval", type=int, default=100,
+                   help="ΔT the update cost is compared with (default 100)")
+    g.add_argument("--drop-fraction", type=float, default=0.3, help="RigL/SET drop fraction alpha (default 0.3)")
+    g = p.add_argument_group("sampling suite")
+    g.add_argument("--sampling-size", type=int, default=None,
+                   help="layer size M = K (default 32768; 2048 with --quick)")
+    g.add_argument("--sampling-density", type=float, default=0.01)
+    g.add_argument("--sampling-variants", nargs="+", default=list(sampling.VARIANTS), choices=list(sampling.VARIANTS))
+    g.add_argument("--sampling-rounds", type=int, default=None,
+                   help="fresh processes per variant (default 3; 1 with --quick)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -42,13 +77,20 @@ def parse(argv=None):
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--docs", default=None,
                    help="markdown report to (re)write (default docs/benchmarks.md for a full run, none for --quick)")
+    p.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="do not keep the results of suites not run now from an existing result file of the same name")
     args = p.parse_args(argv)
+    args.distributions = args.distributions or [training.default_distribution()]
     if args.quick:
         args.shapes = args.shapes or [(256, 192, 40), (64, 48, 300)]
         args.blocks = args.blocks or [1, 16]
         args.densities = args.densities or [0.2, 0.05]
         args.rounds = args.rounds or 3
         args.layer_rounds = args.layer_rounds or 3
+        args.train_rounds = args.train_rounds or 2
+        args.algo_rounds = args.algo_rounds or 2
+        args.sampling_size = args.sampling_size or 2048
+        args.sampling_rounds = args.sampling_rounds or 1
         args.name = args.name or "quick"
     else:
         args.shapes = args.shapes or [(4096, 4096, 256), (1024, 1024, 256), (64, 576, 65536), (256, 2304, 4096)]
@@ -56,36 +98,65 @@ def parse(argv=None):
         args.densities = args.densities or DENSITIES
         args.rounds = args.rounds or 15
         args.layer_rounds = args.layer_rounds or 9
+        args.train_rounds = args.train_rounds or 9
+        args.algo_rounds = args.algo_rounds or 5
+        args.sampling_size = args.sampling_size or 32768
+        args.sampling_rounds = args.sampling_rounds or 3
         args.name = args.name or "cpu"
         if args.docs is None:
             args.docs = str(ROOT / "docs" / "benchmarks.md")
     return args
 
 
+def merge_previous(result: dict, path: Path) -> List[str]:
+    """Copy into ``result`` the suites of the result file at ``path`` that this run did not measure."""
+    prev = json.loads(path.read_text())
+    prev_meta = prev.get("meta", {})
+    kept = [s for s in SUITES if s in prev and s not in result]
+    for s in kept:
+        suite = prev[s]
+        if "run" not in suite:  # written before suites carried their own run record: the file's meta is it
+            suite["run"] = {k: prev_meta.get(k) for k in ("command", "date", "threads", "torch", "seconds",
+                                                           "idle_at_start", "loadavg_end")}
+            suite["run"]["settings"] = {k: prev_meta[k] for k in SETTINGS[s] if k in prev_meta}
+        result[s] = suite
+    meta = result["meta"]
+    differs = [k for k in ("cpu", "logical_cpus", "torch") if k in prev_meta and prev_meta[k] != meta.get(k)]
+    if kept and differs:
+        meta["merge_warning"] = f"kept suites {kept} were measured with different {differs}"
+    return kept
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     meta = common.machine_info(torch.get_num_threads())
-    meta.update(command="python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                quick=args.quick, rounds=args.rounds, layer_rounds=args.layer_rounds, densities=args.densities,
-                idle_at_start=common.idle_fraction(0.5))
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta.update(command=command, quick=args.quick, rounds=args.rounds, layer_rounds=args.layer_rounds,
+                densities=args.densities, idle_at_start=common.idle_fraction(0.5))
     print(f"sparsestart CPU benchmarks: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}", flush=True)
-    result = {"meta": meta}
+    measured = {}
     t0 = time.time()
-    if "kernels" in args.suites:
-        print("kernels:", flush=True)
-        result["kernels"] = kernels.run(args, log=lambda s: print(s, flush=True))
-    if "layers" in args.suites:
-        print("layers:", flush=True)
-        result["layers"] = layers.run(args, log=lambda s: print(s, flush=True))
-    try:
-        meta["loadavg_end"] = os.getloadavg()
-    except OSError:
-        pass
+    for name, module in SUITES.items():
+        if name not in args.suites:
+            continue
+        print(f"{name}:", flush=True)
+        ts, idle = time.time(), common.idle_fraction()
+        measured[name] = module.run(args, log=lambda s: print(s, flush=True))
+        measured[name]["run"] = common.run_info(command, torch.get_num_threads(), time.time() - ts, idle)
+        measured[name]["run"]["settings"] = {k: getattr(args, k) for k in SETTINGS[name]}
+    meta["loadavg_end"] = common.loadavg()
     meta["seconds"] = round(time.time() - t0, 1)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name}.json"
+    result = {"meta": meta, **measured}
+    if args.merge and path.exists():
+        kept = merge_previous(result, path)
+        if kept:
+            meta["kept_from_previous"] = kept
+            print(f"kept {', '.join(kept)} from the previous {path}")
+    result = {"meta": meta, **{s: result[s] for s in SUITES if s in result}}
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     if args.docs:

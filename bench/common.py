@@ -20,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -76,11 +76,15 @@ def wait_quiet(max_wait: float, threshold: float = 0.85) -> Optional[float]:
         time.sleep(0.5)
 
 
-def machine_info(threads: int) -> dict:
+def loadavg() -> Optional[tuple]:
     try:
-        load = os.getloadavg()
+        return os.getloadavg()
     except OSError:
-        load = None
+        return None
+
+
+def machine_info(threads: int) -> dict:
+    load = loadavg()
     return {
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
@@ -96,6 +100,35 @@ def machine_info(threads: int) -> dict:
     }
 
 
+def run_info(command: str, threads: int, seconds: float, idle_at_start: Optional[float]) -> dict:
+    """When and how one suite was run: kept with the suite's results so merged result files stay traceable."""
+    return {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "threads": threads, "torch": torch.__version__, "seconds": round(seconds, 1),
+            "idle_at_start": idle_at_start, "loadavg_end": loadavg()}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64 (0 for empty tensors)."""
+    if ref.numel() == 0:
+        return 0.0
+    ref = ref.detach().double()
+    return float((out.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by the given tensors (None entries count 0; storage shared between them is counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
 def _calibrate(fn: Callable[[], object], min_sample: float, max_inner: int) -> int:
     t0 = time.perf_counter()
     fn()
@@ -103,6 +136,14 @@ def _calibrate(fn: Callable[[], object], min_sample: float, max_inner: int) -> i
     if dt >= min_sample:
         return 1
     return int(min(max_inner, max(1, round(min_sample / max(dt, 1e-7)))))
+
+
+def rotations(names: Sequence[str], rounds: int) -> Iterator[List[str]]:
+    """The order of every round: each name once, the starting point rotated from round to round."""
+    names = list(names)
+    for r in range(rounds):
+        k = r % max(1, len(names))
+        yield names[k:] + names[:k]
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, *, warmup: int = 2, min_sample: float = 2e-3,
@@ -114,8 +155,7 @@ def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, *, warmup: in
             fns[n]()
     inner = {n: _calibrate(fns[n], min_sample, max_inner) for n in names}
     samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+    for order in rotations(names, rounds):
         for n in order:
             f, k = fns[n], inner[n]
             t0 = time.perf_counter()
@@ -123,6 +163,12 @@ def interleaved(fns: Dict[str, Callable[[], object]], rounds: int, *, warmup: in
                 f()
             samples[n].append((time.perf_counter() - t0) / k)
     return {n: summarize(samples[n], inner[n]) for n in names}
+
+
+def timed_calls(log: Sequence, stats: dict) -> Sequence:
+    """The entries a callable appended to ``log`` during the timed rounds of :func:`interleaved` (the last
+    n * inner calls; warm-up and calibration calls come before them)."""
+    return log[len(log) - stats["n"] * stats["inner"]:]
 
 
 def summarize(xs: Sequence[float], inner: int = 1) -> dict:

@@ -67,12 +67,6 @@ def _reference_outputs(m, x, dy):
     return wd @ x.double(), wd.t() @ dy.double(), dv
 
 
-def _rel_err(out, ref) -> float:
-    if ref.numel() == 0:
-        return 0.0
-    return float((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
 def bench_problem(M: int, K: int, N: int, density: float, block: int, rounds: int, seed: int = 0,
                   check_tol: float = 1e-4) -> List[dict]:
     """Check, then time, all implementations of the three ops for one (shape, format, density)."""
@@ -123,7 +117,7 @@ def bench_problem(M: int, K: int, N: int, density: float, block: int, rounds: in
     for op in OPS:
         errors[op] = {}
         for name in ("sparsestart", "sparsestart_op"):
-            errors[op][name] = _rel_err(impls[op][name](), refs[op])
+            errors[op][name] = common.rel_err(impls[op][name](), refs[op])
         if torch_name in impls[op]:
             out = impls[op][torch_name]()
             if op == "sddmm":  # sampled_addmm returns a CSR tensor in W's entry order; compare in slots
@@ -131,7 +125,7 @@ def bench_problem(M: int, K: int, N: int, density: float, block: int, rounds: in
                 got = torch.zeros(C)
                 got[slots] = out.to_dense()[rows, cols]
                 out = got
-            errors[op][torch_name] = _rel_err(out, refs[op])
+            errors[op][torch_name] = common.rel_err(out, refs[op])
         bad = {k: v for k, v in errors[op].items() if not v <= check_tol}
         if bad:
             raise AssertionError(f"{op} {fmt} {M}x{K}x{N} d={density}: relative error {bad} > {check_tol}")

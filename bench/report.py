@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+from . import fit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The targets of the issue "CPU kernels that make sparse training faster than dense".
@@ -18,6 +20,10 @@ TARGETS = [
     ("spmm", 0.01, "dense", 20.0),
 ]
 TORCH_TARGET = ("spmm", 0.2, 2.0)  # >= 2x torch CSR @ dense at every density <= 0.2
+# Issue "training step and memory": ER MLP at density 0.1.
+TRAIN_TARGET = {"model": "mlp", "density": 0.1, "speedup": 2.5, "memory_ratio": 0.3}
+ALGO_TARGET = 0.05  # one RigL/SET update <= 5% of the training between two updates
+SAMPLING_TARGET = {"seconds": 5.0, "bytes": 1e9}  # one 32768 x 32768 layer at density 0.01
 
 
 def _f(v, fmt="{:.2f}", none="–"):
@@ -138,6 +144,213 @@ def _layer_tables(recs: List[dict]) -> str:
     return "\n\n".join(out)
 
 
+def _g(v) -> str:
+    """Three significant digits, without exponent notation for large values."""
+    return _f(v, "{:.0f}" if v is not None and abs(v) >= 1000 else "{:.3g}")
+
+
+def _mib(b) -> str:
+    return _f(None if b is None else b / 2**20, "{:.3g}" if b < 100 * 2**20 else "{:.0f}")
+
+
+def _status(ok: bool, how: str = "") -> str:
+    return "met" if ok else ("missed" + (f" ({how})" if how else ""))
+
+
+def _layer_fit_table(recs: List[dict]) -> str:
+    rows = []
+    for f in fit.layer_fits(recs):
+        rows.append([f["layer"], f["format"], f["pass"], _g(f["slope_ns_per_nnz"]), _g(f["intercept_ms"]), _f(f["r2"], "{:.3f}"), _f(f["dense_ms"], "{:.2f}"),
+                     "> 1" if f["break_even_fit"] is not None and f["break_even_fit"] > 1
+                     else _f(f["break_even_fit"], "{:.3g}"),
+                     fit.format_break_even(f["break_even_measured"])])
+    return _table(["layer", "format", "pass", "slope ns/nnz", "intercept ms", "R^2", "dense ms (median)",
+                   "break-even density (fit)", "break-even density (measured, interpolated)"], rows)
+
+
+def _setting(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return " ".join("x".join(map(str, x)) if isinstance(x, (list, tuple)) else f"{x:g}" if isinstance(x, float)
+                        else str(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _runs_table(result: dict) -> str:
+    rows = []
+    for suite in ("kernels", "layers", "training", "algorithms", "sampling"):
+        run = result.get(suite, {}).get("run")
+        if run:
+            settings = "; ".join(f"{k}={_setting(v)}" for k, v in run.get("settings", {}).items())
+            rows.append([suite, f"`{run.get('command')}`", str(run.get("date")), str(run.get("threads")),
+                         _f(run.get("seconds"), "{:.0f}"), _f(run.get("idle_at_start")), settings or "–"])
+    header = ["suite", "command", "date (UTC)", "threads", "seconds", "idle fraction at start", "settings"]
+    return _table(header, rows) if rows else ""
+
+
+def _training_target(recs: List[dict]) -> str:
+    t = TRAIN_TARGET
+    rows = []
+    for r in recs:
+        if r["model"] != t["model"] or r["density"] != t["density"]:
+            continue
+        for base, v in (("dense", r["speedup_vs_dense"]), ("masked-dense", r["speedup_vs_masked"])):
+            rows.append([f"{r['title']} ({r['distribution']}), density {r['density']:g}, batch {r['batch']}: "
+                         f"training step >= {t['speedup']:g}x faster than {base}", f"{v:.2f}x",
+                         _status(v >= t["speedup"], f"by {(1 - v / t['speedup']) * 100:.0f}%")])
+        for opt in ("sgd_momentum", "adamw"):
+            v = r["memory"]["sparse"][opt]["ratio_vs_dense"]
+            rows.append([f"{r['title']} ({r['distribution']}), density {r['density']:g}: parameters + gradients + "
+                         f"{'SGD momentum' if opt == 'sgd_momentum' else 'AdamW'} state (+ index) <= "
+                         f"{t['memory_ratio']:g}x dense", f"{v:.3f}x", _status(v <= t["memory_ratio"])])
+    return _table(["target", "measured", "status"], rows) if rows else ""
+
+
+def _training_tables(recs: List[dict]) -> str:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in recs):
+        rs = [r for r in recs if r["model"] == model]
+        rows, mem_rows = [], []
+        for r in rs:
+            t, ph = r["times"], r["phases"]
+            row = [r["distribution"], f"{r['density']:g}", _f(r["density_actual"], "{:.4f}")]
+            row += [_ms(t[k]["median"]) for k in ("sparse", "dense", "masked")]
+            row += [_f(r["speedup_vs_dense"]) + "x", _f(r["speedup_vs_masked"]) + "x"]
+            row += [" / ".join(_ms(ph[k][p]) for p in ("forward", "backward", "optimizer"))
+                    for k in ("sparse", "dense", "masked")]
+            rows.append(row)
+            for k in ("sparse", "dense", "masked"):
+                sg, aw = r["memory"][k]["sgd_momentum"], r["memory"][k]["adamw"]
+                mem_rows.append([r["distribution"], f"{r['density']:g}", k, _mib(sg["params"]), _mib(sg["grads"]),
+                                 _mib(sg["optimizer_state"]), _mib(aw["optimizer_state"]), _mib(sg["index"]),
+                                 _mib(sg["mask"]), _mib(sg["other_buffers"]), _mib(sg["total"]),
+                                 _f(sg["ratio_vs_dense"], "{:.3f}") + "x", _mib(aw["total"]),
+                                 _f(aw["ratio_vs_dense"], "{:.3f}") + "x"])
+        r0 = rs[0]
+        out.append(f"#### {r0['title']}, batch {r0['batch']}: time per training step\n\n" + _table(
+            ["distribution", "density", "density (actual)", "sparse ms", "dense ms", "masked ms", "x dense",
+             "x masked", "sparse fwd / bwd / opt ms", "dense fwd / bwd / opt ms", "masked fwd / bwd / opt ms"], rows))
+        out.append(f"#### {r0['title']}: bytes kept between steps (MiB)\n\n" + _table(
+            ["distribution", "density", "model", "params", "grads", "SGD momentum", "AdamW state", "index", "mask",
+             "other buffers", "total (SGD)", "x dense", "total (AdamW)", "x dense"], mem_rows))
+        for r in rs:
+            out.append(f"#### {r['title']}, {r['distribution']} {r['density']:g}: where one step's time goes\n\n"
+                       + _profile_table(r["profile"]))
+        dens = ", ".join(f"{n} {d:.3g}" for n, d in rs[0]["layer_densities"].items())
+        out.append(f"Layer densities at {rs[0]['distribution']} {rs[0]['density']:g}: {dens}.")
+    return "\n\n".join(out)
+
+
+def _profile_table(prof: dict, top: int = 8) -> str:
+    """Self CPU ms of the ops that are among the ``top`` of any model in one profiled step."""
+    models = list(prof)
+    by = {k: {o["op"]: o for o in prof[k]["ops"]} for k in models}
+    ops = list(dict.fromkeys(o["op"] for k in models for o in prof[k]["ops"][:top]))
+    ops.sort(key=lambda op: -max(by[k].get(op, {}).get("self_ms", 0.0) for k in models))
+    rows = [[f"`{op}`"] + [_f(by[k][op]["self_ms"], "{:.2f}") + f" ({by[k][op]['calls']})" if op in by[k] else "–"
+                           for k in models] for op in ops]
+    rows.append(["all ops (profiled step)"] + [_f(prof[k]["total_ms"], "{:.2f}") for k in models])
+    return _table(["op (self CPU time)"] + [f"{k} ms (calls)" for k in models], rows)
+
+
+def _algorithm_table(recs: List[dict]) -> str:
+    rows = []
+    for r in recs:
+        row = [r["title"], str(r["batch"]), r["distribution"], f"{r['density']:g}", str(r["nnz"]),
+               _f(r["iteration_ms"], "{:.2f}")]
+        for k in ("rigl", "set"):
+            a = r[k]
+            row += [_f(a["update_cost_ms"], "{:.2f}"), _f(a["step_call_ms"], "{:.2f}"),
+                    _f(a["fraction"] * 100, "{:.2f}") + "%", _status(a["fraction"] <= ALGO_TARGET)]
+        rows.append(row)
+    dt = recs[0]["update_interval"]
+    return _table(["model", "batch", "distribution", "density", "nnz", "iteration ms (no update)",
+                   "RigL update ms", "RigL step() ms", f"RigL / ({dt} steps)", f"<= {ALGO_TARGET * 100:g}%",
+                   "SET update ms", "SET step() ms", f"SET / ({dt} steps)", f"<= {ALGO_TARGET * 100:g}%"], rows)
+
+
+def _sampling_table(recs: List[dict]) -> str:
+    rows = []
+    for r in recs:
+        sec, peak = r["seconds"], r["peak_bytes"]
+        rows.append([r["variant"], f"{r['M']}x{r['K']}", f"{r['density']:g}", str(r["nnz_elements"][0]),
+                     _f(sec["median"], "{:.2f}"), f"{sec['min']:.2f}–{sec['q3']:.2f}" if r["rounds"] > 1 else "–",
+                     _mib(peak["median"]), _mib(r["result_bytes"]),
+                     _status(sec["median"] < SAMPLING_TARGET["seconds"]),
+                     _status(peak["median"] < SAMPLING_TARGET["bytes"]),
+                     str(r["rounds"])])
+    return _table(["variant", "M x K", "density", "nnz (weights)", "seconds (median)", "min–q3", "peak MiB",
+                   "result MiB", f"< {SAMPLING_TARGET['seconds']:g} s", f"< {SAMPLING_TARGET['bytes'] / 1e9:g} GB",
+                   "processes"], rows)
+
+
+def _new_suites(result: dict) -> List[str]:
+    parts = []
+    tr = result.get("training", {}).get("records")
+    if tr:
+        r0 = tr[0]
+        parts += ["## Training step", "",
+                  "One step = `zero_grad(set_to_none=True)`, forward, cross-entropy, backward, "
+                  f"`optimizer.step()` with `{r0['optimizer']}`, on a fixed random batch (sizes in the headings), "
+                  "float32. `sparse` is the model after `sparsestart.sparsify(model, density, distribution)` "
+                  "(CSR SparseLinear/SparseConv2d; the distribution is sparsify's default unless stated). "
+                  "`dense` is the torch model (nn.Linear/nn.Conv2d, every weight trained). `masked` is the papers' "
+                  "way: each Linear/Conv2d weight is a dense parameter seen through a fixed float 0/1 mask (a torch "
+                  "parametrization, so forward computes with `weight * mask` and autograd masks the gradient); the "
+                  "optimizer updates the whole dense tensor and the mask is re-applied to the weight after every "
+                  "optimizer step, as sparselearning's `apply_mask` does. All three start from the same numbers "
+                  "(the dense model holds the kept weights, zeros elsewhere); before timing, one step of each is "
+                  "checked: equal losses, masked weight and gradient zero outside the mask, and, on float64 copies of "
+                  "the sparse and masked models, equal weight and bias gradients at the kept positions and equal "
+                  "weights after the optimizer step (float64 because in float32 a pre-activation within rounding "
+                  "error of zero can land on the other side of a ReLU in the two models, and through BatchNorm that "
+                  "one element changes whole gradients of earlier layers). "
+                  "Steps of the three are timed interleaved (medians); the fwd / bwd / opt columns are medians of the "
+                  "same timed calls split at the end of forward (zero_grad included) and of backward (opt includes "
+                  "the re-masking).", "",
+                  "Memory counts the bytes of the tensors a training run keeps between steps (activations not "
+                  "included): parameters (sparse: values and biases; masked: the dense weight), gradients, "
+                  "optimizer state (SGD momentum of the timed run; AdamW: after one AdamW step), the sparse index "
+                  "(rowptr, col, slot and the CSC colptr, row, slot_t), the masks (float32, as the papers keep them) "
+                  "and other buffers (BatchNorm statistics). The profiled step is one extra step of each model under "
+                  "`torch.profiler` (self CPU time per op, number of calls in brackets).", ""]
+        target = _training_target(tr)
+        if target:
+            parts += ["### Targets", "", target, ""]
+        parts += [_training_tables(tr), ""]
+    al = result.get("algorithms", {}).get("records")
+    if al:
+        r0 = al[0]
+        parts += ["## Structure updates (RigL, SET)", "",
+                  "Three copies of the same sparse model (sparsify, CSR), each with its own SGD-momentum optimizer: "
+                  "`idle` has RigL with an update interval longer than the run (every `algo.step()` is a non-update "
+                  "step, the capture hooks installed), `rigl` has RigL(update_every=1) and `set` SET(update_every=1), "
+                  f"so every step of those is an update with drop fraction {r0['drop_fraction_used']:g} (alpha at "
+                  "the start of training: the largest updates of a run). A timed call is a whole iteration "
+                  "(zero_grad, forward, loss, backward, optimizer.step(), algo.step()), interleaved over the three. "
+                  "Update cost = median iteration with an update - median idle iteration (it includes RigL's capture "
+                  "of each layer's input and output gradient in forward/backward and its chunked dense gradient); "
+                  "`step()` = the median of `algo.step()` alone. The fraction is the update cost over the training "
+                  f"between two updates at ΔT = {r0['update_interval']}: ΔT x the median idle iteration. Before "
+                  "timing, two iterations check that every update kept each layer's nnz, changed the structure and "
+                  "left a valid index, and that the idle structure did not change.", "",
+                  _algorithm_table(al), ""]
+    sa = result.get("sampling", {}).get("records")
+    if sa:
+        parts += ["## ER sampling of one large layer", "",
+                  "`indices-*`: `sparsestart.init.er_indices((M, K), p)` (int64 rows and cols); `csr-*` / `bsr16-*`: "
+                  "the whole layer `sparsestart.nn.SparseLinear(K, M, density=p)` (index with its CSC view, values "
+                  "initialised as torch initialises nn.Linear, bias; BSR with 16 x 16 blocks, p of the blocks). "
+                  "`exact`: exactly round(p M K) positions, without replacement; `bernoulli` (exact=False): each "
+                  "position kept with probability p. Each sample is a fresh process (import, then reset of the "
+                  "kernel's peak-RSS counter, then the timed call); peak = VmHWM after the call - VmRSS before it, "
+                  "so it includes temporaries and allocator slack; result = bytes of the tensors returned. After "
+                  "the measurement each sample is checked (count, uniqueness, range, `validate()`). `sparsify` is "
+                  "not measured: it converts an existing dense model, so a 32768 x 32768 nn.Linear would first hold "
+                  "its 4 GiB dense weight.", "",
+                  _sampling_table(sa), ""]
+    return parts
+
+
 def render(result: dict, source: Optional[str] = None) -> str:
     meta = result.get("meta", {})
     parts = ["# CPU benchmarks", ""]
@@ -145,6 +358,7 @@ def render(result: dict, source: Optional[str] = None) -> str:
     parts += [f"Generated by `python -m bench.report` from {src} (written by `{meta.get('command', 'python -m bench')}`); "
               "do not edit by hand. Reproduce with `python -m bench` from the repository root "
               "(`python -m bench --quick` for a smoke run).", ""]
+    runs = _runs_table(result)
     parts += ["## Machine", "",
               _table(["", ""], [
                   ["CPU", str(meta.get("cpu"))], ["flags", ", ".join(meta.get("cpu_flags", []))],
@@ -152,9 +366,14 @@ def render(result: dict, source: Optional[str] = None) -> str:
                   ["torch", str(meta.get("torch"))], ["date (UTC)", str(meta.get("date"))],
                   ["load average (1, 5, 15 min) at start / end", f"{_load(meta.get('loadavg_start'))} / {_load(meta.get('loadavg_end'))}"],
                   ["idle fraction at start", _f(meta.get("idle_at_start"))],
-                  ["rounds (kernels / layers)", f"{meta.get('rounds')} / {meta.get('layer_rounds')}"],
+              ] + ([] if runs else [  # result files from before per-suite run records
+                  ["rounds (kernels / layers)", f"{meta.get('rounds')} / {meta.get('layer_rounds')}"]]) + [
                   ["portable build (no -march=native)", str(meta.get("portable_build"))],
               ]), ""]
+    if runs:
+        parts += ["Suites, as last run (a result file keeps the suites a later run did not repeat):", "", runs, ""]
+    if meta.get("merge_warning"):
+        parts += [f"**Warning:** {meta['merge_warning']}.", ""]
     parts += ["## How to read this", "",
               "- Times are medians over interleaved rounds (every round runs every implementation of a problem once, "
               "in rotating order), in one process, float32, after a correctness check against the float64 "
@@ -201,8 +420,17 @@ def render(result: dict, source: Optional[str] = None) -> str:
                   "gradients. `masked` is the dense layer computing with `weight * mask` (how the papers' code "
                   "trains). SparseConv2d with a CSR weight and stride 1 runs the direct sparse convolution ops.", "",
                   _layer_tables(lay["records"]), ""]
+        parts += ["### Layers: time against nnz, break-even density", "",
+                  "Least squares of the sparse layer time against nnz over the measured densities (slope, "
+                  "intercept, R^2); break-even density (fit) = where that line reaches the median dense time; "
+                  "break-even density (measured) = walking up from the lowest density, where sparse first turns "
+                  "slower than dense (t_sparse / t_dense crossing 1, interpolated linearly in density between the two "
+                  "neighbouring densities); `> d` = faster at every measured density up to d, `< d` = slower already "
+                  "at the lowest measured density d.", "",
+                  _layer_fit_table(lay["records"]), ""]
     elif "skipped" in lay:
         parts += ["## Layers", "", f"Skipped: {lay['skipped']}", ""]
+    parts += _new_suites(result)
     return "\n".join(parts)
 
 

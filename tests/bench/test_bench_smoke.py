@@ -25,7 +25,7 @@ def test_quick_run_writes_json_and_report(tmp_path, keep_threads):
     from bench import report
 
     md_path = tmp_path / "benchmarks.md"
-    result = cli.main(["--quick", "--shapes", "64x48x40", "--blocks", "1", "16", "--densities", "0.5", "0.05",
+    result = cli.main(["--quick", "--suites", "kernels", "layers", "--shapes", "64x48x40", "--blocks", "1", "16", "--densities", "0.5", "0.05",
                        "--rounds", "2", "--layer-rounds", "2", "--threads", "2", "--name", "smoke",
                        "--out-dir", str(tmp_path), "--docs", str(md_path)])
     saved = json.loads((tmp_path / "smoke.json").read_text())
