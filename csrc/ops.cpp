@@ -46,6 +46,12 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   m.def(
       "_native_conv2d_weight_grad(Tensor ptr, Tensor idx, Tensor slot, Tensor dy, Tensor x, SymInt capacity, "
       "int[2] kernel_size, int[2] padding, int[2] dilation) -> Tensor");
+  // Structure update (csrc/cpu/structure.cpp): the view (ptr, idx, slot) with the entries
+  // where `keep` is false removed and the new (major, minor, slot) entries (int64, sorted)
+  // merged in; total = kept + new. Returns fresh (ptr, idx, slot).
+  m.def(
+      "_native_merge_index(Tensor ptr, Tensor idx, Tensor slot, Tensor keep, Tensor new_major, "
+      "Tensor new_minor, Tensor new_slot, SymInt total) -> (Tensor, Tensor, Tensor)");
 }
 
 // A Python extension module with no functions: importing it runs the static

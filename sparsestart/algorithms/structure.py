@@ -65,11 +65,8 @@ def rewire(layer: SparseLayer, drop_positions: torch.Tensor, grow_rows: torch.Te
     and their optimizer state and gradient are zeroed, so nothing of a removed
     weight survives into a new one. Returns (freed slots, new slots).
     """
-    matrix = layer.sparse_weight
-    dev = matrix.rowptr.device
-    empty = torch.empty(0, dtype=torch.long, device=dev)
-    freed = matrix.drop(drop_positions) if drop_positions.numel() else empty
-    new = matrix.grow(grow_rows, grow_cols) if grow_rows.numel() else empty
+    # One index rewrite for both (drop then grow would rewrite the whole index twice).
+    freed, new = layer.sparse_weight.replace(drop_positions, grow_rows, grow_cols)
     zero_slot_state(optimizer, layer.values, torch.cat([freed, new]))
     return freed, new
 

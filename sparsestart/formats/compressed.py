@@ -162,11 +162,16 @@ class SparseMatrix:
         m = cls(values, empty(R + 1), empty(C), torch.arange(C, dtype=idt, device=device),
                 empty(Q + 1), empty(C), torch.arange(C, dtype=idt, device=device), (M, K))
         rows, cols = rows.to(device=device, dtype=torch.long), cols.to(device=device, dtype=torch.long)
-        order = torch.argsort(rows * max(Q, 1) + cols)
-        rows, cols = rows[order], cols[order]
+        keys = rows * max(Q, 1) + cols
+        # Samplers return entries in CSR order already: then skip the O(nnz log nnz) sort.
+        order = None if nnz < 2 or bool((keys[1:] > keys[:-1]).all()) else torch.argsort(keys)
+        del keys
+        if order is not None:
+            rows, cols = rows[order], cols[order]
         m._write_index(rows, cols, torch.arange(nnz, device=device))
         if values_of_entries is not None:
-            m.values.data[:nnz] = values_of_entries.to(device=device, dtype=dtype)[order]
+            v = values_of_entries.to(device=device, dtype=dtype)
+            m.values.data[:nnz] = v if order is None else v[order]
         return m
 
     @classmethod
@@ -361,32 +366,43 @@ class SparseMatrix:
             raise ValueError("the CSC view (colptr, row, slot_t) does not describe the same entries as the CSR index")
 
     # ------------------------------------------------------- structure updates
-    def _write_index(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor) -> None:
+    def _write_index(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor,
+                     csc: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                     free: Optional[torch.Tensor] = None) -> None:
         """Rewrite all index tensors in place from live entries sorted in CSR order.
 
-        Cost O(nnz + R + Q) apart from the stable sort that makes the CSC view
-        (torch sorts integer keys with a radix sort on CPU).
+        ``csc`` = (rows, cols, slots) of the same entries in CSC order, if the caller has them
+        (``replace`` merges them); else they come from a stable sort by column (torch sorts
+        integer keys with a radix sort on CPU). ``free`` lists the free slots for the tails
+        (default: every unused slot, ascending). Otherwise O(nnz + R + Q).
         """
         R, Q = self.grid
         C = self.capacity
         nnz = rows.numel()
         dev, idt = self.rowptr.device, self.rowptr.dtype
-        used = torch.zeros(C, dtype=torch.bool, device=dev)
-        used[slots] = True
-        free = torch.nonzero(~used).flatten()
-        self.rowptr[0] = 0
-        self.rowptr[1:] = torch.cumsum(torch.bincount(rows, minlength=R), 0)
-        self.col[:nnz] = cols.to(idt)
-        self.col[nnz:] = 0
-        self.slot[:nnz] = slots.to(idt)
-        self.slot[nnz:] = free.to(idt)
-        order = torch.argsort(cols, stable=True)  # rows already ascending -> CSC order
-        self.colptr[0] = 0
-        self.colptr[1:] = torch.cumsum(torch.bincount(cols, minlength=Q), 0)
-        self.row[:nnz] = rows[order].to(idt)
-        self.row[nnz:] = 0
-        self.slot_t[:nnz] = slots[order].to(idt)
-        self.slot_t[nnz:] = free.to(idt)
+        if free is None:
+            used = torch.zeros(C, dtype=torch.bool, device=dev)
+            used[slots] = True
+            free = torch.nonzero(~used).flatten()
+        if csc is None:
+            order = torch.argsort(cols, stable=True)  # rows already ascending -> CSC order
+            csc = (rows[order], cols[order], slots[order])
+        crows, ccols, cslots = csc
+        rowptr = torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=R), 0)])
+        colptr = torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(ccols, minlength=Q), 0)])
+        self._store((rowptr, cols, slots), (colptr, crows, cslots), free)
+
+    def _store(self, csr: tuple, csc: tuple, free: torch.Tensor) -> None:
+        """Write (ptr, minor indices, slots) of both views and the free-slot tails into the buffers."""
+        nnz = csr[1].numel()
+        idt = self.rowptr.dtype
+        for (ptr, idx, slot), (ptr_buf, idx_buf, slot_buf) in zip(
+                (csr, csc), ((self.rowptr, self.col, self.slot), (self.colptr, self.row, self.slot_t))):
+            ptr_buf.copy_(ptr)
+            idx_buf[:nnz] = idx.to(idt)
+            idx_buf[nnz:] = 0
+            slot_buf[:nnz] = slot.to(idt)
+            slot_buf[nnz:] = free.to(idt)
 
     @torch.no_grad()
     def drop(self, positions) -> torch.Tensor:
@@ -415,6 +431,11 @@ class SparseMatrix:
         Returns (freed slots, used slots). A position dropped here may be grown
         again in the same call; it then gets a fresh, zeroed slot like any new
         entry. All checks happen before anything changes.
+
+        Cost: O(nnz) passes plus O(k log k) for the k new entries and binary searches;
+        the kept entries are already in CSR and CSC order, so both views are merged
+        with the sorted new entries rather than re-sorted (a structure update of RigL/SET
+        must stay a small fraction of the training time between updates).
         """
         dev = self.rowptr.device
         nnz = self.nnz
@@ -426,46 +447,111 @@ class SparseMatrix:
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= nnz):
             raise ValueError(f"positions must lie in [0, nnz={nnz}), got range [{int(positions.min())}, "
                              f"{int(positions.max())}]")
-        if torch.unique(positions).numel() != positions.numel():
-            raise ValueError("positions contain duplicates")
-        R, Q = self.grid
-        _check_coordinates(rows, cols, R, Q, "rows", "cols")
-        erows, ecols, eslots = self.coo()
         keep = torch.ones(nnz, dtype=torch.bool, device=dev)
         keep[positions] = False
-        # Stored keys are sorted (CSR order), so membership is a binary search.
-        stride = max(Q, 1)
-        keys, new_keys = erows * stride + ecols, rows * stride + cols
-        at = torch.searchsorted(keys, new_keys).clamp(max=max(nnz - 1, 0))
-        present = (keys[at] == new_keys) & keep[at] if nnz else torch.zeros_like(new_keys, dtype=torch.bool)
-        if bool(present.any()):
-            i = int(present.nonzero()[0])
-            raise ValueError(f"entry ({int(rows[i])}, {int(cols[i])}) is already stored; grow only adds new entries")
+        n_keep = int(keep.sum())
+        if n_keep != nnz - positions.numel():
+            raise ValueError("positions contain duplicates")
+        R, Q = self.grid
+        _check_range(rows, cols, R, Q, "rows", "cols")
         k = rows.numel()
-        if int(keep.sum()) + k > self.capacity:
+        # New entries sorted in CSR order; duplicates are then neighbours.
+        stride = max(Q, 1)
+        new_keys, by_key = torch.sort(rows * stride + cols)
+        if k > 1 and bool((new_keys[1:] == new_keys[:-1]).any()):
+            raise ValueError("(rows, cols) contain duplicated coordinates")
+        if n_keep + k > self.capacity:
+            erows, ecols, _ = self.coo()
+            _check_absent(erows * stride + ecols, keep, new_keys, by_key, rows, cols)  # the more useful error first
             raise ValueError(
-                f"growing {k} entries needs capacity {int(keep.sum()) + k} but the structure has capacity "
+                f"growing {k} entries needs capacity {n_keep + k} but the structure has capacity "
                 f"{self.capacity}; build it with a larger capacity"
             )
-        freed = eslots[~keep]
+        freed = self.slot[:nnz].long()[~keep]
         # Free slots after the drop: the current tail, then the slots just freed.
         free = torch.cat([self.slot[nnz:].long(), freed])
-        new_slots = free[:k].clone()
-        all_rows, all_cols = torch.cat([erows[keep], rows]), torch.cat([ecols[keep], cols])
-        all_slots = torch.cat([eslots[keep], new_slots])
-        order = torch.argsort(all_rows * stride + all_cols)
-        self._write_index(all_rows[order], all_cols[order], all_slots[order])
+        new_slots = free[:k].clone()  # in the order of the given coordinates
+        dropped = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
+        dropped[freed] = True
+        ckeep = ~dropped[self.slot_t[:nnz].long()]  # CSC entries that stay
+        cnew_keys, cby_key = torch.sort(cols * max(R, 1) + rows)
+        merge = _native_merge() if dev.type == "cpu" else None
+        if merge is not None:
+            # One native merge pass per view (it also rejects a new entry equal to a kept one).
+            total = n_keep + k
+            csr = merge(self.rowptr, self.col, self.slot, keep, rows[by_key], cols[by_key], new_slots[by_key], total)
+            csc = merge(self.colptr, self.row, self.slot_t, ckeep, cols[cby_key], rows[cby_key], new_slots[cby_key],
+                        total)
+            self._store(csr, csc, free[k:])
+            self.values.data[freed] = 0
+            self.values.data[new_slots] = 0
+            return freed, new_slots
+        erows, ecols, eslots = self.coo()
+        keys = erows * stride + ecols  # ascending: CSR order
+        _check_absent(keys, keep, new_keys, by_key, rows, cols)
+        # CSR view: merge the kept entries (in order) with the sorted new ones.
+        csr = _merge_sorted(keys[keep], (erows[keep], ecols[keep], eslots[keep]),
+                            new_keys, (rows[by_key], cols[by_key], new_slots[by_key]))
+        # CSC view: the same, keyed by (col, row); a kept CSC entry is one whose slot was not freed.
+        ccols = _rows_of(self.colptr, nnz)
+        crows, cslots = self.row[:nnz].long(), self.slot_t[:nnz].long()
+        csc = _merge_sorted((ccols * max(R, 1) + crows)[ckeep], (crows[ckeep], ccols[ckeep], cslots[ckeep]),
+                            cnew_keys, (rows[cby_key], cols[cby_key], new_slots[cby_key]))
+        self._write_index(*csr, csc=csc, free=free[k:])
         self.values.data[freed] = 0
         self.values.data[new_slots] = 0
         return freed, new_slots
 
-def _check_coordinates(rows, cols, R, Q, rname, cname):
+
+def _check_absent(keys, keep, new_keys, by_key, rows, cols) -> None:
+    """Raise if a new key (sorted ``new_keys``; ``by_key`` maps back to rows/cols) equals a kept one of
+    the sorted ``keys``: a binary search each."""
+    nnz = keys.numel()
+    at = torch.searchsorted(keys, new_keys).clamp(max=max(nnz - 1, 0))
+    present = (keys[at] == new_keys) & keep[at] if nnz else torch.zeros_like(new_keys, dtype=torch.bool)
+    if bool(present.any()):
+        i = int(by_key[present.nonzero()[0]])
+        raise ValueError(f"entry ({int(rows[i])}, {int(cols[i])}) is already stored; grow only adds new entries")
+
+
+def _native_merge():
+    """torch.ops.sparsestart._native_merge_index when the C++ extension is loaded, else None."""
+    try:
+        return torch.ops.sparsestart._native_merge_index
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _merge_sorted(keys_a: torch.Tensor, cols_a: tuple, keys_b: torch.Tensor, cols_b: tuple) -> tuple:
+    """Merge two runs sorted by distinct keys: the columns (tuples of equal-length tensors) in key order.
+
+    O(m log n) binary searches for the (smaller) new run and O(n + m) passes, no sort.
+    """
+    n, m = keys_a.numel(), keys_b.numel()
+    pos_b = torch.searchsorted(keys_a, keys_b) + torch.arange(m, device=keys_b.device)
+    from_b = torch.zeros(n + m, dtype=torch.bool, device=keys_a.device)
+    from_b[pos_b] = True
+    pos_a = torch.nonzero(~from_b).flatten()
+    out = []
+    for a, b in zip(cols_a, cols_b):
+        merged = torch.empty(n + m, dtype=a.dtype, device=a.device)
+        merged[pos_a] = a
+        merged[pos_b] = b
+        out.append(merged)
+    return tuple(out)
+
+
+def _check_range(rows, cols, R, Q, rname, cname):
     if rows.numel() == 0:
         return
     if int(rows.min()) < 0 or int(rows.max()) >= R:
         raise ValueError(f"{rname} must lie in [0, {R}), got range [{int(rows.min())}, {int(rows.max())}]")
     if int(cols.min()) < 0 or int(cols.max()) >= Q:
         raise ValueError(f"{cname} must lie in [0, {Q}), got range [{int(cols.min())}, {int(cols.max())}]")
+
+
+def _check_coordinates(rows, cols, R, Q, rname, cname):
+    _check_range(rows, cols, R, Q, rname, cname)
     key = rows * max(Q, 1) + cols
     if torch.unique(key).numel() != key.numel():
         raise ValueError(f"({rname}, {cname}) contain duplicated coordinates")

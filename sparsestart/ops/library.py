@@ -372,6 +372,10 @@ if NATIVE_AVAILABLE:
     def _(ptr, idx, slot, dy, x, capacity, kernel_size, padding, dilation):
         return dy.new_empty(capacity)
 
+    @torch.library.register_fake("sparsestart::_native_merge_index")
+    def _(ptr, idx, slot, keep, new_major, new_minor, new_slot, total):
+        return ptr.new_empty(ptr.shape), idx.new_empty(total), slot.new_empty(total)
+
 
 registry.register_backend(
     registry.Backend(

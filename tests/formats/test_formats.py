@@ -1,11 +1,27 @@
 """CSR/BSR structures: construction, invariants, and in-place drop/grow against a set model."""
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsestart.formats import BSR, CSR, index_dtype_for
+from sparsestart.formats import BSR, CSR, compressed, index_dtype_for
 from tests.util import random_matrix
+
+MERGE_PATHS = ["native", "python"] if compressed._native_merge() is not None else ["python"]
+
+
+@contextlib.contextmanager
+def merge_path(path):
+    """Run replace() through the native merge or force the pure-PyTorch one."""
+    original = compressed._native_merge
+    if path == "python":
+        compressed._native_merge = lambda: None
+    try:
+        yield
+    finally:
+        compressed._native_merge = original
 
 
 @pytest.mark.parametrize("b", [1, 2, 3])
@@ -108,7 +124,13 @@ def test_validate_detects_corruption():
     extra=st.integers(0, 6), seed=st.integers(0, 10_000),
     steps=st.lists(st.tuples(st.booleans(), st.integers(0, 10_000), st.integers(1, 4)), max_size=6),
 )
-def test_drop_grow_against_set_model(R, Q, b, density, extra, seed, steps):
+@pytest.mark.parametrize("path", MERGE_PATHS)
+def test_drop_grow_against_set_model(path, R, Q, b, density, extra, seed, steps):
+    with merge_path(path):
+        _drop_grow_against_set_model(R, Q, b, density, extra, seed, steps)
+
+
+def _drop_grow_against_set_model(R, Q, b, density, extra, seed, steps):
     m = random_matrix(R * b, Q * b, density, block_size=b, capacity_extra=extra, seed=seed)
     g = torch.Generator().manual_seed(seed)
     # Model: {(row, col): value block}
@@ -149,7 +171,10 @@ def test_drop_grow_against_set_model(R, Q, b, density, extra, seed, steps):
             assert torch.equal(got[key], v)
 
 
-def test_grow_rejects_existing_and_leaves_structure_intact():
+@pytest.mark.parametrize("path", MERGE_PATHS)
+def test_grow_rejects_existing_and_leaves_structure_intact(path, monkeypatch):
+    if path == "python":
+        monkeypatch.setattr(compressed, "_native_merge", lambda: None)
     m = random_matrix(4, 4, 0.5, capacity_extra=4, seed=2)
     r, c, _ = m.coo()
     before = [t.clone() for t in m.index_tensors()]
@@ -162,7 +187,10 @@ def test_grow_rejects_existing_and_leaves_structure_intact():
     assert all(torch.equal(u, v) for u, v in zip(before, m.index_tensors()))
 
 
-def test_replace_drops_and_grows_in_one_rewrite():
+@pytest.mark.parametrize("path", MERGE_PATHS)
+def test_replace_drops_and_grows_in_one_rewrite(path, monkeypatch):
+    if path == "python":
+        monkeypatch.setattr(compressed, "_native_merge", lambda: None)
     m = random_matrix(6, 6, 0.5, seed=4)  # capacity == nnz: growth must reuse freed slots
     rows, cols, slots = m.coo()
     before = {(int(r), int(c)): m.values[s].item() for r, c, s in zip(rows, cols, slots)}
@@ -180,3 +208,25 @@ def test_replace_drops_and_grows_in_one_rewrite():
     assert all(after[k] == v for k, v in before.items() if k in after and k != regrown and k not in absent)
     with pytest.raises(ValueError, match="already stored"):
         m.replace([], [absent[0][0]], [absent[0][1]])
+
+
+@pytest.mark.skipif(compressed._native_merge() is None, reason="C++ extension not built")
+@pytest.mark.parametrize("b,index_dtype", [(1, torch.int32), (1, torch.int64), (2, torch.int32)])
+def test_native_and_python_merge_give_the_same_index(b, index_dtype):
+    """The native merge of replace() and the pure-PyTorch one write identical index tensors."""
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for path in MERGE_PATHS:
+        m = random_matrix(40 * b, 30 * b, 0.3, block_size=b, capacity_extra=50, seed=5)
+        m = type(m)(m.values, *(t.to(index_dtype) for t in m.index_tensors()), m.shape)
+        g.manual_seed(1)
+        with merge_path(path):
+            for _ in range(4):
+                pos = torch.randperm(m.nnz, generator=g)[:m.nnz // 3]
+                present = set(zip(*(t.tolist() for t in m.coo()[:2])))
+                absent = [(r, c) for r in range(40) for c in range(30) if (r, c) not in present]
+                take = [absent[i] for i in torch.randperm(len(absent), generator=g)[:len(pos) + 7].tolist()]
+                m.replace(pos, [t[0] for t in take], [t[1] for t in take])
+                m.validate()
+        results.append([t.clone() for t in m.index_tensors()])
+    assert all(torch.equal(u, v) and u.dtype == index_dtype for u, v in zip(*results))

@@ -1,0 +1,96 @@
+// Structure update of a compressed index (CSR or its CSC view) on CPU: one merge pass.
+//
+// Buffers (I = int32 or int64 for ptr/idx/slot, int64 for the new entries):
+//   ptr  [R + 1], idx [C], slot [C]   the current view; entries ptr[r]..ptr[r+1] of major r
+//                                     sorted by minor index idx
+//   keep [ptr[R]] bool                which current entries stay
+//   new_major, new_minor, new_slot [k] int64   entries to add, sorted by (major, minor)
+// Output: (ptr', idx', slot') with ptr' [R + 1] and idx'/slot' [total], total = kept + k,
+// every major's kept and new entries merged by minor index.
+//
+// Why native: RigL/SET rewrite up to 30% of a layer's entries at each update, and the
+// pure-PyTorch merge (sparsestart/formats/compressed.py, used without the extension or
+// off the CPU) needs a few dozen full passes over the index; this is one sequential pass
+// per view, so an update stays a small fraction of the training time between updates.
+// A new entry equal to a kept one is an error (checked before the caller changes anything:
+// the result is written to fresh tensors).
+
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cstdint>
+
+namespace sparsestart {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_index_cpu(const at::Tensor& ptr_in, const at::Tensor& idx_in,
+                                                               const at::Tensor& slot_in, const at::Tensor& keep_in,
+                                                               const at::Tensor& major_in, const at::Tensor& minor_in,
+                                                               const at::Tensor& nslot_in, int64_t total) {
+  TORCH_CHECK_VALUE(ptr_in.dim() == 1 && ptr_in.numel() >= 1, "sparsestart.merge_index: ptr must be 1-D, non-empty");
+  TORCH_CHECK_TYPE(keep_in.scalar_type() == at::kBool, "sparsestart.merge_index: keep must be bool");
+  TORCH_CHECK_TYPE(major_in.scalar_type() == at::kLong && minor_in.scalar_type() == at::kLong &&
+                       nslot_in.scalar_type() == at::kLong,
+                   "sparsestart.merge_index: new entries must be int64");
+  auto ptr = ptr_in.contiguous(), idx = idx_in.contiguous(), slot = slot_in.contiguous();
+  auto keep = keep_in.contiguous(), major = major_in.contiguous(), minor = minor_in.contiguous(),
+       nslot = nslot_in.contiguous();
+  const int64_t R = ptr.numel() - 1, k = major.numel();
+  auto optr = at::empty_like(ptr);
+  auto oidx = at::empty({total}, idx.options());
+  auto oslot = at::empty({total}, slot.options());
+  AT_DISPATCH_INDEX_TYPES(ptr.scalar_type(), "sparsestart_merge_index", [&] {
+    const index_t* P = ptr.data_ptr<index_t>();
+    const index_t* I = idx.data_ptr<index_t>();
+    const index_t* S = slot.data_ptr<index_t>();
+    const bool* keepp = keep.data_ptr<bool>();
+    const int64_t nnz = P[R];
+    TORCH_CHECK_VALUE(keep.numel() == nnz, "sparsestart.merge_index: keep has ", keep.numel(), " entries, the index ",
+                      nnz);
+    const int64_t* MJ = major.data_ptr<int64_t>();
+    const int64_t* MN = minor.data_ptr<int64_t>();
+    const int64_t* NS = nslot.data_ptr<int64_t>();
+    index_t* OP = optr.data_ptr<index_t>();
+    index_t* OI = oidx.data_ptr<index_t>();
+    index_t* OS = oslot.data_ptr<index_t>();
+    int64_t out = 0, j = 0;
+    OP[0] = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t e = P[r];
+      const int64_t end = P[r + 1];
+      TORCH_CHECK_VALUE(j >= k || MJ[j] >= r, "sparsestart.merge_index: new entries are not sorted by major index");
+      while (true) {
+        while (e < end && !keepp[e]) ++e;
+        const bool has_old = e < end, has_new = j < k && MJ[j] == r;
+        if (!has_old && !has_new) break;
+        if (has_new && (!has_old || MN[j] < static_cast<int64_t>(I[e]))) {
+          TORCH_CHECK_VALUE(j + 1 >= k || MJ[j + 1] > r || MN[j + 1] > MN[j],
+                            "sparsestart.merge_index: new entries are not sorted or contain duplicates");
+          TORCH_CHECK_VALUE(out < total, "sparsestart.merge_index: more entries than total=", total);
+          OI[out] = static_cast<index_t>(MN[j]);
+          OS[out] = static_cast<index_t>(NS[j]);
+          ++out;
+          ++j;
+        } else {
+          TORCH_CHECK_VALUE(!has_new || MN[j] != static_cast<int64_t>(I[e]), "entry (", r, ", ", MN[j],
+                            ") is already stored; grow only adds new entries");
+          TORCH_CHECK_VALUE(out < total, "sparsestart.merge_index: more entries than total=", total);
+          OI[out] = I[e];
+          OS[out] = S[e];
+          ++out;
+          ++e;
+        }
+      }
+      OP[r + 1] = static_cast<index_t>(out);
+    }
+    TORCH_CHECK_VALUE(j == k, "sparsestart.merge_index: new entries have major indices outside [0, ", R, ")");
+    TORCH_CHECK_VALUE(out == total, "sparsestart.merge_index: merged ", out, " entries, expected total=", total);
+  });
+  return {optr, oidx, oslot};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsestart, CPU, m) { m.impl("_native_merge_index", &merge_index_cpu); }
+
+}  // namespace sparsestart
