@@ -35,14 +35,21 @@ def sample_without_replacement(n: int, k: int, generator: Optional[torch.Generat
     if k == 0:
         return torch.empty(0, dtype=torch.long)
     if 2 * k >= n or n <= 1 << 16:
-        return torch.sort(torch.randperm(n, generator=generator)[:k]).values
+        return _sorted_subset(torch.arange(n), torch.randperm(n, generator=generator)[:k])
     chosen = torch.empty(0, dtype=torch.long)
     while chosen.numel() < k:
         missing = k - chosen.numel()
         draw = torch.randint(0, n, (int(missing * 1.1) + 16,), generator=generator)
         chosen = torch.unique(torch.cat([chosen, draw]))
     keep = torch.randperm(chosen.numel(), generator=generator)[:k]
-    return torch.sort(chosen[keep]).values
+    return _sorted_subset(chosen, keep)
+
+
+def _sorted_subset(ascending: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """``sort(ascending[picks])`` for distinct ``picks``, by a boolean mask: O(n), no sort of k values."""
+    mask = torch.zeros(ascending.numel(), dtype=torch.bool)
+    mask[picks] = True
+    return ascending[mask]
 
 
 def er_indices(grid: tuple[int, int], density: float, *, exact: bool = True,
