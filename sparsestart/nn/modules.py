@@ -277,8 +277,11 @@ class SparseLinear(SparseLayer):
             raise ValueError(f"SparseLinear: input's last dimension must be in_features={self.in_features}, "
                              f"got input of shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        # Feature-major in, feature-major out: one transpose each way.
-        y = self._matmul(x.reshape(-1, self.in_features).t()).t()
+        # Feature-major in, feature-major out: one transpose each way. The input is made
+        # contiguous here, before the op, so autograd saves the feature-major copy and the
+        # backward's sddmm does not transpose it a second time (a no-op when x comes from a
+        # previous sparse layer: its output is already a transposed view of a feature-major tensor).
+        y = self._matmul(x.reshape(-1, self.in_features).t().contiguous()).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

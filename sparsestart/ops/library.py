@@ -146,6 +146,8 @@ def _setup(ctx, inputs, output):
 
 def _spmm_backward(ctx, grad):
     values, rowptr, col, slot, colptr, row, slot_t, x = ctx.saved_tensors
+    # Both kernels need a feature-major contiguous gradient: copy a transposed one once, not twice.
+    grad = grad.contiguous()
     index = (rowptr, col, slot, colptr, row, slot_t)
     b = 1 if values.dim() == 1 else values.shape[1]
     dvalues = sddmm(*index, grad, x, values.shape[0], b) if ctx.needs_input_grad[0] else None
@@ -155,6 +157,7 @@ def _spmm_backward(ctx, grad):
 
 def _spmm_t_backward(ctx, grad):
     values, rowptr, col, slot, colptr, row, slot_t, dy = ctx.saved_tensors
+    grad = grad.contiguous()
     index = (rowptr, col, slot, colptr, row, slot_t)
     b = 1 if values.dim() == 1 else values.shape[1]
     # dX = W^T dy, so dL/dW_ij = sum_n dy[i, n] * grad[j, n] and dL/ddy = W grad.
