@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.modules import SparseConv2d, SparseLayer, SparseLinear
-from .structure import top_k
+from .. import _native
+from ..selection import random_positions, sample_threshold, top_k
+from .structure import isin_sorted
 
 __all__ = ["GradientCapture", "dense_gradient", "topk_absent_gradient", "feature_major", "DEFAULT_MAX_CHUNK_ELEMENTS"]
 
@@ -177,6 +179,7 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
     prepared = _prepared(layer, pairs)
     present_keys = present_keys.long().to(dev)
     rows_per_chunk = max(1, int(max_chunk_elements) // max(1, b * b * Q))
+    native = _native.native_op("_native_absent_at_least") if b == 1 and dev.type == "cpu" else None
     best_scores = torch.empty(0, dtype=layer.values.dtype, device=dev)
     best_keys = torch.empty(0, dtype=torch.long, device=dev)
     for r0 in range(0, R, rows_per_chunk):
@@ -184,21 +187,68 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
         g = _gradient_rows(layer, prepared, r0 * b, r1 * b).detach()
         if sync is not None:
             g = sync(g.contiguous())
-        g = g.abs_()
-        score = g if b == 1 else g.reshape(r1 - r0, b, Q, b).sum(dim=(1, 3))
-        score = score.reshape(-1).to(best_scores.dtype)
         lo, hi = torch.searchsorted(present_keys, torch.tensor([r0 * Q, r1 * Q], device=dev)).tolist()
-        score[present_keys[lo:hi] - r0 * Q] = -float("inf")
-        if best_keys.numel() == k:
-            # Only scores reaching the current k-th best can enter: usually a small fraction of the chunk.
-            cand = (score >= best_scores.min()).nonzero().flatten()
-            top = cand[top_k(score[cand], k)]
+        chunk_present = present_keys[lo:hi]
+        floor = best_scores.min() if best_keys.numel() == k else None
+        found = None
+        if native is not None:
+            found = _absent_candidates(native, g.reshape(-1), chunk_present, r0 * Q, k, floor)
+        if found is not None:
+            idx, score = found
         else:
-            top = top_k(score, k)
-        cand_scores = torch.cat([best_scores, score[top]])
+            g = g.abs_()
+            score = g if b == 1 else g.reshape(r1 - r0, b, Q, b).sum(dim=(1, 3))
+            score = score.reshape(-1).to(best_scores.dtype)
+            score[chunk_present - r0 * Q] = -float("inf")
+            idx = None
+            if floor is not None:
+                # Only scores reaching the current k-th best can enter: usually a small fraction of the chunk.
+                idx = (score >= floor).nonzero().flatten()
+                score = score[idx]
+        top = top_k(score, k)
+        if idx is not None:
+            top, score = idx[top], score[top]
+        else:
+            score = score[top]
+        # Earlier chunks hold smaller keys and top_k returns ascending indices, so the keys stay ascending.
+        cand_scores = torch.cat([best_scores, score])
         cand_keys = torch.cat([best_keys, top + r0 * Q])
         keep = top_k(cand_scores, k, keys=cand_keys)
         best_scores, best_keys = cand_scores[keep], cand_keys[keep]
     if best_keys.numel() < k or bool(torch.isinf(best_scores).any()):
         raise ValueError(f"only {int(torch.isfinite(best_scores).sum())} absent positions for k={k}")
-    return torch.sort(best_keys).values
+    return best_keys
+
+
+_SAMPLE = 1 << 15
+
+
+def _absent_candidates(native, flat: torch.Tensor, present: torch.Tensor, base: int, k: int,
+                       floor: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(ascending indices, |g| there) of the absent entries of a flat gradient chunk that reach a
+    threshold estimated from a sample, in one native pass; None when that set may miss one of the
+    chunk's entries that belong in the running top-k (then the caller scores the whole chunk).
+
+    With the running top-k full, entries below its k-th best (``floor``) cannot enter, so the
+    threshold is at least ``floor``; a threshold at ``floor`` is always safe. A higher one is safe
+    when at least k entries reach it (the chunk's own top-k are then all among them).
+    """
+    n = flat.numel()
+    n_absent = n - present.numel()
+    if n < 4 * _SAMPLE or n_absent <= 0:
+        return None
+    # Sorted, so the membership test is one merge pass over `present` instead of random binary searches.
+    sample = torch.sort(random_positions(n, _SAMPLE, flat.device)).values
+    sample = sample[~isin_sorted(sample + base, present, values_sorted=True)]
+    threshold = sample_threshold(flat[sample].abs(), k / n_absent) if sample.numel() else None
+    if threshold is None:
+        if floor is None:
+            return None
+        threshold = floor
+    elif floor is not None:
+        threshold = torch.maximum(threshold, floor.to(threshold.dtype))
+    idx = native(flat, present, base, float(threshold))
+    safe = floor is not None and bool(threshold <= floor)
+    if idx.numel() < k and not safe:
+        return None
+    return idx, flat[idx].abs()

@@ -95,6 +95,10 @@ class _Rewiring(SparseAlgorithm):
                           RuntimeWarning, stacklevel=4)
             return
         R, Q = matrix.grid
+        if nnz >= R * Q:
+            # Nothing is absent: every dropped position would be the only candidate to grow, so the
+            # update would regrow exactly what it dropped and leave the layer as it is.
+            return
         rows, cols, _ = matrix.coo()
         keys = rows * Q + cols
         drop_pos = smallest(entry_magnitude(matrix), k)
@@ -107,8 +111,9 @@ class _Rewiring(SparseAlgorithm):
         else:
             grow_keys = sample_absent(kept_keys, R * Q, k, self.generator).to(keys.device)
         dropped_keys = keys[drop_pos]
-        regrown = isin_sorted(grow_keys, dropped_keys)
-        really_dropped = drop_pos[~isin_sorted(dropped_keys, grow_keys)]
+        # Both key lists are ascending (smallest/top-k return ascending positions): merge passes.
+        regrown = isin_sorted(grow_keys, dropped_keys, values_sorted=True)
+        really_dropped = drop_pos[~isin_sorted(dropped_keys, grow_keys, values_sorted=True)]
         new_keys = grow_keys[~regrown]
         rewire(layer, really_dropped, new_keys // Q, new_keys % Q, self.optimizer)
         self._record(t, name, really_dropped.numel(), new_keys.numel(), event="rewire", k=k,

@@ -12,9 +12,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import _native
 from ..formats import SparseMatrix
 from ..init.sampling import sample_without_replacement
 from ..nn.modules import SparseLayer
+from ..selection import smallest, top_k  # noqa: F401  (re-exported: the algorithms select with them)
 
 __all__ = ["zero_slot_state", "entry_magnitude", "rewire", "sample_absent", "top_k", "smallest", "isin_sorted",
            "smallest_global"]
@@ -43,7 +45,8 @@ def zero_slot_state(optimizer: Optional[torch.optim.Optimizer], param: torch.Ten
 
 
 def entry_magnitude(matrix: SparseMatrix, values: Optional[torch.Tensor] = None, reduce: str = "sum") -> torch.Tensor:
-    """|w| of every stored entry in CSR order (float64 for a stable ranking).
+    """|w| of every stored entry in CSR order (float64 for block sums, whose ranking float32 could blur;
+    a single weight's |w| ranks exactly in its own dtype).
 
     For BSR an entry is a block: its score is the sum (``reduce="sum"``) or the
     mean (``"mean"``, comparable with single weights) of |w| over the block.
@@ -51,8 +54,9 @@ def entry_magnitude(matrix: SparseMatrix, values: Optional[torch.Tensor] = None,
     """
     vals = matrix.values if values is None else values
     slots = matrix.slot[:matrix.nnz].long()
-    mag = vals.detach()[slots].abs().double()
+    mag = vals.detach()[slots].abs()
     if mag.dim() == 3:
+        mag = mag.double()
         mag = mag.sum(dim=(1, 2)) if reduce == "sum" else mag.mean(dim=(1, 2))
     return mag
 
@@ -88,37 +92,15 @@ def sample_absent(present_keys: torch.Tensor, n: int, k: int, generator: torch.G
     return ranks + torch.searchsorted(below, ranks, right=True)
 
 
-def top_k(scores: torch.Tensor, k: int, *, largest: bool = True, keys: Optional[torch.Tensor] = None
-          ) -> torch.Tensor:
-    """Indices of the k largest (or smallest) scores, in no particular order.
-
-    Among scores equal to the k-th best, the smallest ``keys`` (default: the
-    smallest indices) win, so the result does not depend on how candidates
-    were split into chunks. O(n): one selection (``kthvalue``) for the k-th
-    best value, then comparisons; no sort of all scores.
-    """
-    n = scores.numel()
-    if k >= n:
-        return torch.arange(n, device=scores.device)
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    tau = torch.kthvalue(scores, n - k + 1 if largest else k).values
-    better = ((scores > tau) if largest else (scores < tau)).nonzero().flatten()
-    ties = (scores == tau).nonzero().flatten()
-    if keys is not None:
-        ties = ties[torch.argsort(keys[ties])]
-    return torch.cat([better, ties[:k - better.numel()]])
-
-
-def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the k smallest scores, ascending by position (ties: the earlier position)."""
-    return torch.sort(top_k(scores, k, largest=False)).values
-
-
-def isin_sorted(values: torch.Tensor, sorted_set: torch.Tensor) -> torch.Tensor:
-    """``torch.isin(values, sorted_set)`` for an ascending ``sorted_set``, by binary search (O(n log m))."""
+def isin_sorted(values: torch.Tensor, sorted_set: torch.Tensor, *, values_sorted: bool = False) -> torch.Tensor:
+    """``torch.isin(values, sorted_set)`` for an ascending ``sorted_set``, by binary search (O(n log m)),
+    or, for ascending int64 ``values`` on the CPU with the extension, one merge pass (O(n + m))."""
     if sorted_set.numel() == 0:
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if values_sorted and values.device.type == "cpu" and values.dtype == sorted_set.dtype == torch.long:
+        merge = _native.native_op("_native_sorted_isin")
+        if merge is not None:
+            return merge(values, sorted_set).reshape(values.shape)
     at = torch.searchsorted(sorted_set, values).clamp_(max=sorted_set.numel() - 1)
     return sorted_set[at] == values
 

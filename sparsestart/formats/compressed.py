@@ -28,6 +28,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .. import _native
+
 __all__ = ["SparseMatrix", "CSR", "BSR", "index_dtype_for"]
 
 _INT32_MAX = 2**31 - 1
@@ -455,11 +457,16 @@ class SparseMatrix:
         R, Q = self.grid
         _check_range(rows, cols, R, Q, "rows", "cols")
         k = rows.numel()
-        # New entries sorted in CSR order; duplicates are then neighbours.
+        # New entries sorted in CSR order; duplicates are then neighbours. Callers usually pass them
+        # ascending already (RigL/SET grow sorted keys): then one comparison pass replaces the sort.
         stride = max(Q, 1)
-        new_keys, by_key = torch.sort(rows * stride + cols)
-        if k > 1 and bool((new_keys[1:] == new_keys[:-1]).any()):
-            raise ValueError("(rows, cols) contain duplicated coordinates")
+        new_keys = rows * stride + cols
+        if k > 1 and bool((new_keys[1:] > new_keys[:-1]).all()):
+            by_key = torch.arange(k, device=dev)
+        else:
+            new_keys, by_key = torch.sort(new_keys)
+            if k > 1 and bool((new_keys[1:] == new_keys[:-1]).any()):
+                raise ValueError("(rows, cols) contain duplicated coordinates")
         if n_keep + k > self.capacity:
             erows, ecols, _ = self.coo()
             _check_absent(erows * stride + ecols, keep, new_keys, by_key, rows, cols)  # the more useful error first
@@ -516,10 +523,7 @@ def _check_absent(keys, keep, new_keys, by_key, rows, cols) -> None:
 
 def _native_merge():
     """torch.ops.sparsestart._native_merge_index when the C++ extension is loaded, else None."""
-    try:
-        return torch.ops.sparsestart._native_merge_index
-    except (AttributeError, RuntimeError):
-        return None
+    return _native.native_op("_native_merge_index")
 
 
 def _merge_sorted(keys_a: torch.Tensor, cols_a: tuple, keys_b: torch.Tensor, cols_b: tuple) -> tuple:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..selection import top_k_mask
 from .sampling import check_density
 
 __all__ = ["allocate_densities", "DISTRIBUTIONS", "layer_budget"]
@@ -377,22 +378,6 @@ def _custom(names, numel, units, density, opts) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- data-driven ratios
-def _top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of exactly k largest entries (ties at the threshold: lowest indices first)."""
-    n = flat.numel()
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=flat.device)
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=flat.device)
-    thr = torch.kthvalue(flat, n - k + 1).values
-    keep = flat > thr
-    need = k - int(keep.sum())
-    if need > 0:
-        ties = torch.nonzero(flat == thr).flatten()[:need]
-        keep[ties] = True
-    return keep
-
-
 def _check_data(distribution: str, opts) -> tuple[torch.Tensor, torch.Tensor, Callable]:
     data = opts["data"]
     if data is None:
@@ -433,7 +418,7 @@ def _data_scores_kept(distribution: str, model, layers, K: int, opts) -> list[in
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             scores = [(w.detach() * (g if g is not None else torch.zeros_like(w))).abs().flatten()
                       for w, g in zip(weights, grads)]
-            keep = _top_k_mask(torch.cat(scores).nan_to_num(0.0), K)
+            keep = top_k_mask(torch.cat(scores).nan_to_num(0.0), K)
         else:
             T = _real_option(opts, "temperature", "grasp")
             if T <= 0:
@@ -447,7 +432,7 @@ def _data_scores_kept(distribution: str, model, layers, K: int, opts) -> list[in
             # GraSP removes the weights of largest -w * Hg: keep the K smallest.
             scores = [(-(w.detach() * (h if h is not None else torch.zeros_like(w)))).flatten()
                       for w, h in zip(weights, hg)]
-            keep = _top_k_mask(-torch.cat(scores).nan_to_num(0.0), K)
+            keep = top_k_mask(-torch.cat(scores).nan_to_num(0.0), K)
     return _layer_counts(keep, numel)
 
 
@@ -495,5 +480,5 @@ def _synflow_kept(model: nn.Module, layers, density: float, opts) -> list[int]:
             scores = torch.cat([(w.detach() * (g if g is not None else torch.zeros_like(w))).abs().flatten()
                                 for w, g in zip(weights, grads)]).nan_to_num(0.0)
             scores[~keep] = -1.0  # pruned weights stay pruned
-            keep = _top_k_mask(scores, round(N * density ** (e / rounds)))
+            keep = top_k_mask(scores, round(N * density ** (e / rounds)))
     return _layer_counts(keep, numel)

@@ -379,6 +379,14 @@ if NATIVE_AVAILABLE:
     def _(ptr, idx, slot, keep, new_major, new_minor, new_slot, total):
         return ptr.new_empty(ptr.shape), idx.new_empty(total), slot.new_empty(total)
 
+    @torch.library.register_fake("sparsestart::_native_absent_at_least")
+    def _(scores, present, base, threshold):
+        return present.new_empty(torch.library.get_ctx().new_dynamic_size())
+
+    @torch.library.register_fake("sparsestart::_native_sorted_isin")
+    def _(values, set):
+        return values.new_empty(values.shape, dtype=torch.bool)
+
 
 registry.register_backend(
     registry.Backend(

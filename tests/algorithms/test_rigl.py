@@ -123,20 +123,52 @@ def old_dense_value(dense, key, b):
     return v.reshape(()) if b == 1 else v
 
 
-def test_dropped_position_regrown_keeps_value_and_state():
-    # Dense layer at density 1: every absent candidate is a just-dropped position, so all of them come back.
-    layer = SparseLinear(6, 5, density=1.0, seed=0, dtype=F64)
+def _one_sgd_step(density):
+    """A 6 -> 5 layer at ``density`` with RigL updating every step, after one SGD step with momentum."""
+    layer = SparseLinear(6, 5, density=density, seed=0, dtype=F64)
     model = nn.Sequential(layer)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     algo = algorithms.RigL(model, opt, total_steps=4, update_every=1, t_end=1.0)
     x, y = torch.randn(8, 6, dtype=F64), torch.randint(0, 5, (8,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
+    return layer, opt, algo
+
+
+def test_dense_layer_is_left_as_it_is():
+    # Density 1: every candidate to grow is a just-dropped position, so an update could only regrow them all.
+    layer, opt, algo = _one_sgd_step(1.0)
     before = layer.values.detach().clone(), layer.rowptr.clone(), layer.col.clone(), layer.slot.clone()
     algo.step()
     after = layer.values.detach(), layer.rowptr, layer.col, layer.slot
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert algo.history[-1]["regrown"] == algo.history[-1]["k"] > 0
+
+
+def _scatter(layer, per_slot):
+    """A per-slot tensor (e.g. momentum) laid out as the dense [M, K] weight."""
+    rows, cols, slots = layer.sparse_weight.coo()
+    out = torch.zeros(layer.matrix_shape, dtype=per_slot.dtype)
+    out[rows, cols] = per_slot[slots]
+    return out
+
+
+def test_dropped_position_regrown_keeps_value_and_state():
+    # One absent position of 30: of the k dropped positions at least k - 1 must come back.
+    layer, opt, algo = _one_sgd_step(29 / 30)
+    assert layer.sparse_weight.nnz == 29
+    weight_before = layer.to_dense().weight.detach().clone()
+    momentum_before = _scatter(layer, opt.state[layer.values]["momentum_buffer"])
+    mask_before = layer.mask().clone()
+    algo.step()
+    event = algo.history[-1]
+    k = event["k"]
+    assert k >= 2 and event["regrown"] >= k - 1 and event["regrown"] + event["grown"] == k
+    assert event["dropped"] == event["grown"]
+    kept_or_regrown = mask_before & layer.mask()
+    assert int(kept_or_regrown.sum()) == 29 - event["dropped"]
+    momentum_after = _scatter(layer, opt.state[layer.values]["momentum_buffer"])
+    assert torch.equal(layer.to_dense().weight.detach()[kept_or_regrown], weight_before[kept_or_regrown])
+    assert torch.equal(momentum_after[kept_or_regrown], momentum_before[kept_or_regrown])
 
 
 @pytest.mark.parametrize("make", [mlp, cnn, lambda: mlp(format="bsr", block_size=4)], ids=["mlp", "cnn", "bsr"])

@@ -1,0 +1,102 @@
+"""Exact top-k selection in O(n), shared by the density rules and the structure updates.
+
+The structure updates pick k of n scores many times per run (RigL grows the k
+absent positions of largest |gradient| among all M x K positions of a layer;
+every drop picks the k smallest of nnz magnitudes). A sort is O(n log n) and
+``torch.topk``/``torch.kthvalue`` on tens of millions of entries take a large
+share of an update, so the selection first narrows the candidates:
+
+1. the threshold that a slightly larger fraction than k / n of a fixed-seed
+   random sample of the scores passes (a selection on that small sample);
+2. one comparison pass keeps the scores reaching it;
+3. if at least k passed, the exact selection runs on those candidates only
+   (every score at least as good as the true k-th best passed, ties included,
+   so the result is the same); otherwise it runs on all scores.
+
+The result never depends on the sample, only the time does. Ties at the k-th
+best go to the smallest ``keys`` (default: the smallest index), so splitting
+the candidates into chunks never changes the result.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["top_k_mask", "top_k", "smallest", "sample_threshold", "random_positions"]
+
+# Below this many scores one full selection is cheap enough; above it, prefilter.
+_PREFILTER_MIN = 1 << 16
+_SAMPLE = 1 << 15
+
+
+def sample_threshold(sample: torch.Tensor, fraction: float, *, largest: bool = True) -> Optional[torch.Tensor]:
+    """A threshold that, judged by ``sample``, a little more than ``fraction`` of the population
+    reaches (>= for ``largest``, <= otherwise): the sample's value at about 4 standard deviations
+    beyond the expected count. None when that is (nearly) the whole sample."""
+    m = sample.numel()
+    expected = fraction * m
+    rank = math.ceil(expected + 4 * math.sqrt(expected) + 8)
+    if rank >= m:
+        return None
+    return torch.kthvalue(sample, m - rank + 1 if largest else rank).values
+
+
+def random_positions(n: int, size: int, device) -> torch.Tensor:
+    """``size`` positions in [0, n) from a fixed-seed generator (the global RNG is not touched)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return torch.randint(n, (size,), generator=gen, device=device)
+
+
+def _prefiltered(scores: torch.Tensor, k: int, largest: bool) -> Optional[torch.Tensor]:
+    """Ascending indices of a superset of the k best scores (None when the estimate fell short)."""
+    n = scores.numel()
+    threshold = sample_threshold(scores[random_positions(n, _SAMPLE, scores.device)], k / n, largest=largest)
+    if threshold is None:
+        return None
+    cand = ((scores >= threshold) if largest else (scores <= threshold)).nonzero().flatten()
+    return cand if cand.numel() >= k else None
+
+
+def top_k(scores: torch.Tensor, k: int, *, largest: bool = True, keys: Optional[torch.Tensor] = None,
+          _prefilter: bool = True) -> torch.Tensor:
+    """Ascending indices (into the flattened ``scores``) of the k largest (or smallest) scores.
+
+    Among scores equal to the k-th best the smallest ``keys`` win (default: the
+    smallest indices). k >= n gives every index, k <= 0 none.
+    """
+    scores = scores.reshape(-1)
+    n = scores.numel()
+    if k >= n:
+        return torch.arange(n, device=scores.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    if _prefilter and n >= _PREFILTER_MIN and 2 * k <= n:
+        cand = _prefiltered(scores, k, largest)
+        if cand is not None:
+            # Candidates keep their index order, so the default tie-break (smallest index) carries over.
+            sub_keys = None if keys is None else keys.reshape(-1)[cand]
+            return cand[top_k(scores[cand], k, largest=largest, keys=sub_keys, _prefilter=False)]
+    tau = torch.kthvalue(scores, n - k + 1 if largest else k).values
+    mask = (scores > tau) if largest else (scores < tau)
+    need = k - int(mask.sum())
+    if need > 0:
+        ties = (scores == tau).nonzero().flatten()
+        if keys is not None:
+            ties = ties[torch.argsort(keys.reshape(-1)[ties], stable=True)]
+        mask[ties[:need]] = True
+    return mask.nonzero().flatten()
+
+
+def top_k_mask(scores: torch.Tensor, k: int, *, largest: bool = True,
+               keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bool mask over the flattened ``scores`` with the entries of :func:`top_k` set."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[top_k(scores, k, largest=largest, keys=keys)] = True
+    return mask
+
+
+def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k smallest scores, ascending by position (ties: the earlier position)."""
+    return top_k(scores, k, largest=False)

@@ -1,0 +1,185 @@
+"""Exact top-k selection (sparsestart/selection.py) and RigL's native candidate selection.
+
+The selection prefilters large inputs with a sampled threshold; the result must be the
+same as a full sort for every layout, including the ones where the sample misleads
+(sorted scores, big tied blocks, -inf regions), with the documented tie-break.
+"""
+import pytest
+import torch
+
+from sparsestart import _native
+from sparsestart.algorithms import gradient
+from sparsestart.algorithms.gradient import GradientCapture, topk_absent_gradient
+from sparsestart.algorithms.structure import isin_sorted
+from sparsestart.nn import SparseLinear
+from sparsestart.selection import smallest, top_k, top_k_mask
+
+NATIVE = _native.native_op("_native_absent_at_least") is not None
+
+
+def _reference(scores, k, largest=True, keys=None):
+    """Sort-based top-k: by score (descending for largest), then by key, then by index."""
+    scores = scores.reshape(-1)
+    n = scores.numel()
+    keys = torch.arange(n) if keys is None else keys.reshape(-1)
+    order = sorted(range(n), key=lambda i: ((-scores[i] if largest else scores[i]).item(), keys[i].item(), i))
+    return torch.sort(torch.tensor(order[:max(0, min(k, n))], dtype=torch.long)).values
+
+
+def _layouts(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randn(n, generator=g)
+    ties = torch.randint(0, 5, (n,), generator=g).float()  # a handful of values, huge tied blocks
+    ascending = torch.arange(n, dtype=torch.float32)  # the sample sees a uniform spread; fine
+    blocky = rand.clone()
+    blocky[: n // 2] = -float("inf")  # half the scores masked, as RigL masks present positions
+    spike = torch.zeros(n)
+    spike[torch.randint(0, n, (50,), generator=g)] = 1.0  # almost all tied at 0
+    return {"random": rand, "ties": ties, "ascending": ascending, "blocky": blocky, "spike": spike}
+
+
+@pytest.mark.parametrize("n", [7, 1000, 70_001])
+@pytest.mark.parametrize("largest", [True, False])
+def test_top_k_equals_sort_reference(n, largest):
+    for name, scores in _layouts(n, seed=n).items():
+        for k in sorted({0, 1, 3, n // 10, n // 3, n // 2, n - 1, n, n + 5}):
+            got = top_k(scores, k, largest=largest)
+            if n <= 1000:
+                want = _reference(scores, k, largest)
+            else:  # the reference's Python sort is slow here: compare with a stable torch sort
+                order = torch.sort(scores if not largest else -scores, stable=True).indices
+                want = torch.sort(order[:max(0, min(k, n))]).values
+            assert torch.equal(got, want), (name, k)
+            assert torch.equal(top_k_mask(scores, k, largest=largest).nonzero().flatten(), want)
+
+
+def test_top_k_tie_break_by_keys_survives_the_prefilter():
+    n = 100_000
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 3, (n,), generator=g).float()
+    keys = torch.randperm(n, generator=g)
+    for k in (10, 5_000, 40_000):
+        got = top_k(scores, k, keys=keys)
+        # Reference: by score descending, then key ascending.
+        order = torch.argsort(keys)
+        order = order[torch.sort(-scores[order], stable=True).indices]
+        assert torch.equal(got, torch.sort(order[:k]).values), k
+    assert torch.equal(smallest(scores, 30_000), torch.sort(torch.sort(scores, stable=True).indices[:30_000]).values)
+
+
+@pytest.mark.skipif(not NATIVE, reason="sparsestart._C not built")
+def test_native_absent_at_least_matches_torch():
+    op = torch.ops.sparsestart._native_absent_at_least
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64):
+        for n, p in ((0, 0), (1, 0), (1, 1), (1000, 0), (300_000, 20_000)):
+            scores = torch.randn(n, generator=g, dtype=dtype)
+            base = 12345
+            present = torch.sort(torch.randperm(n + 50, generator=g)[:p] + base - 25).values
+            for threshold in (0.0, 0.7, 3.0, float("inf")):
+                got = op(scores, present, base, threshold)
+                keys = torch.arange(n) + base
+                want = ((scores.abs() >= threshold) & ~torch.isin(keys, present)).nonzero().flatten()
+                assert got.dtype == torch.long and torch.equal(got, want), (dtype, n, p, threshold)
+
+
+@pytest.mark.skipif(not NATIVE, reason="sparsestart._C not built")
+def test_native_sorted_isin_matches_torch_and_rejects_unsorted():
+    g = torch.Generator().manual_seed(3)
+    for k, m in ((0, 0), (5, 0), (0, 5), (1000, 300), (300, 1000)):
+        values = torch.sort(torch.randint(0, 2000, (k,), generator=g)).values
+        sset = torch.unique(torch.randint(0, 2000, (m,), generator=g))
+        want = torch.isin(values, sset)
+        assert torch.equal(torch.ops.sparsestart._native_sorted_isin(values, sset), want)
+        assert torch.equal(isin_sorted(values, sset, values_sorted=True), want)
+        assert torch.equal(isin_sorted(values, sset), want)
+    with pytest.raises(ValueError, match="values are not sorted"):
+        torch.ops.sparsestart._native_sorted_isin(torch.tensor([3, 1]), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.skipif(not NATIVE, reason="sparsestart._C not built")
+def test_native_selection_ops_pass_opcheck():
+    scores, present = torch.randn(500), torch.tensor([3, 10, 400], dtype=torch.long)
+    torch.library.opcheck(torch.ops.sparsestart._native_sorted_isin, (torch.arange(0, 20, 3), present))
+    torch.library.opcheck(torch.ops.sparsestart._native_absent_at_least, (scores, present, 0, 0.5),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def _captured(layer, x, y):
+    capture = GradientCapture({"w": layer}, due=lambda: True)
+    torch.nn.functional.cross_entropy(layer(x), y).backward()
+    pairs = list(capture.pairs["w"])  # remove() clears the capture's own lists
+    capture.remove()
+    return pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zero_columns", [False, True], ids=["distinct", "tied-at-zero"])
+def test_large_layer_growth_is_the_same_on_the_native_and_python_paths(monkeypatch, dtype, zero_columns):
+    torch.manual_seed(0)
+    layer = SparseLinear(512, 1024, density=0.05, seed=1, dtype=dtype)  # 524,288 positions: the prefilter path
+    x = torch.randn(64, 512, dtype=dtype)
+    if zero_columns:
+        x[:, 8:] = 0  # most gradient columns are exactly 0: k reaches into a huge tie at 0
+    y = torch.randint(0, 1024, (64,))
+    pairs = _captured(layer, x, y)
+    m = layer.sparse_weight
+    R, Q = m.grid
+    rows, cols, _ = m.coo()
+    present = rows * Q + cols
+    dense = (pairs[0][1].reshape(-1, R).t() @ pairs[0][0].reshape(-1, Q)).abs().reshape(-1)
+    absent = torch.ones(R * Q, dtype=torch.bool)
+    absent[present] = False
+    for k in (1, 3000, 20_000):
+        order = torch.sort(-dense[absent], stable=True).indices  # ties: smaller key first
+        want = torch.sort(absent.nonzero().flatten()[order[:k]]).values
+        results, native_chunks = {}, []
+        original = gradient._absent_candidates
+
+        def recording(*args):
+            out = original(*args)
+            native_chunks.append(out is not None)
+            return out
+
+        for path in ("native", "python"):
+            if path == "python":
+                monkeypatch.setattr(_native, "native_op", lambda name: None)
+            elif not NATIVE:
+                continue
+            else:
+                monkeypatch.setattr(gradient, "_absent_candidates", recording)
+            for chunk in (R * Q, 256 * Q, 3 * Q):  # one chunk, four chunks, many chunks below the sample size
+                results[(path, chunk)] = topk_absent_gradient(layer, pairs, k, present, max_chunk_elements=chunk)
+            monkeypatch.undo()
+        for key, got in results.items():
+            assert torch.equal(got, want), (key, k)
+        if NATIVE:
+            assert any(native_chunks), "the native candidate path was never taken"
+
+
+@pytest.mark.parametrize("estimate", ["too-high", "too-low"])
+def test_a_misleading_sample_changes_time_not_results(monkeypatch, estimate):
+    """Force the sampled threshold to the worst values: the result must not change."""
+    import sparsestart.selection as selection
+
+    def forced(sample, fraction, *, largest=True):
+        high = sample.max() if largest else sample.min()
+        low = sample.min() if largest else sample.max()
+        return high if estimate == "too-high" else low
+
+    scores = _layouts(70_001, seed=5)
+    want = {(name, k, largest): top_k(s, k, largest=largest)
+            for name, s in scores.items() for k in (1, 500, 30_000) for largest in (True, False)}
+    layer = SparseLinear(512, 1024, density=0.05, seed=1)
+    x = torch.randn(64, 512)
+    pairs = _captured(layer, x, torch.randint(0, 1024, (64,)))
+    rows, cols, _ = layer.sparse_weight.coo()
+    present = rows * 512 + cols
+    grown = {k: topk_absent_gradient(layer, pairs, k, present) for k in (1, 3000)}
+
+    monkeypatch.setattr(selection, "sample_threshold", forced)
+    monkeypatch.setattr(gradient, "sample_threshold", forced)
+    for (name, k, largest), w in want.items():
+        assert torch.equal(top_k(scores[name], k, largest=largest), w), (name, k, largest)
+    for k, w in grown.items():
+        assert torch.equal(topk_absent_gradient(layer, pairs, k, present), w), k
