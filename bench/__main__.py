@@ -70,6 +70,9 @@ def parse(argv=None):
     g.add_argument("--sampling-rounds", type=int, default=None,
                    help="fresh processes per variant (default 3; 1 with --quick)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--default-malloc", dest="retain_memory", action="store_false",
+                   help="leave glibc's malloc as it is; by default the process keeps freed memory "
+                        "(sparsestart.runtime.retain_freed_memory), for every implementation alike")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each problem wait up to SECONDS for the machine to be >= 85%% idle")
@@ -130,7 +133,11 @@ def merge_previous(result: dict, path: Path) -> List[str]:
 def main(argv=None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
+    from sparsestart import runtime
+    if args.retain_memory:
+        runtime.retain_freed_memory()
     meta = common.machine_info(torch.get_num_threads())
+    meta["malloc"] = runtime.malloc_settings()
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     meta.update(command=command, quick=args.quick, rounds=args.rounds, layer_rounds=args.layer_rounds,
                 densities=args.densities, idle_at_start=common.idle_fraction(0.5))
@@ -145,6 +152,7 @@ def main(argv=None) -> dict:
         measured[name] = module.run(args, log=lambda s: print(s, flush=True))
         measured[name]["run"] = common.run_info(command, torch.get_num_threads(), time.time() - ts, idle)
         measured[name]["run"]["settings"] = {k: getattr(args, k) for k in SETTINGS[name]}
+        measured[name]["run"]["malloc"] = meta["malloc"]
     meta["loadavg_end"] = common.loadavg()
     meta["seconds"] = round(time.time() - t0, 1)
     out_dir = Path(args.out_dir)

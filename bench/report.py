@@ -182,9 +182,17 @@ def _runs_table(result: dict) -> str:
         if run:
             settings = "; ".join(f"{k}={_setting(v)}" for k, v in run.get("settings", {}).items())
             rows.append([suite, f"`{run.get('command')}`", str(run.get("date")), str(run.get("threads")),
-                         _f(run.get("seconds"), "{:.0f}"), _f(run.get("idle_at_start")), settings or "–"])
-    header = ["suite", "command", "date (UTC)", "threads", "seconds", "idle fraction at start", "settings"]
+                         _f(run.get("seconds"), "{:.0f}"), _f(run.get("idle_at_start")),
+                         _malloc(run.get("malloc")), settings or "–"])
+    header = ["suite", "command", "date (UTC)", "threads", "seconds", "idle fraction at start", "malloc", "settings"]
     return _table(header, rows) if rows else ""
+
+
+def _malloc(settings: Optional[dict]) -> str:
+    """The allocator policy of a run (runs recorded before the policy was recorded used glibc's default)."""
+    if not settings or settings.get("policy") == "default":
+        return "glibc default"
+    return "freed memory retained"
 
 
 def _training_target(recs: List[dict]) -> str:
@@ -369,6 +377,7 @@ def render(result: dict, source: Optional[str] = None) -> str:
               ] + ([] if runs else [  # result files from before per-suite run records
                   ["rounds (kernels / layers)", f"{meta.get('rounds')} / {meta.get('layer_rounds')}"]]) + [
                   ["portable build (no -march=native)", str(meta.get("portable_build"))],
+                  ["malloc (this run)", _malloc(meta.get("malloc"))],
               ]), ""]
     if runs:
         parts += ["Suites, as last run (a result file keeps the suites a later run did not repeat):", "", runs, ""]
@@ -378,6 +387,11 @@ def render(result: dict, source: Optional[str] = None) -> str:
               "- Times are medians over interleaved rounds (every round runs every implementation of a problem once, "
               "in rotating order), in one process, float32, after a correctness check against the float64 "
               "reference. The idle fraction of the machine just before each problem is in the JSON (`idle_before`).",
+              "- Allocator: unless run with `--default-malloc`, the benchmark process keeps freed memory "
+              "(`sparsestart.runtime.retain_freed_memory`, glibc mallopt; `sparsestart train` does the same), for "
+              "sparse, dense and masked alike. With glibc's default every fresh multi-MB buffer page-faults "
+              "(~2.5 ms per 16 MiB here) depending on what the other implementations allocated before, which "
+              "moved single layer timings by up to 2x between runs.",
               "- `sparsestart` is the native op (`torch.ops.sparsestart._native_*`); `op overhead` is the extra time of "
               "the public `torch.ops.sparsestart.spmm/spmm_t/sddmm` (Python checks, backend registry).",
               "- GF/s eff. = 2 * nnz * N / t (useful work, nnz in weights); GF/s dense-eq. = 2 * M * K * N / t; "

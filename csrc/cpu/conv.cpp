@@ -26,8 +26,9 @@
 // with an input "row" given by a per-entry address instead of column * N, so
 // the convolution runs on the same register-tiled SIMD kernels (tiles of up to
 // 256 floats, full vectors except the last of a plane, weights broadcast once
-// per tile) instead of small 2-D tiles with scalar edges. A sample's padded
-// input (Cin*Hp*Wp floats) stays in L2 while every output channel sweeps it.
+// per tile) instead of small 2-D tiles with scalar edges. Each thread pads one
+// sample at a time into its own buffer (Cin*Hp*Wp floats), which stays in L2
+// while every output channel sweeps it; no padded copy of the batch exists.
 // Each output element has one writer and a fixed summation order, and the
 // weight gradient sums over a fixed number of sample chunks in chunk order, so
 // results are bitwise identical for any thread count.
@@ -62,41 +63,34 @@ Geometry geometry(at::IntArrayRef kernel, at::IntArrayRef padding, at::IntArrayR
   return {kernel[0], kernel[1], padding[0], padding[1], dilation[0], dilation[1]};
 }
 
-// Copy planes [P, h, w] into zero planes [P, h + top + bottom, w + left + right] at (top, left),
-// in one pass per plane (zeroing strided margins through TensorIterator is far slower),
-// followed by `slack` zeros. Returns the flat buffer.
-template <typename scalar_t>
-void pad_planes_kernel(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t h, int64_t w, int64_t top,
-                       int64_t bottom, int64_t left, int64_t right) {
-  const int64_t W2 = w + left + right, H2 = h + top + bottom;
-  at::parallel_for(0, planes, 8, [&](int64_t p0, int64_t p1) {
-    for (int64_t pl = p0; pl < p1; ++pl) {
-      scalar_t* d = dst + pl * H2 * W2;
-      const scalar_t* s = src + pl * h * w;
-      std::fill(d, d + top * W2, scalar_t(0));
-      for (int64_t r = 0; r < h; ++r) {
-        scalar_t* row = d + (top + r) * W2;
-        std::fill(row, row + left, scalar_t(0));
-        std::copy(s + r * w, s + (r + 1) * w, row + left);
-        std::fill(row + left + w, row + W2, scalar_t(0));
-      }
-      std::fill(d + (top + h) * W2, d + H2 * W2, scalar_t(0));
-    }
-  });
-}
+// Zero padding of planes [P, h, w] into [P, h + top + bottom, w + left + right] at (top, left),
+// one pass per plane (zeroing strided margins through TensorIterator is far slower).
+struct Pad {
+  int64_t planes, h, w, top, bottom, left, right, slack;
+  int64_t src_size() const { return planes * h * w; }
+  int64_t size() const { return planes * (h + top + bottom) * (w + left + right) + slack; }
+};
 
-at::Tensor pad_planes(const at::Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right,
-                      int64_t slack) {
-  const int64_t h = t.size(-2), w = t.size(-1);
-  const int64_t planes = h * w ? t.numel() / (h * w) : 0;
-  const int64_t size = planes * (h + top + bottom) * (w + left + right);
-  auto out = at::empty({size + slack}, t.options());
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "sparsestart_pad_planes", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    pad_planes_kernel<scalar_t>(t.data_ptr<scalar_t>(), o, planes, h, w, top, bottom, left, right);
-    std::fill(o + size, o + size + slack, scalar_t(0));
-  });
-  return out;
+// One sample's planes into `dst` (Pad::size() elements, ending in `slack` zeros), serially: the
+// kernels pad each sample into a small per-thread buffer right before using it, so the padded
+// copy stays in cache and no padded copy of the whole batch is ever allocated (a fresh buffer of
+// that size costs page faults on every call, more than the arithmetic at low density).
+template <typename T>
+void pad_sample(const T* src, const Pad& pd, T* dst) {
+  const int64_t W2 = pd.w + pd.left + pd.right, H2 = pd.h + pd.top + pd.bottom;
+  for (int64_t pl = 0; pl < pd.planes; ++pl) {
+    T* d = dst + pl * H2 * W2;
+    const T* s = src + pl * pd.h * pd.w;
+    std::fill(d, d + pd.top * W2, T(0));
+    for (int64_t r = 0; r < pd.h; ++r) {
+      T* row = d + (pd.top + r) * W2;
+      std::fill(row, row + pd.left, T(0));
+      std::copy(s + r * pd.w, s + (r + 1) * pd.w, row + pd.left);
+      std::fill(row + pd.left + pd.w, row + W2, T(0));
+    }
+    std::fill(d + (pd.top + pd.h) * W2, d + H2 * W2, T(0));
+  }
+  std::fill(dst + pd.planes * H2 * W2, dst + pd.size(), T(0));
 }
 
 // Slack after a padded buffer: reads reach `reach` elements past the last plane,
@@ -147,19 +141,26 @@ int64_t row_blocks(int64_t N, int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, (want + N - 1) / std::max<int64_t>(1, N)));
 }
 
-// The shared driver of forward and input gradient: for every sample n,
-//   out[n, r, h, w] = sum_e w[e] * in[n*in_stride + addr[e] + h*ld + c0 + w]   (r < R, h < rows, w < cols)
+// The shared driver of forward and input gradient: for every sample n, with in_n the sample's
+// planes of `raw` zero-padded as `pd` describes,
+//   out[n, r, h, w] = sum_e w[e] * in_n[addr[e] + h*ld + c0 + w]   (r < R, h < rows, w < cols)
 template <typename T>
-void shifted_conv(const T* in, int64_t in_stride, const std::vector<int64_t>& rowptr,
-                  const std::vector<int64_t>& addr, const std::vector<T>& w, int64_t N, int64_t R, int64_t rows,
-                  int64_t ld, int64_t c0, int64_t cols, T* out) {
+void shifted_conv(const T* raw, const Pad& pd, const std::vector<int64_t>& rowptr, const std::vector<int64_t>& addr,
+                  const std::vector<T>& w, int64_t N, int64_t R, int64_t rows, int64_t ld, int64_t c0, int64_t cols,
+                  T* out) {
   const int64_t L = rows * ld, RB = row_blocks(N, R), per = (R + RB - 1) / RB;
   at::parallel_for(0, N * RB, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> buf(static_cast<size_t>(std::min(per, R) * L));
+    std::vector<T> in(static_cast<size_t>(pd.size()));
+    int64_t padded = -1;  // the sample now in `in` (consecutive tasks often share it)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / RB, ra = (t % RB) * per, rb = std::min(R, ra + per);
       if (ra >= rb) continue;
-      gathered_spmm<T>(in + n * in_stride, rowptr.data(), addr.data(), w.data(), ra, rb, L, buf.data());
+      if (n != padded) {
+        pad_sample<T>(raw + n * pd.src_size(), pd, in.data());
+        padded = n;
+      }
+      gathered_spmm<T>(in.data(), rowptr.data(), addr.data(), w.data(), ra, rb, L, buf.data());
       crop_planes<T>(buf.data(), rb - ra, rows, ld, c0, cols, out + (n * R + ra) * rows * cols);
     }
   });
@@ -195,7 +196,8 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, c
   auto out = at::empty({N, M, Ho, Wo}, x_in.options());
   if (out.numel() == 0) return out;
   const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
-  auto xp = pad_planes(x_in.contiguous(), g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw));
+  const Pad pd{Cin, H, W, g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw)};
+  auto x = x_in.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
   auto vals = values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "sparsestart_conv2d_cpu", [&] {
@@ -209,7 +211,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, c
                     return (ci * Hp + kh * g.dh) * Wp + kw * g.dw;
                   },
                   rowptr, addr, w);
-      shifted_conv<scalar_t>(xp.data_ptr<scalar_t>(), Cin * Hp * Wp, rowptr, addr, w, N, M, Ho, Wp, 0, Wo,
+      shifted_conv<scalar_t>(x.data_ptr<scalar_t>(), pd, rowptr, addr, w, N, M, Ho, Wp, 0, Wo,
                              out.data_ptr<scalar_t>());
     });
   });
@@ -241,7 +243,8 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
   const int64_t top = std::max<int64_t>(0, g.dh * (g.KH - 1) - g.ph);
   const int64_t left = std::max<int64_t>(0, g.dw * (g.KW - 1) - g.pw);
   const int64_t Hq = Ho + 2 * top, Wq = Wo + 2 * left;
-  auto dyp = pad_planes(dy_in.contiguous(), top, top, left, left, slack_for(g.pw + left));
+  const Pad pd{M, Ho, Wo, top, top, left, left, slack_for(g.pw + left)};
+  auto dy = dy_in.contiguous();
   auto p = colptr.contiguous(), ix = row.contiguous(), sl = slot_t.contiguous();
   auto vals = values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(dy_in.scalar_type(), "sparsestart_conv2d_input_grad_cpu", [&] {
@@ -262,7 +265,7 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
                     return (static_cast<int64_t>(I[e]) * Hq + g.ph + top - kh * g.dh) * Wq + g.pw + left - kw * g.dw;
                   },
                   rowptr, addr, w);
-      shifted_conv<scalar_t>(dyp.data_ptr<scalar_t>(), M * Hq * Wq, rowptr, addr, w, N, Cin, H, Wq, 0, W,
+      shifted_conv<scalar_t>(dy.data_ptr<scalar_t>(), pd, rowptr, addr, w, N, Cin, H, Wq, 0, W,
                              dx.data_ptr<scalar_t>());
     });
   });
@@ -276,27 +279,36 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
 // SDDMM tile kernel (a dy tile in registers, 8 shifted x rows per pass) and the partials
 // are added in chunk order: deterministic for any thread count.
 template <typename T>
-void weight_grad_kernel(const T* dyw, const T* xp, const std::vector<int64_t>& rowptr,
-                        const std::vector<int64_t>& addr, int64_t N, int64_t M, int64_t x_stride, int64_t L,
-                        int64_t chunks, T* partial) {
+void weight_grad_kernel(const T* dy, const Pad& dy_pad, const T* x, const Pad& x_pad,
+                        const std::vector<int64_t>& rowptr, const std::vector<int64_t>& addr, int64_t N, int64_t M,
+                        int64_t L, int64_t chunks, T* partial) {
   using Tu = cpu::SddmmTuning<T>;
   constexpr int W = Tu::W;
   const int64_t nnz = rowptr[M], per = (N + chunks - 1) / chunks;
   std::vector<int64_t> local(static_cast<size_t>(nnz));
   for (int64_t e = 0; e < nnz; ++e) local[e] = e;
   const int64_t RB = row_blocks(chunks, M), rper = (M + RB - 1) / RB;
+  const int64_t plane = dy_pad.h * dy_pad.w;  // one output channel of one sample, unpadded
   at::parallel_for(0, chunks * RB, 1, [&](int64_t t0, int64_t t1) {
+    // Per-thread padded copies of one sample: its input, and its output gradient rows ra..rb
+    // widened to the padded width (zero columns, so the thrown-away columns add nothing).
+    std::vector<T> xs(static_cast<size_t>(x_pad.size()));
+    std::vector<T> ds(static_cast<size_t>(std::min(rper, M) * L));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ch = t / RB, ra = (t % RB) * rper, rb = std::min(M, ra + rper);
+      if (ra >= rb) continue;
       T* part = partial + ch * nnz;
+      Pad rows_pad = dy_pad;
+      rows_pad.planes = rb - ra;
       for (int64_t n = ch * per; n < std::min(N, (ch + 1) * per); ++n) {
-        const T* d = dyw + n * M * L;
-        const T* x = xp + n * x_stride;
+        pad_sample<T>(x + n * x_pad.src_size(), x_pad, xs.data());
+        pad_sample<T>(dy + (n * M + ra) * plane, rows_pad, ds.data());
         for (int64_t nb = 0; nb < L; nb += Tu::kTile) {
           const TileShape ts = tile_shape<W>(L, nb, Tu::kTile);
           const auto fn = cpu::sddmm_tile_for<T, int64_t>(ts.nv, ts.partial);
           for (int64_t r = ra; r < rb; ++r)
-            fn(d + r * L + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1], x + nb, 1, part, ts.tail);
+            fn(ds.data() + (r - ra) * L + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1], xs.data() + nb, 1,
+               part, ts.tail);
         }
       }
     }
@@ -320,8 +332,9 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
   auto out = at::zeros({capacity}, dy_in.options());
   if (N == 0 || M == 0) return out;
   const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
-  auto xp = pad_planes(x_in.contiguous(), g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw));
-  auto dyw = pad_planes(dy_in.contiguous(), 0, 0, 0, Wp - Wo, 0);
+  const Pad x_pad{Cin, H, W, g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw)};
+  const Pad dy_pad{M, Ho, Wo, 0, 0, 0, Wp - Wo, 0};
+  auto x = x_in.contiguous(), dy = dy_in.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
   // A fixed number of sample chunks: enough parallel work, bounded partial-sum memory.
   const int64_t chunks = std::min<int64_t>(N, 16);
@@ -338,8 +351,8 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
         addr[e] = (ci * Hp + kh * g.dh) * Wp + kw * g.dw;
       }
       std::vector<scalar_t> partial(static_cast<size_t>(chunks * nnz), scalar_t(0));
-      weight_grad_kernel<scalar_t>(dyw.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), rowptr, addr, N, M,
-                                   Cin * Hp * Wp, Ho * Wp, chunks, partial.data());
+      weight_grad_kernel<scalar_t>(dy.data_ptr<scalar_t>(), dy_pad, x.data_ptr<scalar_t>(), x_pad, rowptr, addr, N,
+                                   M, Ho * Wp, chunks, partial.data());
       scalar_t* O = out.data_ptr<scalar_t>();
       at::parallel_for(0, nnz, 4096, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {

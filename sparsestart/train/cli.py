@@ -68,10 +68,14 @@ OPTIONS = [
     ("tensorboard", ["--tensorboard"], dict(action=argparse.BooleanOptionalAction,
                                             help="also log to DIR/tensorboard (needs tensorboard)")),
     ("progress", ["--progress"], dict(action=argparse.BooleanOptionalAction, help="tqdm progress bars (default on)")),
+    ("retain_memory", ["--retain-memory"], dict(action=argparse.BooleanOptionalAction,
+                                                help="keep freed memory in the process instead of page-faulting "
+                                                     "fresh activations every step (glibc mallopt; default on; "
+                                                     "docs/benchmarks.md)")),
 ]
 _KEY_VALUE = {"model_options", "distribution_options", "method_options"}
 # Options that do not change what is trained: they do not switch off the no-argument demonstration.
-_NEUTRAL = {"data_dir", "threads", "tensorboard", "progress"}
+_NEUTRAL = {"data_dir", "threads", "tensorboard", "progress", "retain_memory"}
 
 
 def register(sub) -> None:

@@ -23,7 +23,7 @@ SCHEDULES = ("cosine", "step", "constant")
 FORMATS = ("csr", "bsr")
 
 #: Keys that may change between an interrupted run and its resumption without changing its results.
-RUNTIME_KEYS = ("threads", "tensorboard", "progress", "final_eval")
+RUNTIME_KEYS = ("threads", "tensorboard", "progress", "final_eval", "retain_memory")
 #: Keys --resume accepts with a new value: the runtime keys and where the (same) data lives.
 RESUME_CHANGEABLE = RUNTIME_KEYS + ("data_dir", "ood_dir")
 
@@ -70,6 +70,7 @@ class TrainConfig:
     threads: Optional[int] = None
     tensorboard: bool = False
     progress: bool = True
+    retain_memory: bool = True  # keep freed memory in the process (sparsestart.runtime); never changes results
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import nn as snn
+from .. import runtime
 from . import distributed
 from .checkpoint import (FORMAT, VERSION, CheckpointError, atomic_save, atomic_write_text, load_checkpoint,
                          rng_state, set_rng_state)
@@ -320,6 +321,8 @@ class Trainer:
                 raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
+        if cfg.retain_memory:
+            runtime.retain_freed_memory()
         data = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
                             train_limit=cfg.train_limit, test_limit=cfg.test_limit, augment=cfg.augment)
         if ckpt is not None:
@@ -548,6 +551,7 @@ class Trainer:
             "final_eval_seconds": time.perf_counter() - t0,
             "wall_time_seconds": self._elapsed(),
             "threads": torch.get_num_threads(),
+            "malloc": runtime.malloc_settings(),
             "backend": "cpu (C++)" if getattr(__import__("sparsestart").ops, "NATIVE_AVAILABLE", False)
             else "reference (pure PyTorch)",
         }

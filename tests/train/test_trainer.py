@@ -59,6 +59,9 @@ def test_cli_end_to_end(fmnist_dir, tmp_path, capsys):
     assert fl["training_total"] == 3 * fl["forward_per_sample"] * 135 and fl["forward_per_sample"] < fl["dense_forward_per_sample"]
     assert s["memory"]["layers_bytes"] == sum(l["sparse_bytes"] for l in s["layers"]) < s["memory"]["layers_dense_bytes"]
     assert s["wall_time_seconds"] > s["train_seconds"] > 0
+    from sparsestart import runtime
+    if runtime._libc() is not None:  # the trainer keeps freed memory by default (--retain-memory)
+        assert s["malloc"]["policy"] == "retain_freed_memory"
     # `sparsestart evaluate` reproduces the final test metrics from the checkpoint
     assert main(["evaluate", str(out)]) == 0
     ev = json.loads((out / "evaluation-final.json").read_text())
