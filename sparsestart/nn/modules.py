@@ -22,6 +22,22 @@ from ..init.sampling import check_density, er_indices
 __all__ = ["SparseLayer", "SparseLinear", "SparseConv2d"]
 
 _INDEX_NAMES = ("rowptr", "col", "slot", "colptr", "row", "slot_t")
+
+#: SparseConv2d.conv_algorithm values. "direct": the direct sparse convolution (stride 1, CSR);
+#: "unfold": im2col + spmm (any stride, CSR or BSR); "dense": the stored weights scattered into a
+#: transient dense kernel for torch's convolution, for nearly dense layers; "auto" chooses per call:
+#: dense when density >= DENSE_COMPUTE_DENSITY and fan-in >= DENSE_COMPUTE_MIN_FAN_IN, else direct
+#: when possible, unless an output plane spans < DIRECT_MIN_PLANE padded elements at density >=
+#: UNFOLD_MIN_DENSITY, else unfold. Thresholds from the VGG-11 layers (batch 64, forward+backward,
+#: 2 threads, runs/dense_vs_direct.py of 2026-11-29): at ERK 0.1 the 64->128 conv (density 0.495)
+#: takes 29 ms direct and 17-19 ms dense, at 0.24 both are equal, the 3->64 input conv (fan-in 27)
+#: is faster direct even at density 1; the 512->512 convs on 2x2 maps (planes of 2 x 4) take 23 ms
+#: direct and 9.4 ms unfolded at density 0.08, but 2.9 ms direct and 6.2 ms unfolded at 0.008.
+CONV_ALGORITHMS = ("auto", "direct", "unfold", "dense")
+DENSE_COMPUTE_DENSITY = 0.4
+DENSE_COMPUTE_MIN_FAN_IN = 64
+DIRECT_MIN_PLANE = 16
+UNFOLD_MIN_DENSITY = 0.03
 _FORMATS = ("csr", "bsr")
 
 
@@ -364,8 +380,7 @@ class SparseConv2d(SparseLayer):
                              f"{self.stride}, {self.dilation}")
         self.groups, self.padding_mode = groups, padding_mode
         self.weight_shape = (out_channels, in_channels, *self.kernel_size)
-        # "auto": direct sparse convolution for stride 1 / CSR, else unfold (im2col) + spmm;
-        # "direct" or "unfold" force one (for benchmarks and comparisons).
+        # "auto" picks per call (see CONV_ALGORITHMS); "direct", "unfold" or "dense" force one.
         self.conv_algorithm = "auto"
 
     @property
@@ -393,32 +408,59 @@ class SparseConv2d(SparseLayer):
             raise ValueError(f"SparseConv2d: input must be [N, {self.in_channels}, H, W] (or unbatched), "
                              f"got shape {tuple(x.shape)}")
         pad = self._explicit_padding()
-        direct = self.stride == (1, 1) and self.values.dim() == 1 and self.conv_algorithm != "unfold"
-        if self.conv_algorithm == "direct" and not direct:
-            raise ValueError("SparseConv2d: conv_algorithm='direct' needs stride 1 and format 'csr'; "
-                             f"this layer has stride {self.stride} and format {self.format!r}")
-        if direct and self.padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
+        algorithm = self._algorithm(x, pad)
+        if algorithm in ("direct", "dense") and self.padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
             conv_padding, pad = [pad[2], pad[0]], (0, 0, 0, 0)  # the kernel pads symmetrically itself
         else:
             conv_padding = [0, 0]
         if any(pad):
             x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         n, _, h, w = x.shape
-        kh, kw = self.kernel_size
-        ho = (h + 2 * conv_padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * conv_padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        ho, wo = self._output_size(h, w, conv_padding)
         if ho <= 0 or wo <= 0:
+            kh, kw = self.kernel_size
             raise ValueError(f"SparseConv2d: input of spatial size {(h, w)} (after padding) is smaller than the "
                              f"dilated kernel {(self.dilation[0] * (kh - 1) + 1, self.dilation[1] * (kw - 1) + 1)}")
-        if direct:
+        if algorithm == "direct":
             # Stride 1 and CSR: direct sparse convolution, no unfolded input in memory.
             y = torch.ops.sparsestart.conv2d(self.values, *(getattr(self, n) for n in _INDEX_NAMES), x,
                                              list(self.kernel_size), conv_padding, list(self.dilation))
+        elif algorithm == "dense":
+            # The stored weights scattered into a transient dense kernel (gradients flow back to the
+            # stored values only); storage, gradients and optimizer state stay sparse.
+            y = F.conv2d(x, self.dense_weight(), None, self.stride, conv_padding, self.dilation)
         else:
             y = self._unfolded_conv(x, n, ho, wo)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y.squeeze(0) if unbatched else y
+
+    def _output_size(self, h: int, w: int, padding) -> tuple[int, int]:
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride
+        return ((h + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1, (w + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1)
+
+    def _algorithm(self, x: torch.Tensor, pad) -> str:
+        """The algorithm for this call: ``conv_algorithm`` unless "auto" (see CONV_ALGORITHMS)."""
+        choice = self.conv_algorithm
+        if choice not in CONV_ALGORITHMS:
+            raise ValueError(f"SparseConv2d: conv_algorithm must be one of {CONV_ALGORITHMS}, got {choice!r}")
+        direct_ok = self.stride == (1, 1) and self.values.dim() == 1
+        if choice == "direct" and not direct_ok:
+            raise ValueError("SparseConv2d: conv_algorithm='direct' needs stride 1 and format 'csr'; "
+                             f"this layer has stride {self.stride} and format {self.format!r}")
+        if choice != "auto":
+            return choice
+        if self.density >= DENSE_COMPUTE_DENSITY and self.fan_in >= DENSE_COMPUTE_MIN_FAN_IN:
+            return "dense"
+        if direct_ok:
+            # The direct kernel runs along flattened padded rows (Ho x padded width per output
+            # plane), so a plane shorter than one vector wastes most lanes for every stored weight;
+            # im2col + spmm vectorises over batch x positions instead but pays a fixed unfolding
+            # cost, which only pays off above a few percent density.
+            ho, _ = self._output_size(x.shape[2] + pad[2] + pad[3], x.shape[3], (0, 0))
+            if ho * (x.shape[3] + pad[0] + pad[1]) >= DIRECT_MIN_PLANE or self.density < UNFOLD_MIN_DENSITY:
+                return "direct"
+        return "unfold"
 
     def _unfolded_conv(self, x: torch.Tensor, n: int, ho: int, wo: int) -> torch.Tensor:
         """Strided or BSR convolution: unfold (im2col) to [Cin*kh*kw, n*ho*wo], then spmm."""

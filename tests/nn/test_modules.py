@@ -51,6 +51,47 @@ def test_sparse_conv_matches_dense(backend, bias, cfg):
         compare_with_dense(layer, torch.randn(3, 7, 7))  # unbatched
 
 
+@pytest.mark.parametrize("algorithm", ["unfold", "dense", "direct"])
+@pytest.mark.parametrize("cfg", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_every_conv_algorithm_matches_dense(algorithm, cfg):
+    layer = SparseConv2d(3, 5, density=0.4, seed=2, **cfg)
+    layer.conv_algorithm = algorithm
+    x = torch.randn(2, 3, 9, 8)
+    if algorithm == "direct" and layer.stride != (1, 1):
+        with pytest.raises(ValueError, match="conv_algorithm='direct' needs stride 1"):
+            layer(x)
+        return
+    compare_with_dense(layer, x)
+    compare_with_dense(layer, torch.randn(3, 7, 7))
+
+
+def test_auto_conv_algorithm_follows_density_fan_in_and_plane_size():
+    def chosen(layer, hw):
+        x = torch.randn(1, layer.in_channels, hw, hw)
+        return layer._algorithm(x, layer._explicit_padding())
+
+    nearly_dense = SparseConv2d(64, 8, 3, padding=1, density=0.5, seed=0)
+    assert chosen(nearly_dense, 16) == "dense"
+    assert chosen(SparseConv2d(64, 8, 3, padding=1, density=0.1, seed=0), 16) == "direct"
+    assert chosen(SparseConv2d(64, 8, 3, padding=1, density=0.1, seed=0), 2) == "unfold"  # 2 x 4 plane
+    assert chosen(SparseConv2d(64, 8, 3, padding=1, density=0.01, seed=0), 2) == "direct"  # too sparse to unfold
+    assert chosen(SparseConv2d(64, 8, 3, stride=2, padding=1, density=0.1, seed=0), 16) == "unfold"
+    assert chosen(SparseConv2d(3, 8, 3, padding=1, density=1.0, seed=0), 16) == "direct"  # fan-in 27
+    assert chosen(SparseConv2d(64, 8, 2, density=0.1, format="bsr", block_size=8, seed=0), 16) == "unfold"
+    # The dense path gives gradients to the stored values only, like the others.
+    x = torch.randn(2, 64, 6, 6)
+    nearly_dense(x).square().sum().backward()
+    g_dense = nearly_dense.values.grad.clone()
+    nearly_dense.values.grad = None
+    nearly_dense.conv_algorithm = "direct"
+    nearly_dense(x).square().sum().backward()
+    torch.testing.assert_close(g_dense, nearly_dense.values.grad, rtol=1e-4, atol=1e-4)
+    nearly_dense.conv_algorithm = "fast"
+    with pytest.raises(ValueError, match=r"conv_algorithm must be one of \('auto', 'direct', 'unfold', 'dense'\), "
+                                         r"got 'fast'"):
+        nearly_dense(x)
+
+
 def test_sparse_conv_bsr():
     layer = SparseConv2d(4, 8, 2, density=0.5, format="bsr", block_size=4, seed=0)  # K = 4*2*2 = 16
     assert layer.block_size == 4 and layer.values.shape[1:] == (4, 4)
