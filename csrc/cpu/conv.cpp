@@ -27,8 +27,12 @@
 // the convolution runs on the same register-tiled SIMD kernels (tiles of up to
 // 256 floats, full vectors except the last of a plane, weights broadcast once
 // per tile) instead of small 2-D tiles with scalar edges. Each thread pads one
-// sample at a time into its own buffer (Cin*Hp*Wp floats), which stays in L2
-// while every output channel sweeps it; no padded copy of the batch exists.
+// group of G samples at a time into its own buffer (Cin*G*Hp*Wp floats), which
+// stays in L2 while every output channel sweeps it; no padded copy of the batch
+// exists. The G samples' padded planes of one channel lie one after another, so
+// the same constant offsets hold across them and one flat product covers the
+// group: on small maps (4x4 and below) a single plane is only a vector or two and
+// the per-weight overhead would dominate (see group_size).
 // Each output element has one writer and a fixed summation order, and the
 // weight gradient sums over a fixed number of sample chunks in chunk order, so
 // results are bitwise identical for any thread count.
@@ -63,34 +67,55 @@ Geometry geometry(at::IntArrayRef kernel, at::IntArrayRef padding, at::IntArrayR
   return {kernel[0], kernel[1], padding[0], padding[1], dilation[0], dilation[1]};
 }
 
-// Zero padding of planes [P, h, w] into [P, h + top + bottom, w + left + right] at (top, left),
-// one pass per plane (zeroing strided margins through TensorIterator is far slower).
+// Zero padding of planes [P, h, w] into [P, h + top + bottom, w + left + right] at (top, left).
 struct Pad {
   int64_t planes, h, w, top, bottom, left, right, slack;
+  int64_t H2() const { return h + top + bottom; }
+  int64_t W2() const { return w + left + right; }
+  int64_t plane() const { return H2() * W2(); }
   int64_t src_size() const { return planes * h * w; }
-  int64_t size() const { return planes * (h + top + bottom) * (w + left + right) + slack; }
+  // A group of G samples: every plane holds the G samples' padded planes one after another.
+  int64_t size(int64_t G) const { return planes * G * plane() + slack; }
 };
 
-// One sample's planes into `dst` (Pad::size() elements, ending in `slack` zeros), serially: the
-// kernels pad each sample into a small per-thread buffer right before using it, so the padded
-// copy stays in cache and no padded copy of the whole batch is ever allocated (a fresh buffer of
-// that size costs page faults on every call, more than the arithmetic at low density).
+// Samples 0 .. count - 1 of `src` (sample stride `stride`) into the group layout
+// [planes][G][H2][W2] of `dst` (Pad::size(G) elements; missing samples and the `slack` tail are
+// zero), serially: the kernels pad one group into a small per-thread buffer right before using
+// it, so the padded copy stays in cache and no padded copy of the whole batch is ever allocated
+// (a fresh buffer of that size costs page faults on every call, more than the arithmetic at
+// low density).
 template <typename T>
-void pad_sample(const T* src, const Pad& pd, T* dst) {
-  const int64_t W2 = pd.w + pd.left + pd.right, H2 = pd.h + pd.top + pd.bottom;
-  for (int64_t pl = 0; pl < pd.planes; ++pl) {
-    T* d = dst + pl * H2 * W2;
-    const T* s = src + pl * pd.h * pd.w;
-    std::fill(d, d + pd.top * W2, T(0));
-    for (int64_t r = 0; r < pd.h; ++r) {
-      T* row = d + (pd.top + r) * W2;
-      std::fill(row, row + pd.left, T(0));
-      std::copy(s + r * pd.w, s + (r + 1) * pd.w, row + pd.left);
-      std::fill(row + pd.left + pd.w, row + W2, T(0));
+void pad_group(const T* src, int64_t stride, int64_t count, int64_t G, const Pad& pd, T* dst) {
+  const int64_t W2 = pd.W2(), plane = pd.plane();
+  for (int64_t pl = 0; pl < pd.planes; ++pl)
+    for (int64_t g = 0; g < G; ++g) {
+      T* d = dst + (pl * G + g) * plane;
+      if (g >= count) {
+        std::fill(d, d + plane, T(0));
+        continue;
+      }
+      const T* s = src + g * stride + pl * pd.h * pd.w;
+      std::fill(d, d + pd.top * W2, T(0));
+      for (int64_t r = 0; r < pd.h; ++r) {
+        T* row = d + (pd.top + r) * W2;
+        std::fill(row, row + pd.left, T(0));
+        std::copy(s + r * pd.w, s + (r + 1) * pd.w, row + pd.left);
+        std::fill(row + pd.left + pd.w, row + W2, T(0));
+      }
+      std::fill(d + (pd.top + pd.h) * W2, d + plane, T(0));
     }
-    std::fill(d + (pd.top + pd.h) * W2, d + H2 * W2, T(0));
-  }
-  std::fill(dst + pd.planes * H2 * W2, dst + pd.size(), T(0));
+  std::fill(dst + pd.planes * G * plane, dst + pd.size(G), T(0));
+}
+
+// Samples per group. One sample's flat row (`row` = rows x padded width positions) of at least
+// 4 vectors keeps the register tile busy enough; below that (VGG's 4x4 and 2x2 maps: 24 and 8
+// positions) the per-weight overhead (broadcast, address) dominates, so groups of enough samples
+// for a 256-float tile are formed, at the price of computing the padding rows between samples
+// (VGG-11's 512->512 convs at density 0.08: 4x4 maps 30 -> 24 ms, 2x2 maps 23 -> 12 ms forward
+// + backward). Depends on the shape only, never on the thread count.
+int64_t group_size(int64_t N, int64_t row, int64_t plane) {
+  if (row >= 64) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(N, (256 + plane - 1) / std::max<int64_t>(1, plane)));
 }
 
 // Slack after a padded buffer: reads reach `reach` elements past the last plane,
@@ -127,11 +152,15 @@ void gathered_spmm(const T* in, const int64_t* rowptr, const int64_t* addr, cons
   }
 }
 
-// Copy planes [P, rows, ld] (first `cols` columns of each row, starting at column c0) to [P, rows, cols].
+// out[g, r, h, :cols] = buf[r, g*plane + h*ld + c0 : ... + cols] for g < count, r < R, h < rows
+// (out samples of stride out_stride holding planes of rows x cols; buf rows of length L).
 template <typename T>
-void crop_planes(const T* src, int64_t planes, int64_t rows, int64_t ld, int64_t c0, int64_t cols, T* dst) {
-  for (int64_t p = 0; p < planes; ++p)
-    for (int64_t r = 0; r < rows; ++r) std::copy_n(src + (p * rows + r) * ld + c0, cols, dst + (p * rows + r) * cols);
+void crop_group(const T* buf, int64_t L, int64_t count, int64_t plane, int64_t R, int64_t rows, int64_t ld,
+                int64_t c0, int64_t cols, int64_t out_stride, T* out) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < count; ++g)
+      for (int64_t h = 0; h < rows; ++h)
+        std::copy_n(buf + r * L + g * plane + h * ld + c0, cols, out + g * out_stride + (r * rows + h) * cols);
 }
 
 // Row blocks per sample so that there are at least ~4 tasks per thread when the batch is small
@@ -141,27 +170,33 @@ int64_t row_blocks(int64_t N, int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, (want + N - 1) / std::max<int64_t>(1, N)));
 }
 
-// The shared driver of forward and input gradient: for every sample n, with in_n the sample's
-// planes of `raw` zero-padded as `pd` describes,
-//   out[n, r, h, w] = sum_e w[e] * in_n[addr[e] + h*ld + c0 + w]   (r < R, h < rows, w < cols)
+// The shared driver of forward and input gradient: for every group of G samples n0.., with in
+// the group's planes of `raw` zero-padded as `pd` describes (layout of pad_group; `addr` is
+// relative to it, so channel c starts at c * G * plane),
+//   out[n0 + g, r, h, w] = sum_e w[e] * in[addr[e] + g*plane + h*ld + c0 + w]   (r < R, h < rows, w < cols)
+// computed as one flat product per output row over L = (G - 1) * plane + rows * ld positions
+// (positions outside the valid rows and columns are computed and thrown away).
 template <typename T>
-void shifted_conv(const T* raw, const Pad& pd, const std::vector<int64_t>& rowptr, const std::vector<int64_t>& addr,
-                  const std::vector<T>& w, int64_t N, int64_t R, int64_t rows, int64_t ld, int64_t c0, int64_t cols,
-                  T* out) {
-  const int64_t L = rows * ld, RB = row_blocks(N, R), per = (R + RB - 1) / RB;
-  at::parallel_for(0, N * RB, 1, [&](int64_t t0, int64_t t1) {
+void shifted_conv(const T* raw, const Pad& pd, int64_t G, const std::vector<int64_t>& rowptr,
+                  const std::vector<int64_t>& addr, const std::vector<T>& w, int64_t N, int64_t R, int64_t rows,
+                  int64_t ld, int64_t c0, int64_t cols, T* out) {
+  const int64_t plane = pd.plane(), L = (G - 1) * plane + rows * ld, groups = (N + G - 1) / G;
+  const int64_t RB = row_blocks(groups, R), per = (R + RB - 1) / RB;
+  at::parallel_for(0, groups * RB, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> buf(static_cast<size_t>(std::min(per, R) * L));
-    std::vector<T> in(static_cast<size_t>(pd.size()));
-    int64_t padded = -1;  // the sample now in `in` (consecutive tasks often share it)
+    std::vector<T> in(static_cast<size_t>(pd.size(G)));
+    int64_t padded = -1;  // the group now in `in` (consecutive tasks often share it)
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / RB, ra = (t % RB) * per, rb = std::min(R, ra + per);
+      const int64_t grp = t / RB, ra = (t % RB) * per, rb = std::min(R, ra + per);
       if (ra >= rb) continue;
-      if (n != padded) {
-        pad_sample<T>(raw + n * pd.src_size(), pd, in.data());
-        padded = n;
+      const int64_t n0 = grp * G, count = std::min(G, N - n0);
+      if (grp != padded) {
+        pad_group<T>(raw + n0 * pd.src_size(), pd.src_size(), count, G, pd, in.data());
+        padded = grp;
       }
       gathered_spmm<T>(in.data(), rowptr.data(), addr.data(), w.data(), ra, rb, L, buf.data());
-      crop_planes<T>(buf.data(), rb - ra, rows, ld, c0, cols, out + (n * R + ra) * rows * cols);
+      crop_group<T>(buf.data(), L, count, plane, rb - ra, rows, ld, c0, cols, R * rows * cols,
+                    out + (n0 * R + ra) * rows * cols);
     }
   });
 }
@@ -197,6 +232,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, c
   if (out.numel() == 0) return out;
   const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
   const Pad pd{Cin, H, W, g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw)};
+  const int64_t G = group_size(N, Ho * Wp, Hp * Wp);
   auto x = x_in.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
   auto vals = values.contiguous();
@@ -208,10 +244,10 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, c
       entry_lists(p.data_ptr<index_t>(), sl.data_ptr<index_t>(), vals.data_ptr<scalar_t>(), M,
                   [&](int64_t, int64_t e) {
                     const int64_t c = I[e], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
-                    return (ci * Hp + kh * g.dh) * Wp + kw * g.dw;
+                    return ci * G * Hp * Wp + kh * g.dh * Wp + kw * g.dw;
                   },
                   rowptr, addr, w);
-      shifted_conv<scalar_t>(x.data_ptr<scalar_t>(), pd, rowptr, addr, w, N, M, Ho, Wp, 0, Wo,
+      shifted_conv<scalar_t>(x.data_ptr<scalar_t>(), pd, G, rowptr, addr, w, N, M, Ho, Wp, 0, Wo,
                              out.data_ptr<scalar_t>());
     });
   });
@@ -244,6 +280,7 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
   const int64_t left = std::max<int64_t>(0, g.dw * (g.KW - 1) - g.pw);
   const int64_t Hq = Ho + 2 * top, Wq = Wo + 2 * left;
   const Pad pd{M, Ho, Wo, top, top, left, left, slack_for(g.pw + left)};
+  const int64_t G = group_size(N, H * Wq, Hq * Wq);
   auto dy = dy_in.contiguous();
   auto p = colptr.contiguous(), ix = row.contiguous(), sl = slot_t.contiguous();
   auto vals = values.contiguous();
@@ -262,10 +299,11 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
                   [&](int64_t, int64_t e) {
                     while (P[c + 1] <= e) ++c;
                     const int64_t k = c % KK, kh = k / g.KW, kw = k % g.KW;
-                    return (static_cast<int64_t>(I[e]) * Hq + g.ph + top - kh * g.dh) * Wq + g.pw + left - kw * g.dw;
+                    return static_cast<int64_t>(I[e]) * G * Hq * Wq + (g.ph + top - kh * g.dh) * Wq + g.pw + left -
+                           kw * g.dw;
                   },
                   rowptr, addr, w);
-      shifted_conv<scalar_t>(dy.data_ptr<scalar_t>(), pd, rowptr, addr, w, N, Cin, H, Wq, 0, W,
+      shifted_conv<scalar_t>(dy.data_ptr<scalar_t>(), pd, G, rowptr, addr, w, N, Cin, H, Wq, 0, W,
                              dx.data_ptr<scalar_t>());
     });
   });
@@ -273,42 +311,46 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
 }
 
 // Value gradient: dV[e] = sum_n sum_q dyw[n, co, q] * xp[n, addr_e + q] over the flat axis
-// q = h*Wp + w of the padded input's width, with dy widened to Wp by zero columns (so the
-// thrown-away columns contribute nothing). Samples are cut into a fixed number of chunks
+// q = h*Wp + w of the padded input's plane, with dy widened to the padded plane by zero rows and
+// columns (so the thrown-away positions contribute nothing); G samples at a time in the group
+// layout of pad_group, as in the forward. Samples are cut into a fixed number of chunks
 // (independent of the thread count); each chunk sums into its own partial vector with the
 // SDDMM tile kernel (a dy tile in registers, 8 shifted x rows per pass) and the partials
 // are added in chunk order: deterministic for any thread count.
 template <typename T>
-void weight_grad_kernel(const T* dy, const Pad& dy_pad, const T* x, const Pad& x_pad,
+void weight_grad_kernel(const T* dy, const Pad& dy_pad, const T* x, const Pad& x_pad, int64_t G,
                         const std::vector<int64_t>& rowptr, const std::vector<int64_t>& addr, int64_t N, int64_t M,
-                        int64_t L, int64_t chunks, T* partial) {
+                        int64_t per, int64_t chunks, T* partial) {
   using Tu = cpu::SddmmTuning<T>;
   constexpr int W = Tu::W;
-  const int64_t nnz = rowptr[M], per = (N + chunks - 1) / chunks;
+  const int64_t nnz = rowptr[M], plane = x_pad.plane();
+  const int64_t L = (G - 1) * plane + dy_pad.h * x_pad.W2();
   std::vector<int64_t> local(static_cast<size_t>(nnz));
   for (int64_t e = 0; e < nnz; ++e) local[e] = e;
   const int64_t RB = row_blocks(chunks, M), rper = (M + RB - 1) / RB;
-  const int64_t plane = dy_pad.h * dy_pad.w;  // one output channel of one sample, unpadded
+  const int64_t dy_sample = M * dy_pad.h * dy_pad.w;  // one sample of dy, unpadded
   at::parallel_for(0, chunks * RB, 1, [&](int64_t t0, int64_t t1) {
-    // Per-thread padded copies of one sample: its input, and its output gradient rows ra..rb
-    // widened to the padded width (zero columns, so the thrown-away columns add nothing).
-    std::vector<T> xs(static_cast<size_t>(x_pad.size()));
-    std::vector<T> ds(static_cast<size_t>(std::min(rper, M) * L));
+    // Per-thread padded copies of one group: its input, and its output gradient rows ra..rb.
+    std::vector<T> xs(static_cast<size_t>(x_pad.size(G)));
+    Pad rows_pad = dy_pad;
+    rows_pad.planes = std::min(rper, M);
+    std::vector<T> ds(static_cast<size_t>(rows_pad.size(G)));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ch = t / RB, ra = (t % RB) * rper, rb = std::min(M, ra + rper);
       if (ra >= rb) continue;
       T* part = partial + ch * nnz;
-      Pad rows_pad = dy_pad;
       rows_pad.planes = rb - ra;
-      for (int64_t n = ch * per; n < std::min(N, (ch + 1) * per); ++n) {
-        pad_sample<T>(x + n * x_pad.src_size(), x_pad, xs.data());
-        pad_sample<T>(dy + (n * M + ra) * plane, rows_pad, ds.data());
+      const int64_t end = std::min(N, (ch + 1) * per);
+      for (int64_t n0 = ch * per; n0 < end; n0 += G) {
+        const int64_t count = std::min(G, end - n0);
+        pad_group<T>(x + n0 * x_pad.src_size(), x_pad.src_size(), count, G, x_pad, xs.data());
+        pad_group<T>(dy + n0 * dy_sample + ra * dy_pad.h * dy_pad.w, dy_sample, count, G, rows_pad, ds.data());
         for (int64_t nb = 0; nb < L; nb += Tu::kTile) {
           const TileShape ts = tile_shape<W>(L, nb, Tu::kTile);
           const auto fn = cpu::sddmm_tile_for<T, int64_t>(ts.nv, ts.partial);
           for (int64_t r = ra; r < rb; ++r)
-            fn(ds.data() + (r - ra) * L + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1], xs.data() + nb, 1,
-               part, ts.tail);
+            fn(ds.data() + (r - ra) * G * plane + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1],
+               xs.data() + nb, 1, part, ts.tail);
         }
       }
     }
@@ -333,11 +375,13 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
   if (N == 0 || M == 0) return out;
   const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
   const Pad x_pad{Cin, H, W, g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw)};
-  const Pad dy_pad{M, Ho, Wo, 0, 0, 0, Wp - Wo, 0};
+  const Pad dy_pad{M, Ho, Wo, 0, Hp - Ho, 0, Wp - Wo, 0};  // widened to the padded plane
   auto x = x_in.contiguous(), dy = dy_in.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
-  // A fixed number of sample chunks: enough parallel work, bounded partial-sum memory.
-  const int64_t chunks = std::min<int64_t>(N, 16);
+  // A fixed number of sample chunks (at most 16, each a multiple of the group size but the
+  // last): enough parallel work, bounded partial-sum memory, independent of the thread count.
+  const int64_t G = group_size(N, Ho * Wp, Hp * Wp);
+  const int64_t per = std::max<int64_t>((N + 15) / 16 + G - 1, G) / G * G, chunks = (N + per - 1) / per;
   AT_DISPATCH_FLOATING_TYPES(dy_in.scalar_type(), "sparsestart_conv2d_weight_grad_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "sparsestart_conv2d_weight_grad_cpu_index", [&] {
       const index_t* P = p.data_ptr<index_t>();
@@ -348,11 +392,11 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
       for (int64_t r = 0; r <= M; ++r) rowptr[r] = P[r] - base;
       for (int64_t e = 0; e < nnz; ++e) {
         const int64_t c = I[base + e], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
-        addr[e] = (ci * Hp + kh * g.dh) * Wp + kw * g.dw;
+        addr[e] = ci * G * Hp * Wp + kh * g.dh * Wp + kw * g.dw;
       }
       std::vector<scalar_t> partial(static_cast<size_t>(chunks * nnz), scalar_t(0));
-      weight_grad_kernel<scalar_t>(dy.data_ptr<scalar_t>(), dy_pad, x.data_ptr<scalar_t>(), x_pad, rowptr, addr, N,
-                                   M, Ho * Wp, chunks, partial.data());
+      weight_grad_kernel<scalar_t>(dy.data_ptr<scalar_t>(), dy_pad, x.data_ptr<scalar_t>(), x_pad, G, rowptr, addr,
+                                   N, M, per, chunks, partial.data());
       scalar_t* O = out.data_ptr<scalar_t>();
       at::parallel_for(0, nnz, 4096, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {

@@ -20,6 +20,8 @@ CASES = [
     (1, 16, 8, 8, 8, (3, 3), (1, 1), (1, 1), 1.0),   # dense, 8x8 maps
     (2, 4, 3, 5, 19, (1, 1), (0, 0), (1, 1), 0.5),   # 1x1
     (19, 2, 3, 5, 6, (3, 3), (3, 2), (1, 1), 0.5),   # padding beyond the kernel; batch not a multiple of the chunks
+    (37, 8, 6, 2, 2, (3, 3), (1, 1), (1, 1), 0.5),   # 2x2 maps: groups of 16 samples per flat row, last one short
+    (21, 5, 7, 4, 3, (3, 2), (2, 1), (2, 1), 0.4),   # small maps, dilation, uneven padding: groups of 9
 ]
 
 
