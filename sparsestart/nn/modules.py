@@ -31,8 +31,9 @@ _INDEX_NAMES = ("rowptr", "col", "slot", "colptr", "row", "slot_t")
 #: UNFOLD_MIN_DENSITY, else unfold. Thresholds from the VGG-11 layers (batch 64, forward+backward,
 #: 2 threads, runs/dense_vs_direct.py of 2026-11-29): at ERK 0.1 the 64->128 conv (density 0.495)
 #: takes 29 ms direct and 17-19 ms dense, at 0.24 both are equal, the 3->64 input conv (fan-in 27)
-#: is faster direct even at density 1; the 512->512 convs on 2x2 maps (planes of 2 x 4) take 23 ms
-#: direct and 9.4 ms unfolded at density 0.08, but 2.9 ms direct and 6.2 ms unfolded at 0.008.
+#: is faster direct even at density 1; the 512->512 convs on 2x2 maps (planes of 2 x 4) take 12 ms
+#: direct (with samples grouped, csrc/cpu/conv.cpp) and 8.5 ms unfolded at density 0.08, but 2.9 ms
+#: direct and 6.2 ms unfolded at 0.008.
 CONV_ALGORITHMS = ("auto", "direct", "unfold", "dense")
 DENSE_COMPUTE_DENSITY = 0.4
 DENSE_COMPUTE_MIN_FAN_IN = 64
