@@ -24,11 +24,12 @@ from typing import Optional
 
 import torch
 
-__all__ = ["top_k_mask", "top_k", "smallest", "sample_threshold", "random_positions"]
+__all__ = ["top_k_mask", "top_k", "smallest", "sample_threshold", "random_positions", "SAMPLE_SIZE"]
 
 # Below this many scores one full selection is cheap enough; above it, prefilter.
 _PREFILTER_MIN = 1 << 16
-_SAMPLE = 1 << 15
+#: Scores sampled to estimate a selection threshold.
+SAMPLE_SIZE = 1 << 15
 
 
 def sample_threshold(sample: torch.Tensor, fraction: float, *, largest: bool = True) -> Optional[torch.Tensor]:
@@ -52,7 +53,7 @@ def random_positions(n: int, size: int, device) -> torch.Tensor:
 def _prefiltered(scores: torch.Tensor, k: int, largest: bool) -> Optional[torch.Tensor]:
     """Ascending indices of a superset of the k best scores (None when the estimate fell short)."""
     n = scores.numel()
-    threshold = sample_threshold(scores[random_positions(n, _SAMPLE, scores.device)], k / n, largest=largest)
+    threshold = sample_threshold(scores[random_positions(n, SAMPLE_SIZE, scores.device)], k / n, largest=largest)
     if threshold is None:
         return None
     cand = ((scores >= threshold) if largest else (scores <= threshold)).nonzero().flatten()

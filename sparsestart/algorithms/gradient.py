@@ -22,9 +22,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..nn.modules import SparseConv2d, SparseLayer, SparseLinear
 from .. import _native
-from ..selection import random_positions, sample_threshold, top_k
+from ..nn.modules import SparseConv2d, SparseLayer, SparseLinear
+from ..selection import SAMPLE_SIZE, random_positions, sample_threshold, top_k
 from .structure import isin_sorted
 
 __all__ = ["GradientCapture", "dense_gradient", "topk_absent_gradient", "feature_major", "DEFAULT_MAX_CHUNK_ELEMENTS"]
@@ -220,9 +220,6 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
     return best_keys
 
 
-_SAMPLE = 1 << 15
-
-
 def _absent_candidates(native, flat: torch.Tensor, present: torch.Tensor, base: int, k: int,
                        floor: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(ascending indices, |g| there) of the absent entries of a flat gradient chunk that reach a
@@ -235,10 +232,10 @@ def _absent_candidates(native, flat: torch.Tensor, present: torch.Tensor, base: 
     """
     n = flat.numel()
     n_absent = n - present.numel()
-    if n < 4 * _SAMPLE or n_absent <= 0:
+    if n < 4 * SAMPLE_SIZE or n_absent <= 0:
         return None
     # Sorted, so the membership test is one merge pass over `present` instead of random binary searches.
-    sample = torch.sort(random_positions(n, _SAMPLE, flat.device)).values
+    sample = torch.sort(random_positions(n, SAMPLE_SIZE, flat.device)).values
     sample = sample[~isin_sorted(sample + base, present, values_sorted=True)]
     threshold = sample_threshold(flat[sample].abs(), k / n_absent) if sample.numel() else None
     if threshold is None:
