@@ -14,15 +14,17 @@ from typing import List
 
 import torch
 
-from . import algorithms, common, kernels, layers, report, sampling, training
+from . import algorithms, common, convalgo, kernels, layers, report, sampling, training
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSITIES = [0.5, 0.2, 0.1, 0.05, 0.01, 0.001]
-SUITES = {"kernels": kernels, "layers": layers, "training": training, "algorithms": algorithms, "sampling": sampling}
+SUITES = {"kernels": kernels, "layers": layers, "convalgo": convalgo, "training": training, "algorithms": algorithms,
+          "sampling": sampling}
 # The options each suite depends on, recorded with its results.
 SETTINGS = {
     "kernels": ("shapes", "blocks", "densities", "rounds"),
     "layers": ("densities", "layer_rounds"),
+    "convalgo": ("train_densities", "distributions", "vgg_batch", "layer_rounds"),
     "training": ("train_models", "train_densities", "distributions", "vgg_batch", "train_rounds"),
     "algorithms": ("train_models", "algo_density", "distributions", "vgg_batch", "update_interval", "drop_fraction",
                    "algo_rounds"),

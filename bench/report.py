@@ -177,7 +177,7 @@ def _setting(v) -> str:
 
 def _runs_table(result: dict) -> str:
     rows = []
-    for suite in ("kernels", "layers", "training", "algorithms", "sampling"):
+    for suite in ("kernels", "layers", "convalgo", "training", "algorithms", "sampling"):
         run = result.get(suite, {}).get("run")
         if run:
             settings = "; ".join(f"{k}={_setting(v)}" for k, v in run.get("settings", {}).items())
@@ -325,6 +325,18 @@ def _new_suites(result: dict) -> List[str]:
         if target:
             parts += ["### Targets", "", target, ""]
         parts += [_training_tables(tr), ""]
+    ca = result.get("convalgo", {})
+    if ca.get("records"):
+        from . import convalgo
+        parts += ["## Convolution algorithms per layer", "",
+                  f"Every `SparseConv2d.conv_algorithm` on each convolution of {ca.get('model')} after "
+                  f"`sparsify(model, density, {ca.get('distribution')!r})`, with the input the layer gets in the "
+                  "model's forward pass, forward+backward, against the dense nn.Conv2d with the same kept weights "
+                  "(interleaved, medians; each algorithm checked against it first). `direct`: the direct sparse "
+                  "convolution; `unfold`: im2col + spmm; `dense`: the stored weights scattered into a transient "
+                  "dense kernel for torch's convolution. `auto picks` is what `conv_algorithm=\"auto\"` chooses "
+                  "(thresholds in sparsestart/nn/modules.py); `fastest / auto time` is 1.00 when it picks the "
+                  "fastest.", "", convalgo.table(ca), ""]
     al = result.get("algorithms", {}).get("records")
     if al:
         r0 = al[0]

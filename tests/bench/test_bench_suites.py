@@ -123,3 +123,15 @@ def test_sampling_suite_and_merge(tmp_path):
     assert all(n % 256 == 0 for n in recs["bsr16-bernoulli"]["nnz_elements"])
     assert "## ER sampling of one large layer" in md and "### Layers: time against nnz" in md
     assert "| csr-exact | 512x512 |" in md
+
+
+@needs_native
+def test_conv_algorithm_suite(tmp_path):
+    saved, md = _run(tmp_path, "--suites", "convalgo", "--train-densities", "0.5", "0.05", "--layer-rounds", "1")
+    recs = saved["convalgo"]["records"]
+    assert {r["model_density"] for r in recs} == {0.5, 0.05} and len(recs) == 16  # 8 convolutions of VGG-11
+    for r in recs:
+        assert r["auto"] in ("direct", "unfold", "dense") and r["fastest"] in r["times"]
+        assert all(e <= 1e-4 for e in r["rel_error"].values())
+        assert "dense nn.Conv2d" in r["times"] and r["auto"] in r["times"]
+    assert "## Convolution algorithms per layer" in md and "auto picks" in md
