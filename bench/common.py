@@ -115,6 +115,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
+def forward_backward(fn: Callable[[torch.Tensor], torch.Tensor], params, x: torch.Tensor,
+                     gy: torch.Tensor) -> Callable[[], None]:
+    """A timed call of one layer pass: ``fn(x).backward(gy)`` with the gradients of ``params`` and of
+    ``x`` (a leaf requiring grad: a hidden layer computes all three) reset to None first."""
+    params = list(params)
+
+    def run():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        fn(x).backward(gy)
+    return run
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes held by the given tensors (None entries count 0; storage shared between them is counted once)."""
     seen, total = set(), 0

@@ -45,17 +45,13 @@ def bench_layer(name: str, layer, x: torch.Tensor, rounds: int) -> dict:
     chosen = layer._algorithm(x, layer._explicit_padding())
     direct_ok = layer.stride == (1, 1) and layer.values.dim() == 1
 
-    def fwd_bwd(module, algorithm=None):
-        def run():
-            if algorithm is not None:
-                layer.conv_algorithm = algorithm
-            for p in module.parameters():
-                p.grad = None
-            xg.grad = None
-            module(xg).backward(gy)
-        return run
+    def with_algorithm(algorithm):
+        def fn(inp):
+            layer.conv_algorithm = algorithm
+            return layer(inp)
+        return fn
 
-    impls = {"dense nn.Conv2d": fwd_bwd(dense)}
+    impls = {"dense nn.Conv2d": common.forward_backward(dense, dense.parameters(), xg, gy)}
     errors = {}
     for algorithm in ALGORITHMS:
         if algorithm == "direct" and not direct_ok:
@@ -66,7 +62,7 @@ def bench_layer(name: str, layer, x: torch.Tensor, rounds: int) -> dict:
         if not errors[algorithm] <= 1e-4:
             raise AssertionError(f"{name}: conv_algorithm={algorithm!r} differs from the dense convolution "
                                  f"({errors[algorithm]:.3g})")
-        impls[algorithm] = fwd_bwd(layer, algorithm)
+        impls[algorithm] = common.forward_backward(with_algorithm(algorithm), layer.parameters(), xg, gy)
     times = common.interleaved(impls, rounds, min_sample=5e-3, max_inner=20)
     layer.conv_algorithm = "auto"
     best = min((a for a in ALGORITHMS if a in times), key=lambda a: times[a]["median"])

@@ -81,12 +81,7 @@ def bench_layer(cfg, density: float, rounds: int, fmt: str = "csr", seed: int = 
         return run
 
     def fwd_bwd(fn):
-        def run():
-            for p in params:
-                p.grad = None
-            xg.grad = None
-            fn(xg).backward(gy)
-        return run
+        return common.forward_backward(fn, params, xg, gy)
 
     # check the gradients once: sparse values' grad equals the masked dense weight grad at the kept entries
     fwd_bwd(lambda inp: sparse(inp))()

@@ -401,9 +401,10 @@ def render(result: dict, source: Optional[str] = None) -> str:
               "reference. The idle fraction of the machine just before each problem is in the JSON (`idle_before`).",
               "- Allocator: unless run with `--default-malloc`, the benchmark process keeps freed memory "
               "(`sparsestart.runtime.retain_freed_memory`, glibc mallopt; `sparsestart train` does the same), for "
-              "sparse, dense and masked alike. With glibc's default every fresh multi-MB buffer page-faults "
-              "(~2.5 ms per 16 MiB here) depending on what the other implementations allocated before, which "
-              "moved single layer timings by up to 2x between runs.",
+              "sparse, dense and masked alike. With glibc's default every fresh multi-MB buffer may be page-faulted "
+              "afresh, depending on what the other implementations allocated before; `python -m bench --suites "
+              "layers --default-malloc --name cpu-default-malloc` measures that (a run is in "
+              "`bench/results/cpu-default-malloc.json`).",
               "- `sparsestart` is the native op (`torch.ops.sparsestart._native_*`); `op overhead` is the extra time of "
               "the public `torch.ops.sparsestart.spmm/spmm_t/sddmm` (Python checks, backend registry).",
               "- GF/s eff. = 2 * nnz * N / t (useful work, nnz in weights); GF/s dense-eq. = 2 * M * K * N / t; "

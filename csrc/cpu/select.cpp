@@ -44,9 +44,10 @@ at::Tensor absent_at_least_cpu(const at::Tensor& scores_in, const at::Tensor& pr
                                double threshold) {
   TORCH_CHECK_VALUE(scores_in.dim() == 1, "sparsestart.absent_at_least: scores must be 1-D, got ", scores_in.dim(),
                     "-D");
-  TORCH_CHECK_TYPE(present_in.scalar_type() == at::kLong, "sparsestart.absent_at_least: present must be int64");
+  TORCH_CHECK_TYPE(present_in.scalar_type() == at::kLong, "sparsestart.absent_at_least: present must be int64, got ",
+                   present_in.scalar_type());
   TORCH_CHECK_TYPE(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
-                   "sparsestart.absent_at_least: scores must be float32 or float64");
+                   "sparsestart.absent_at_least: scores must be float32 or float64, got ", scores_in.scalar_type());
   auto scores = scores_in.contiguous();
   auto present = present_in.contiguous();
   const int64_t n = scores.numel(), p = present.numel();
@@ -72,7 +73,8 @@ at::Tensor absent_at_least_cpu(const at::Tensor& scores_in, const at::Tensor& pr
 
 at::Tensor sorted_isin_cpu(const at::Tensor& values_in, const at::Tensor& set_in) {
   TORCH_CHECK_TYPE(values_in.scalar_type() == at::kLong && set_in.scalar_type() == at::kLong,
-                   "sparsestart.sorted_isin: values and set must be int64");
+                   "sparsestart.sorted_isin: values and set must be int64, got ", values_in.scalar_type(), " and ",
+                   set_in.scalar_type());
   auto values = values_in.contiguous().view(-1);
   auto set = set_in.contiguous().view(-1);
   const int64_t k = values.numel(), m = set.numel();
@@ -82,9 +84,11 @@ at::Tensor sorted_isin_cpu(const at::Tensor& values_in, const at::Tensor& set_in
   bool* O = out.data_ptr<bool>();
   int64_t j = 0;
   for (int64_t i = 0; i < k; ++i) {
-    TORCH_CHECK_VALUE(i == 0 || V[i] >= V[i - 1], "sparsestart.sorted_isin: values are not sorted ascending");
+    TORCH_CHECK_VALUE(i == 0 || V[i] >= V[i - 1], "sparsestart.sorted_isin: values are not sorted ascending: values[",
+                      i - 1, "] = ", V[i - 1], " > values[", i, "] = ", V[i]);
     while (j < m && S[j] < V[i]) {
-      TORCH_CHECK_VALUE(j == 0 || S[j] >= S[j - 1], "sparsestart.sorted_isin: set is not sorted ascending");
+      TORCH_CHECK_VALUE(j == 0 || S[j] >= S[j - 1], "sparsestart.sorted_isin: set is not sorted ascending: set[",
+                        j - 1, "] = ", S[j - 1], " > set[", j, "] = ", S[j]);
       ++j;
     }
     O[i] = j < m && S[j] == V[i];

@@ -30,11 +30,11 @@ _INDEX_NAMES = ("rowptr", "col", "slot", "colptr", "row", "slot_t")
 #: when possible, unless an output plane spans < DIRECT_MIN_PLANE padded elements at density >=
 #: UNFOLD_MIN_DENSITY, else unfold. Thresholds from the VGG-11 layers (batch 64, forward+backward,
 #: 2 threads; `python -m bench --suites convalgo` measures every algorithm on every layer against
-#: nn.Conv2d, table in docs/benchmarks.md): at ERK 0.1 the 64->128 conv (density 0.495)
-#: takes 29 ms direct and 17-19 ms dense, at 0.24 both are equal, the 3->64 input conv (fan-in 27)
-#: is faster direct even at density 1; the 512->512 convs on 2x2 maps (planes of 2 x 4) take 12 ms
-#: direct (with samples grouped, csrc/cpu/conv.cpp) and 8.5 ms unfolded at density 0.08, but 2.9 ms
-#: direct and 6.2 ms unfolded at 0.008.
+#: nn.Conv2d, table in docs/benchmarks.md; run of 2026-11-29): at ERK 0.1 the 64->128 conv (density
+#: 0.495) takes 27.0 ms direct and 17.6 ms dense, at 0.244 both take 17.7 ms, the 3->64 input conv
+#: (fan-in 27) is faster direct even at density 1 (6.9 vs 7.4 ms); the 512->512 convs on 2x2 maps
+#: (planes of 2 x 4) take 13.6 ms direct (samples grouped, csrc/cpu/conv.cpp) and 9.6 ms unfolded at
+#: density 0.08, but 2.9 ms direct and 6.9 ms unfolded at 0.008.
 CONV_ALGORITHMS = ("auto", "direct", "unfold", "dense")
 DENSE_COMPUTE_DENSITY = 0.4
 DENSE_COMPUTE_MIN_FAN_IN = 64

@@ -93,8 +93,10 @@ def test_native_sorted_isin_matches_torch_and_rejects_unsorted():
         assert torch.equal(torch.ops.sparsestart._native_sorted_isin(values, sset), want)
         assert torch.equal(isin_sorted(values, sset, values_sorted=True), want)
         assert torch.equal(isin_sorted(values, sset), want)
-    with pytest.raises(ValueError, match="values are not sorted"):
+    with pytest.raises(ValueError, match=r"values are not sorted ascending: values\[0\] = 3 > values\[1\] = 1"):
         torch.ops.sparsestart._native_sorted_isin(torch.tensor([3, 1]), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="must be int64, got Int and Long"):
+        torch.ops.sparsestart._native_sorted_isin(torch.tensor([1], dtype=torch.int32), torch.tensor([0, 1, 2]))
 
 
 @pytest.mark.skipif(not NATIVE, reason="sparsestart._C not built")
