@@ -12,16 +12,28 @@ its standard library (tl.cdiv, tl.sum, ...) is compiled or interpreted
 (:data:`INTERPRETED`), so under the interpreter they run on CPU tensors; then
 each kernel has a single small config instead of an autotune list.
 
-Importing this module imports triton.
+Autotuning. Each kernel has an autotune list (below). ``SPARSESTART_TRITON_AUTOTUNE=0`` in
+the environment (read at import) replaces every list by one sound default config, which
+cuts the first-call compile time from minutes to seconds (scripts/gpu_check.sh uses it
+for the correctness tests; benchmarks leave it on).
+
+Importing this module imports triton (>= 3.0; ``triton.knobs`` is used when present, 3.4+).
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
 from . import bsr, csr
+
+try:  # triton >= 3.4
+    from triton import knobs
+except ImportError:  # older triton reads TRITON_INTERPRET from the environment when jitting
+    knobs = None
 
 __all__ = ["INTERPRETED", "BLOCK_SIZES", "DTYPES", "spmm", "sddmm"]
 
@@ -35,17 +47,42 @@ _TL_ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32:
            torch.float64: tl.float64}
 
 
+@contextlib.contextmanager
+def _interpret_env(interpret: bool):
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
 def _jit(fn, do_not_specialize=()):
     # Jit in the mode of triton's standard library, whatever TRITON_INTERPRET says now.
-    with knobs.runtime.scope():
-        knobs.runtime.interpret = INTERPRETED
+    if knobs is not None:
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = INTERPRETED
+            return triton.jit(fn, do_not_specialize=list(do_not_specialize))
+    with _interpret_env(INTERPRETED):
         return triton.jit(fn, do_not_specialize=list(do_not_specialize))
 
 
-def _autotune(kernel, configs, key, prune=None):
+# Read once at import: whether the autotune lists are searched or replaced by their default config.
+AUTOTUNE: bool = os.environ.get("SPARSESTART_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _autotune(kernel, configs, key, prune=None, default=None):
+    """Autotune over ``configs[1:]``; the interpreter runs ``configs[0]``, AUTOTUNE=False ``default``."""
     if INTERPRETED:
         configs = configs[:1]
-    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None and not INTERPRETED else {}
+    elif not AUTOTUNE:
+        configs = [default if default is not None else configs[1]]
+    else:
+        configs = configs[1:]
+    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None and len(configs) > 1 else {}
     return triton.autotune(configs=configs, key=key, **kwargs)(kernel)
 
 
@@ -55,15 +92,17 @@ def _cfg(num_warps=4, num_stages=2, **meta):
 
 # ------------------------------------------------------------- autotune lists
 # The first entry of each list is the single config used under the interpreter
-# (small tiles: the interpreter runs every program in numpy).
+# (small tiles: the interpreter runs every program in numpy); the rest is the GPU's list.
+# num_stages 4 is left out: these loops pipeline one x tile per entry, and 4 stages
+# compiled to the same kernel as 3 (review F8).
 # Keys: N_BUCKET / R_BUCKET are N and the number of (block) rows rounded up to
 # a power of two, so a ragged last batch does not trigger a new tuning run;
 # the autotuner adds the dtypes of the tensor arguments itself.
 _BSR_SPMM_CONFIGS = [_cfg(4, 2, BLOCK_N=32)] + [
-    _cfg(w, s, BLOCK_N=bn) for bn in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (8, 3), (4, 4))
+    _cfg(w, s, BLOCK_N=bn) for bn in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (8, 3))
 ]
 _BSR_SDDMM_CONFIGS = [_cfg(4, 2, BLOCK_N=32)] + [
-    _cfg(w, s, BLOCK_N=bn) for bn in (32, 64, 128) for (w, s) in ((4, 2), (4, 3), (8, 3))
+    _cfg(w, s, BLOCK_N=bn) for bn in (32, 64, 128) for (w, s) in ((2, 2), (4, 2), (4, 3), (8, 3))
 ]
 _CSR_SPMM_CONFIGS = [_cfg(4, 2, BLOCK_E=16, BLOCK_N=32)] + [
     _cfg(w, s, BLOCK_E=be, BLOCK_N=bn) for be in (16, 32) for bn in (32, 64, 128) for (w, s) in ((2, 2), (4, 3))
@@ -80,13 +119,41 @@ def _prune_bsr(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+# Shared memory a config may ask for (H100 allows 227 KB per block, A100 163 KB).
+_SMEM_LIMIT = 160 * 1024
+
+
+def _prune_bsr_sddmm(configs, named_args, **kwargs):
+    """SDDMM's tiles are two B x BLOCK_N operand panels and a B x B accumulator (not spmm's B x BLOCK_N).
+
+    Drops (review F9 / F-AOT): configs whose operand panels need more than 128 bytes of
+    registers per thread (fp32 B=64, BLOCK_N=128 on 4 warps spilled at 255 registers),
+    whose pipelined panels exceed the shared memory (fp64 B=64 at 256 KB), and 1-2 warp
+    configs on B=64 tiles.
+    """
+    b = named_args.get("B", kwargs.get("B", 64))
+    a = named_args.get("a")
+    elsize = a.element_size() if isinstance(a, torch.Tensor) else 4
+    kept = []
+    for c in configs:
+        bn, w = c.kwargs["BLOCK_N"], c.num_warps
+        panel = b * bn * elsize
+        if panel / (32 * w) > 128 or 2 * panel * max(c.num_stages, 1) > _SMEM_LIMIT or (b == 64 and w < 4):
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+
+
 _bsr_spmm = _autotune(_jit(bsr.bsr_spmm_kernel, ("N_BUCKET", "R_BUCKET")), _BSR_SPMM_CONFIGS,
-                      key=["N_BUCKET", "R_BUCKET", "B", "TRANS", "PREC"], prune=_prune_bsr)
+                      key=["N_BUCKET", "R_BUCKET", "B", "TRANS", "PREC"], prune=_prune_bsr,
+                      default=_cfg(4, 3, BLOCK_N=64))
 _bsr_sddmm = _autotune(_jit(bsr.bsr_sddmm_kernel, ("R", "N_BUCKET", "LOG2_R")), _BSR_SDDMM_CONFIGS,
-                       key=["N_BUCKET", "LOG2_R", "B", "PREC"], prune=_prune_bsr)
+                       key=["N_BUCKET", "LOG2_R", "B", "PREC"], prune=_prune_bsr_sddmm,
+                       default=_cfg(4, 2, BLOCK_N=32))
 _csr_spmm = _autotune(_jit(csr.csr_spmm_kernel, ("N_BUCKET", "R_BUCKET")), _CSR_SPMM_CONFIGS,
-                      key=["N_BUCKET", "R_BUCKET"])
-_csr_sddmm = _autotune(_jit(csr.csr_sddmm_kernel, ("N_BUCKET",)), _CSR_SDDMM_CONFIGS, key=["N_BUCKET"])
+                      key=["N_BUCKET", "R_BUCKET"], default=_cfg(4, 3, BLOCK_E=32, BLOCK_N=64))
+_csr_sddmm = _autotune(_jit(csr.csr_sddmm_kernel, ("N_BUCKET",)), _CSR_SDDMM_CONFIGS, key=["N_BUCKET"],
+                       default=_cfg(4, 2, BLOCK_E=16, BLOCK_N=128))
 
 
 # ------------------------------------------------------------------ launchers
@@ -94,13 +161,35 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def fp32_uses_tf32() -> bool:
+    """Whether torch lets fp32 matmuls use TF32 now (dense cuBLAS and these kernels follow it together).
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("ieee" / "tf32" / "none");
+    once a user sets it, the legacy getter ``torch.get_float32_matmul_precision()`` raises
+    (review F18), so the new setting is read first and the legacy one only when it is "none"
+    or absent.
+    """
+    new = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", None)
+    if new in ("ieee", "tf32"):
+        return new == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return False
+
+
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 follows torch.set_float32_matmul_precision (as cuBLAS does in torch)."""
+    """tl.dot input precision: fp32 follows torch's fp32 matmul precision (as cuBLAS does in torch)."""
     if dtype == torch.float64:
         return "ieee"
     if dtype == torch.float32:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return "tf32" if fp32_uses_tf32() else "ieee"
     return "tf32"  # ignored for 16-bit operands
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one (review F4: cuda:1 tensors, current device 0)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -141,12 +230,13 @@ def spmm(values: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, slot: torch
     def grid(meta):
         return (R * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    if b == 1:
-        _csr_spmm[grid](values, ptr, idx, slot, x, out, N, _bucket(N), _bucket(R), ACC=_TL_ACC[x.dtype])
-    else:
-        _bsr_spmm[grid](values, ptr, idx, slot, x, out, N, _bucket(N), _bucket(R), B=b,
-                        TRANS=bool(transpose_blocks), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
-                        ACC=_TL_ACC[x.dtype])
+    with _device_guard(x):
+        if b == 1:
+            _csr_spmm[grid](values, ptr, idx, slot, x, out, N, _bucket(N), _bucket(R), ACC=_TL_ACC[x.dtype])
+        else:
+            _bsr_spmm[grid](values, ptr, idx, slot, x, out, N, _bucket(N), _bucket(R), B=b,
+                            TRANS=bool(transpose_blocks), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+                            ACC=_TL_ACC[x.dtype])
     return out
 
 
@@ -170,10 +260,11 @@ def sddmm(ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, a: torch.Ten
     out = a.new_zeros(shape)
     if R == 0 or capacity == 0 or N == 0:
         return out
-    if block_size == 1:
-        _csr_sddmm[(R,)](ptr, idx, slot, a, b, out, N, _bucket(N), ACC=_TL_ACC[a.dtype])
-    else:
-        _bsr_sddmm[(capacity,)](ptr, idx, slot, a, b, out, R, N, _bucket(N), max(R - 1, 1).bit_length(),
-                                B=block_size, PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype),
-                                ACC=_TL_ACC[a.dtype])
+    with _device_guard(a):
+        if block_size == 1:
+            _csr_sddmm[(R,)](ptr, idx, slot, a, b, out, N, _bucket(N), ACC=_TL_ACC[a.dtype])
+        else:
+            _bsr_sddmm[(capacity,)](ptr, idx, slot, a, b, out, R, N, _bucket(N), max(R - 1, 1).bit_length(),
+                                    B=block_size, PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype),
+                                    ACC=_TL_ACC[a.dtype])
     return out

@@ -15,6 +15,7 @@ import sparsestart
 import sparsestart.ops.gpu as gpu
 from sparsestart import ops
 from sparsestart.nn import SparseConv2d, SparseLayer, SparseLinear
+from tests.gpu.backends import BACKENDS, require
 from tests.util import compare_with_dense, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -22,25 +23,29 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEV = "cuda"
 # (backend, format, block size) combinations the backend runs.
 COMBOS = [("reference", "csr", None), ("reference", "bsr", 16)]
-if gpu.cuda_extension_available():
+if "cuda" in BACKENDS:
     COMBOS += [("cuda", "csr", None)]
-if gpu.triton_available():
+if "triton" in BACKENDS:
     COMBOS += [("triton", "csr", None), ("triton", "bsr", 16), ("triton", "bsr", 32), ("triton", "bsr", 64)]
 IDS = [f"{b}-{f}{s or ''}" for b, f, s in COMBOS]
 
 
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
-    # The dense twin runs cuBLAS; keep both sides in IEEE fp32 (no TF32) for tight comparisons.
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    # The dense twin runs cuBLAS and cuDNN; keep both sides in IEEE fp32 (no TF32) for tight
+    # comparisons. The matmul setting does not cover convolutions: cuDNN's allow_tf32 defaults
+    # to True and must be switched off as well (review F1).
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.set_float32_matmul_precision(old)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.parametrize("backend,fmt,b", COMBOS, ids=IDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_sparse_linear_matches_dense(backend, fmt, b, dtype, tol):
+    require(backend)
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("bfloat16 needs compute capability 8.0")
     layer = SparseLinear(192, 128, density=0.3, format=fmt, block_size=b, seed=1, device=DEV, dtype=dtype,
@@ -60,9 +65,15 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("backend,fmt,b", COMBOS, ids=IDS)
 @pytest.mark.parametrize("cfg", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
-def test_sparse_conv_matches_dense(backend, fmt, b, cfg):
+@pytest.mark.parametrize("algorithm", ["unfold", "direct"])
+def test_sparse_conv_matches_dense(backend, fmt, b, cfg, algorithm):
+    require(backend)
+    if algorithm == "direct" and (fmt != "csr" or cfg["stride"] != 1):
+        pytest.skip("the direct convolution runs stride-1 CSR layers")
     cin = b or 8  # K = cin * kh * kw is then a multiple of the block size
     layer = SparseConv2d(cin, 64, density=0.4, format=fmt, block_size=b, seed=2, device=DEV, **cfg)
+    # Forced: "auto" picks the dense algorithm (plain cuDNN) for some of these layers (review F7).
+    layer.conv_algorithm = algorithm
     with ops.use_backend(backend):
         compare_with_dense(layer, torch.randn(2, cin, 11, 9, device=DEV), 1e-5, device_type="cuda")
 

@@ -7,6 +7,7 @@
 #include "emu.h"
 
 #include <condition_variable>
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <mutex>
