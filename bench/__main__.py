@@ -2,7 +2,11 @@
 -> bench/results/<name>.json and docs/benchmarks.md.
 
 Running some suites into an existing result file keeps the other suites' results
-from it (each suite records when and how it was run); --no-merge starts afresh."""
+from it (each suite records when and how it was run); --no-merge starts afresh.
+
+--device cuda runs the GPU suites instead (layers, training, algorithms against dense
+cuBLAS/cuDNN, see bench/gpu_suites.py) -> bench/results/gpu-<device>.json and the GPU
+section of docs/benchmarks.md; --quick there is a few-minute run (MLP + VGG-11)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +18,7 @@ from typing import List
 
 import torch
 
-from . import algorithms, common, convalgo, kernels, layers, report, sampling, training
+from . import algorithms, common, convalgo, gpu_report, gpu_suites, kernels, layers, report, sampling, training
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSITIES = [0.5, 0.2, 0.1, 0.05, 0.01, 0.001]
@@ -40,10 +44,22 @@ def _shape(s: str):
     return M, K, N
 
 
+def _device(s: str) -> str:
+    s = s.strip().lower()
+    if s in ("cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"device must be cpu, cuda or cuda:N, got {s!r}")
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="tiny smoke run: small shapes, two densities, few rounds")
-    p.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke run: small shapes, two densities, few rounds (with --device cuda: the real "
+                        "shapes, MLP + VGG-11, few rounds, no Triton autotune search: a few minutes)")
+    p.add_argument("--suites", nargs="+", default=None, choices=list(SUITES),
+                   help="suites to run (default: all; with --device cuda: training layers algorithms)")
+    p.add_argument("--device", default="cpu", type=_device,
+                   help="cpu (default: the CPU suites) or cuda / cuda:N: the GPU suites (bench/gpu_suites.py)")
     p.add_argument("--shapes", nargs="+", type=_shape, default=None,
                    help="kernel shapes MxKxN (default 4096x4096x256 1024x1024x256 64x576x65536 256x2304x4096)")
     p.add_argument("--blocks", nargs="+", type=int, default=None, help="1 = CSR, b = BSR with b x b blocks (default 1 16)")
@@ -51,13 +67,15 @@ def parse(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per kernel problem (default 15)")
     p.add_argument("--layer-rounds", type=int, default=None, help="interleaved rounds per layer problem (default 9)")
     g = p.add_argument_group("training and algorithms suites")
-    g.add_argument("--train-models", nargs="+", default=["mlp", "vgg11"], choices=["mlp", "vgg11"])
+    g.add_argument("--train-models", nargs="+", default=None, choices=["mlp", "vgg11", "resnet18"],
+                   help="default mlp vgg11 (GPU: + resnet18 without --quick; resnet18 is GPU-only)")
     g.add_argument("--train-densities", nargs="+", type=float, default=[0.1, 0.01],
                    help="overall densities of the training suite (default 0.1 0.01)")
     g.add_argument("--distributions", nargs="+", default=None, metavar="NAME",
                    help="layer-wise density rules for sparsify, e.g. erk uniform (default: sparsify's default, erk); "
                         "the algorithms suite uses the first")
-    g.add_argument("--vgg-batch", type=int, default=None, help="VGG-11 batch size (default 64; 2 with --quick)")
+    g.add_argument("--vgg-batch", type=int, default=None,
+                   help="VGG-11 batch size (default 64; 2 with --quick; GPU suites: VGG-11 and ResNet-18, default 256)")
     g.add_argument("--train-rounds", type=int, default=None, help="interleaved rounds per training problem (default 9)")
     g.add_argument("--algo-rounds", type=int, default=None, help="interleaved rounds per algorithm problem (default 5)")
     g.add_argument("--algo-density", type=float, default=0.1, help="density of the algorithms suite (default 0.1)")
@@ -71,7 +89,25 @@ def parse(argv=None):
     g.add_argument("--sampling-variants", nargs="+", default=list(sampling.VARIANTS), choices=list(sampling.VARIANTS))
     g.add_argument("--sampling-rounds", type=int, default=None,
                    help="fresh processes per variant (default 3; 1 with --quick)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    g = p.add_argument_group("GPU suites (--device cuda)")
+    g.add_argument("--precisions", nargs="+", default=None, choices=list(gpu_suites.PRECISIONS),
+                   help="fp32 (IEEE, no TF32, on both sides) and/or bf16 (autocast, fp32 master weights); default both")
+    g.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
+                   help="csr and/or bsrB, e.g. bsr32 (default csr bsr32)")
+    g.add_argument("--reps", type=int, default=None, help="timed interleaved rounds per case (default 30; 10 quick)")
+    g.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; 3 quick)")
+    g.add_argument("--algo-reps", type=int, default=None, help="timed rounds per algorithms case (default 10; 5 quick)")
+    g.add_argument("--algo-precisions", nargs="+", default=None, choices=list(gpu_suites.PRECISIONS),
+                   help="precisions of the algorithms suite (default: fp32 with --quick, else --precisions)")
+    g.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=None,
+                   help="search the Triton autotune lists (default: on, off with --quick; "
+                        "SPARSESTART_TRITON_AUTOTUNE in the environment decides when neither is given)")
+    g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="skip (and record as skipped) the cases that would start after SECONDS")
+    # Hidden, for the tests: tiny shapes, and the GPU suites on CPU tensors.
+    g.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--gpu-dry-run", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 2; GPU suites: torch's)")
     p.add_argument("--default-malloc", dest="retain_memory", action="store_false",
                    help="leave glibc's malloc as it is; by default the process keeps freed memory "
                         "(sparsestart.runtime.retain_freed_memory), for every implementation alike")
@@ -86,6 +122,28 @@ def parse(argv=None):
                    help="do not keep the results of suites not run now from an existing result file of the same name")
     args = p.parse_args(argv)
     args.distributions = args.distributions or [training.default_distribution()]
+    args.gpu = args.device != "cpu" or args.gpu_dry_run
+    if args.gpu:
+        if args.gpu_dry_run and args.device != "cpu":
+            p.error("--gpu-dry-run runs the GPU suites on the CPU; leave --device cpu")
+        try:
+            gpu_suites.configure(args)
+        except ValueError as exc:
+            p.error(str(exc))
+        if args.docs is None and not (args.tiny or args.gpu_dry_run):
+            args.docs = str(ROOT / "docs" / "benchmarks.md")
+        return args
+    for flag in ("precisions", "formats", "reps", "warmup", "algo_reps", "algo_precisions", "autotune",
+                 "time_budget"):
+        if getattr(args, flag) is not None:
+            p.error(f"--{flag.replace('_', '-')} applies to the GPU suites (--device cuda)")
+    if args.tiny:
+        p.error("--tiny applies to the GPU suites")
+    args.suites = args.suites or list(SUITES)
+    args.train_models = args.train_models or ["mlp", "vgg11"]
+    if "resnet18" in args.train_models:
+        p.error("--train-models resnet18 is measured by the GPU suites only (--device cuda)")
+    args.threads = args.threads or 2
     if args.quick:
         args.shapes = args.shapes or [(256, 192, 40), (64, 48, 300)]
         args.blocks = args.blocks or [1, 16]
@@ -132,8 +190,23 @@ def merge_previous(result: dict, path: Path) -> List[str]:
     return kept
 
 
+def main_gpu(args, argv=None) -> dict:
+    """The GPU suites: bench/results/gpu-<device>.json, and its section of the markdown report."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = gpu_suites.run(args, command, log=lambda s: print(s, flush=True))
+    path = args.result_path
+    if args.docs:
+        gpu_report.update_docs(Path(args.docs), result, source=str(path))
+        print(f"wrote the {result['meta']['device']} section of {args.docs}")
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.gpu:
+        return main_gpu(args, argv)
     torch.set_num_threads(args.threads)
     from sparsestart import runtime
     if args.retain_memory:
@@ -171,7 +244,7 @@ def main(argv=None) -> dict:
     print(f"wrote {path}")
     if args.docs:
         Path(args.docs).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.docs).write_text(report.render(result, source=str(path)))
+        gpu_report.write_cpu_docs(Path(args.docs), report.render(result, source=str(path)))
         print(f"wrote {args.docs}")
     return result
 

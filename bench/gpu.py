@@ -5,7 +5,7 @@ sampled_addmm) and torch's CSR @ dense (cuSPARSE).
 Run on a CUDA machine (docs/gpu.md):
 
     python bench/gpu.py                       # default sweep, fp32 and bf16
-    python bench/gpu.py --quick               # one shape, a few densities (a minute)
+    python bench/gpu.py --quick               # 4096x4096, N=4096 (the issue 13 targets), a few densities
     python bench/gpu.py --dtypes bf16 --blocks 32 64 --densities 0.5 0.1 --ops spmm
 
 For every (shape, dtype, format, density) it first checks each implementation
@@ -14,7 +14,8 @@ process (medians of rounds of triton.testing.do_bench, which flushes L2), and
 reports time, effective GFLOP/s (2 * nnz * N / t: useful work), dense-equivalent
 GFLOP/s (2 * M * K * N / t), the ratio to dense, the peak memory of one call,
 and per (shape, dtype, format) the break-even density (the largest density at
-which the sparse kernel beats dense). Results: bench/results/gpu-<device>.json
+which the sparse kernel beats dense). Results: bench/results/gpu-kernels-<device>.json
+(the layer/training suites of `python -m bench --device cuda` write gpu-<device>.json)
 and a markdown table next to it.
 
 Ops (the three products of a training step of a layer with weight W [M, K] and
@@ -40,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.gpu_suites import slug  # noqa: E402  (the layer suites name their result files the same way)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # relative max error vs float64
 
@@ -56,10 +59,10 @@ def _parse():
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 (dense cuBLAS and triton alike)")
     p.add_argument("--quick", action="store_true", help="one shape, densities 0.5/0.1/0.01, blocks 32, fp32+bf16")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/gpu-<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/gpu-kernels-<device>.json)")
     args = p.parse_args()
     if args.quick:
-        args.shapes, args.densities, args.blocks = ["4096x4096x2048"], [0.5, 0.1, 0.01], [32]
+        args.shapes, args.densities, args.blocks = ["4096x4096x4096"], [0.5, 0.1, 0.01], [32]
     return args
 
 
@@ -227,7 +230,7 @@ def main():
                                   f"{row['useful_gflops']:9.1f} GF/s useful  x{row['speedup_vs_dense']:.2f} vs dense"
                                   f"{flag}", flush=True)
                     del m, w
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-{dev.replace(' ', '_')}.json"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-kernels-{slug(dev)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=dev, torch=torch.__version__, cuda=torch.version.cuda, time=time.strftime("%Y-%m-%d %H:%M"),
                 host=platform.node(), tf32=args.tf32, argv=sys.argv[1:])

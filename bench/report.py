@@ -472,7 +472,9 @@ def main(argv=None):
     if args.out == "-":
         print(md)
     else:
-        Path(args.out).write_text(md)
+        from .gpu_report import write_cpu_docs
+
+        write_cpu_docs(Path(args.out), md)  # keeps the GPU sections of the file
         print(f"wrote {args.out}")
 
 

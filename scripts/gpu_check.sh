@@ -138,9 +138,12 @@ fi
 
 if want bench; then
   if [[ $DRY == 1 ]]; then
-    step bench 300 "$PY" -m bench --device cpu --gpu-suites --quick --dry-run --out "$OUT"
+    # The GPU suites' code path at tiny shapes on CPU tensors (timings meaningless).
+    step bench 300 "$PY" -m bench --gpu-dry-run --tiny --threads 1 --out-dir "$OUT" --docs "$OUT/benchmarks-dry.md"
   else
-    step bench "${LIMIT_BENCH:-420}" env SPARSESTART_TRITON_AUTOTUNE=1 "$PY" -m bench --device cuda --quick
+    # Quick mode: MLP and VGG-11, ERK 0.1/0.01, fp32/bf16, CSR/BSR-32, one Triton config per kernel;
+    # no new case starts after BENCH_BUDGET seconds. Writes bench/results/gpu-<device>.json and docs/benchmarks.md.
+    step bench "${LIMIT_BENCH:-420}" "$PY" -m bench --device cuda --quick --time-budget "${BENCH_BUDGET:-200}" --docs docs/benchmarks.md
   fi
 fi
 

@@ -1,0 +1,952 @@
+"""GPU benchmarks of whole layers, training steps and structure updates: ``python -m bench --device cuda``.
+
+    python -m bench --device cuda --quick      # ~2-3 min: MLP + VGG-11, ERK 0.1/0.01, fp32/bf16, CSR/BSR-32
+    python -m bench --device cuda              # everything (adds ResNet-18, more layers and densities)
+    python -m bench --device cuda --suites training --precisions bf16 --formats bsr32
+
+Suites (sparse against dense cuBLAS/cuDNN in the same process, same precision):
+
+    layers      SparseLinear / SparseConv2d against nn.Linear / nn.Conv2d with the same kept weights
+                and the masked-dense layer (weight * mask), forward (no_grad) and forward+backward;
+                plus the per-op host overhead on a small layer (public ``torch.ops.sparsestart.*`` op,
+                the backend's kernel called directly, ``torch.mm`` on the same shapes)
+    training    one training step (zero_grad, forward, cross-entropy, backward, SGD-momentum step) of
+                MLP 784-4096-4096-10 (batch 4096), VGG-11-BN and ResNet-18 at 3x32x32 after
+                ``sparsify(model, density, "erk")``, against the dense model holding the kept weights
+                and the masked-dense model; peak memory of a step
+    algorithms  one RigL / SET structure update, as in the CPU suite (bench/algorithms.py)
+
+Precision: ``fp32`` is IEEE fp32 on both sides (``torch.backends.cuda.matmul.allow_tf32 = False``,
+``torch.backends.cudnn.allow_tf32 = False``, matmul precision "highest", which the Triton kernels
+follow); ``bf16`` runs forward and loss under ``torch.autocast("cuda", torch.bfloat16)`` with fp32
+master weights and optimizer state, on both sides. Formats: ``csr`` (unstructured) and ``bsrB``
+(B x B blocks); layers whose weight matrix is not a multiple of B (the MLP's 784-wide input
+layer and 10-class output layer, the first convolution, the classifier) stay CSR in a BSR model.
+
+Timing: every implementation of a case is run ``warmup`` times, then ``reps`` rounds interleaved
+(order rotated per round). Each call is synchronised before it starts and timed by CUDA events
+around it (device time: what a training loop that never waits would see as the step time, since
+a step cannot overlap the next one) and by ``time.perf_counter`` around the call alone (host time:
+the CPU time to enqueue the step, which equals the device time when the host is the bottleneck
+or the step synchronises). Medians and quartiles are reported. On a CPU device (the dry run of
+the tests) the device time falls back to perf_counter.
+
+Peak memory of a training step: gradients are dropped (``zero_grad(set_to_none=True)``), then
+``torch.cuda.reset_peak_memory_stats``, one step, ``torch.cuda.max_memory_allocated``; the peak
+above the memory allocated before the step (activations, gradients, workspaces, temporaries) plus
+the bytes the model keeps between steps (parameters, optimizer state, sparse index, buffers) is
+the peak of a process that trains this model alone.
+
+Correctness before timing: the sparse model's (layer's) output against its densified twin's in
+the same precision and against the fp32 dense result; a case whose check fails is still timed
+and flagged (``check.ok = false``, marked in the tables). Every case runs in its own try block: an
+exception (e.g. out of memory, a kernel the backend lacks) is recorded in the JSON with its
+message and the suite goes on; the JSON is rewritten after every case, so a killed run leaves
+the cases done so far.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import common
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = ("training", "layers", "algorithms")  # the default order: the issue's targets first
+PRECISIONS = ("fp32", "bf16")
+# Relative tolerance (max |out - ref| / max |ref|) of the check against the fp32 dense result; the
+# sparse side may also be up to CHECK_FACTOR times the same-precision dense error (DESIGN.md).
+TOL = {"fp32": 1e-4, "bf16": 3e-2}
+CHECK_FACTOR = 3.0
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+NEVER = 10**12
+OVERHEAD_CALLS, OVERHEAD_ROUNDS = 50, 7  # per-op host overhead: calls per burst, bursts
+
+
+# ----------------------------------------------------------------------------- settings
+def parse_format(s: str) -> tuple:
+    """'csr' -> ('csr', None); 'bsr32' -> ('bsr', 32)."""
+    s = s.lower()
+    if s == "csr":
+        return "csr", None
+    m = re.fullmatch(r"bsr-?(\d+)", s)
+    if not m or int(m.group(1)) < 2:
+        raise ValueError(f"format must be csr or bsrB (e.g. bsr32), got {s!r}")
+    return "bsr", int(m.group(1))
+
+
+def format_name(fmt: str, block: Optional[int]) -> str:
+    return "csr" if fmt == "csr" else f"bsr{block}"
+
+
+def slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{common.cpu_model()} (cpu dry run)"
+
+
+def configure(args) -> None:
+    """Fill in the GPU suites' defaults (quick / full / tiny) on the parsed CLI arguments."""
+    tiny = getattr(args, "tiny", False)
+    quick = args.quick or tiny
+    args.suites = list(args.suites or SUITES)
+    bad = [s for s in args.suites if s not in SUITES]
+    if bad:
+        raise SystemExit(f"python -m bench --device {args.device}: suites {bad} are CPU-only; the GPU suites are "
+                         f"{list(SUITES)} (GPU kernels: python bench/gpu.py)")
+    args.train_models = args.train_models or (["mlp", "vgg11"] if quick else ["mlp", "vgg11", "resnet18"])
+    args.densities = args.densities or ([0.1, 0.01] if quick else [0.5, 0.2, 0.1, 0.05, 0.01])
+    args.precisions = args.precisions or list(PRECISIONS)
+    args.formats = args.formats or ["csr", "bsr32"]
+    for f in args.formats:
+        parse_format(f)
+    args.reps = args.reps or (3 if tiny else 10 if quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3 if quick else 5)
+    args.algo_reps = args.algo_reps or (2 if tiny else 5 if quick else 10)
+    args.algo_precisions = args.algo_precisions or (["fp32"] if quick else list(args.precisions))
+    args.layer_set = "tiny" if tiny else "quick" if quick else "full"
+    if args.autotune is None:  # the quick run must fit a few minutes: no autotune search
+        env = os.environ.get("SPARSESTART_TRITON_AUTOTUNE")
+        args.autotune = (env != "0") if env is not None else not quick
+
+
+def gpu_settings(args) -> dict:
+    keys = ("suites", "train_models", "train_densities", "densities", "precisions", "formats", "distributions",
+            "reps", "warmup", "algo_reps", "algo_precisions", "algo_density", "update_interval", "drop_fraction",
+            "vgg_batch", "layer_set", "autotune", "seed", "time_budget")
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def setup_device(device: torch.device, autotune: bool) -> dict:
+    """IEEE fp32 everywhere, cuDNN autotuning for the dense baseline; the Triton autotune switch (read by
+    sparsestart.kernels when first imported). Returns what was set."""
+    out = {}
+    if device.type == "cuda":  # (the CPU dry run leaves the environment of the calling process alone)
+        os.environ["SPARSESTART_TRITON_AUTOTUNE"] = "1" if autotune else "0"
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.benchmark = True
+        out.update(cuda_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                   cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, cudnn_benchmark=True,
+                   float32_matmul_precision=torch.get_float32_matmul_precision())
+        for key, get in (("cuda_matmul_fp32_precision", lambda: torch.backends.cuda.matmul.fp32_precision),
+                         ("cudnn_conv_fp32_precision", lambda: torch.backends.cudnn.conv.fp32_precision)):
+            try:  # torch >= 2.9's TF32 API
+                out[key] = get()
+            except (AttributeError, RuntimeError):
+                pass
+    out["sparsestart_triton_autotune_env"] = os.environ.get("SPARSESTART_TRITON_AUTOTUNE")
+    return out
+
+
+def machine_info(device: torch.device) -> dict:
+    meta = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "host": platform.node(),
+            "cpu": common.cpu_model(), "logical_cpus": os.cpu_count(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        meta.update(capability=f"{p.major}.{p.minor}", total_memory=p.total_memory,
+                    multiprocessors=p.multi_processor_count, cudnn=torch.backends.cudnn.version())
+    try:
+        import importlib.metadata as md
+        meta["triton"] = md.version("triton")
+    except Exception:  # noqa: BLE001 - not installed
+        meta["triton"] = None
+    try:
+        import sparsestart.ops.gpu as g
+        meta["cuda_extension"] = g.cuda_extension_available()
+        meta["triton_available"] = g.triton_available()
+    except Exception as exc:  # noqa: BLE001
+        meta["gpu_backends_error"] = f"{type(exc).__name__}: {exc}"
+    return meta
+
+
+# ------------------------------------------------------------------------------ timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> tuple:
+    """(device seconds, host seconds) of one call, started on an idle device."""
+    if device.type == "cuda":
+        sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        h0 = time.perf_counter()
+        fn()
+        h1 = time.perf_counter()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, h1 - h0
+    h0 = time.perf_counter()
+    fn()
+    h1 = time.perf_counter()
+    return h1 - h0, h1 - h0
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device) -> Dict[str, dict]:
+    """{name: {"device": stats, "host": stats}} in seconds (common.summarize) over ``reps`` rotated rounds."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    sync(device)
+    dev: Dict[str, List[float]] = {n: [] for n in names}
+    host: Dict[str, List[float]] = {n: [] for n in names}
+    for order in common.rotations(names, reps):
+        for n in order:
+            d, h = time_call(fns[n], device)
+            dev[n].append(d)
+            host[n].append(h)
+    return {n: {"device": common.summarize(dev[n]), "host": common.summarize(host[n])} for n in names}
+
+
+def per_call(fn: Callable[[], object], device: torch.device, calls: int, rounds: int) -> dict:
+    """Host and device microseconds per call of ``fn`` issued ``calls`` times back to back (medians of rounds):
+    host = the time to enqueue one call, device = the device time of the burst / calls."""
+    for _ in range(3):
+        fn()
+    host, dev = [], []
+    for _ in range(rounds):
+        def burst():
+            for _ in range(calls):
+                fn()
+        d, h = time_call(burst, device)
+        host.append(h / calls * 1e6)
+        dev.append(d / calls * 1e6)
+    return {"host_us": statistics.median(host), "device_us": statistics.median(dev), "calls": calls,
+            "rounds": rounds}
+
+
+def peak_step_memory(step: Callable[[], object], device: torch.device) -> Optional[dict]:
+    """Bytes allocated before the call, and the peak during it (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"allocated_before": base, "max_allocated": peak, "peak_above_before": peak - base}
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return contextlib.nullcontext()
+
+
+def _check_errors(out, out_dense, ref, precision: str) -> dict:
+    """Errors of the sparse and the dense result of the same precision against the fp32 dense reference."""
+    finite = bool(torch.isfinite(out.float()).all())
+    e_s, e_d = common.rel_err(out.float(), ref), common.rel_err(out_dense.float(), ref)
+    bound = max(TOL[precision], CHECK_FACTOR * e_d)
+    return {"rel_error": e_s, "rel_error_dense_same_precision": e_d, "bound": bound,
+            "ok": finite and e_s <= bound, "dtype": str(out.dtype).replace("torch.", ""),
+            "dense_dtype": str(out_dense.dtype).replace("torch.", "")}
+
+
+# ------------------------------------------------------------------------------ results
+class Results:
+    """The result file, rewritten (atomically) after every case."""
+
+    def __init__(self, path: Path, meta: dict, kept: Optional[dict] = None, log=print):
+        self.path = Path(path)
+        self.data = {"meta": meta, **(kept or {})}
+        self.log = log
+        self.t0 = time.time()
+        self.total = 0
+        self.done = 0
+
+    def suite(self, name: str, run: dict) -> dict:
+        self.data[name] = {"run": run, "records": [], "errors": []}
+        self.flush()
+        return self.data[name]
+
+    def flush(self) -> None:
+        self.data["meta"]["seconds"] = round(time.time() - self.t0, 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=_json_default))
+        os.replace(tmp, self.path)
+
+
+def _json_default(o):
+    if isinstance(o, (torch.dtype, torch.device)):
+        return str(o)
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(results: Results, suite: str, case: dict, fn: Callable[[], List[dict]], describe, budget_end,
+             device: torch.device) -> None:
+    """Run one case; its records (or its error) go into the suite's result and the file is rewritten."""
+    results.done += 1
+    label = " ".join(f"{k}={v}" for k, v in case.items())
+    head = f"[{results.done}/{results.total} {time.time() - results.t0:6.1f}s] {suite} {label}"
+    if budget_end is not None and time.time() > budget_end:
+        results.data[suite]["errors"].append({**case, "status": "skipped", "error": "time budget exhausted"})
+        results.log(f"{head}: skipped (time budget)")
+        results.flush()
+        return
+    t0 = time.time()
+    try:
+        recs = fn()
+        for r in recs:
+            r["case_seconds"] = round(time.time() - t0, 2)
+        results.data[suite]["records"].extend(recs)
+        results.log(f"{head}: {describe(recs)}  ({time.time() - t0:.1f}s)")
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded and the suite goes on
+        msg = f"{type(exc).__name__}: {exc}"
+        tb = traceback.format_exc(limit=8)
+        results.data[suite]["errors"].append({**case, "status": "error", "error": msg[:4000], "traceback": tb[-4000:],
+                                              "oom": isinstance(exc, torch.cuda.OutOfMemoryError)
+                                              or "out of memory" in msg.lower(),
+                                              "seconds": round(time.time() - t0, 2)})
+        results.log(f"{head}: FAILED after {time.time() - t0:.1f}s: {msg.splitlines()[0][:300] if msg else ''}")
+    finally:
+        _free(device)
+        results.flush()
+
+
+# ------------------------------------------------------------------------------ models
+def model_configs(layer_set: str, models: Sequence[str], vgg_batch: Optional[int] = None) -> List[dict]:
+    from sparsestart import models as zoo
+
+    if layer_set == "tiny":
+        cfgs = [dict(model="mlp", title="MLP 64-96-96-10", batch=16, input=(64,),
+                     build=lambda: zoo.mlp([64, 96, 96, 10])),
+                dict(model="vgg11", title="VGG-11-BN (width 1/16) at 3x8x8", batch=vgg_batch or 2, input=(3, 8, 8),
+                     build=lambda: zoo.vgg11(width=0.0625, input_size=8)),
+                dict(model="resnet18", title="ResNet-18 (width 1/16) at 3x8x8", batch=vgg_batch or 2,
+                     input=(3, 8, 8), build=lambda: zoo.resnet18(width=0.0625, input_size=8))]
+    else:
+        batch = vgg_batch or 256
+        cfgs = [dict(model="mlp", title="MLP 784-4096-4096-10", batch=4096, input=(784,),
+                     build=lambda: zoo.mlp([784, 4096, 4096, 10])),
+                dict(model="vgg11", title="VGG-11-BN at 3x32x32", batch=batch, input=(3, 32, 32),
+                     build=lambda: zoo.vgg11()),
+                dict(model="resnet18", title="ResNet-18 at 3x32x32", batch=batch, input=(3, 32, 32),
+                     build=lambda: zoo.resnet18())]
+    by = {c["model"]: c for c in cfgs}
+    return [by[m] for m in models if m in by]
+
+
+def sparsify_model(model: nn.Module, density: float, distribution: str, fmt: str, block: Optional[int],
+                   seed: int) -> tuple:
+    """sparsify(model) with ``distribution`` densities; BSR where a layer's matrix is a multiple of the block,
+    CSR elsewhere (same densities). Returns (model, {layer name: format name})."""
+    import sparsestart
+    from sparsestart.init import allocate_densities
+    from sparsestart.nn.convert import maskable_layers
+
+    dens = allocate_densities(model, density, distribution)
+    if fmt == "csr":
+        return sparsestart.sparsify(model, dens, format="csr", seed=seed), {n: "csr" for n in dens}
+    layers = maskable_layers(model)
+    csr = [n for n, m in layers if m.weight.shape[0] % block or m.weight[0].numel() % block]
+    bsr = {n: d for n, d in dens.items() if n not in csr}
+    if bsr:
+        sparsestart.sparsify(model, bsr, format="bsr", block_size=block, seed=seed, exclude=csr)
+    if csr:
+        sparsestart.sparsify(model, {n: dens[n] for n in csr}, format="csr", seed=seed + 1)
+    return model, {n: ("csr" if n in csr else format_name(fmt, block)) for n in dens}
+
+
+def sparse_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    from sparsestart.nn import SparseConv2d, SparseLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
+
+
+class MaskParametrization(nn.Module):
+    """weight -> weight * mask (as bench/training.py: the papers' masked-dense training)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def mask_pairs(model: nn.Module) -> List[tuple]:
+    return [(m.parametrizations.weight.original, m.parametrizations.weight[0].mask) for m in model.modules()
+            if parametrize.is_parametrized(m, "weight")]
+
+
+_BUILT: dict = {}  # the last models built on the CPU: the next precision of the same case reuses them
+
+
+def build_models(cfg: dict, density: float, distribution: str, fmt: str, block: Optional[int], seed: int,
+                 device: torch.device, masked: bool = True) -> tuple:
+    """{sparse, dense, masked} models on ``device`` holding the same kept weights, and the layer formats."""
+    key = (cfg["model"], cfg["title"], density, distribution, fmt, block, seed, masked)
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = _build_models(cfg, density, distribution, fmt, block, seed, masked)
+    models, formats = _BUILT[key]
+    return {k: copy.deepcopy(v).to(device) for k, v in models.items()}, formats
+
+
+def _build_models(cfg, density, distribution, fmt, block, seed, masked):
+    from sparsestart import densify
+
+    torch.manual_seed(seed)
+    base = cfg["build"]()
+    sparse, formats = sparsify_model(base, density, distribution, fmt, block, seed)
+    dense = densify(copy.deepcopy(sparse))
+    models = {"sparse": sparse, "dense": dense}
+    if masked:
+        m = copy.deepcopy(dense)
+        for name, layer in sparse_layers(sparse).items():
+            mod = m.get_submodule(name)
+            parametrize.register_parametrization(mod, "weight", MaskParametrization(layer.mask().to(mod.weight.dtype)))
+        models["masked"] = m
+    return models, formats
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
+def make_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, precision: str, device: torch.device,
+              after: Optional[Callable[[], None]] = None):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if after is not None:
+            after()
+        return loss
+    return step
+
+
+def remasker(pairs):
+    @torch.no_grad()
+    def remask():
+        for w, m in pairs:
+            w.mul_(m)
+    return remask
+
+
+def batch(cfg: dict, seed: int, device: torch.device):
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(cfg["batch"], *cfg["input"], generator=g)
+    y = torch.randint(0, 10, (cfg["batch"],), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _sparse_dtypes(model: nn.Module, run: Callable[[], object]) -> List[str]:
+    """The output dtypes of the sparse layers during ``run()`` (shows whether bf16 autocast reached them)."""
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.add(str(out.dtype).replace("torch.", "")))
+             for m in sparse_layers(model).values()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(seen)
+
+
+def check_models(models: dict, x, y, precision: str, device: torch.device) -> dict:
+    """The sparse model's logits and loss against its dense twin in the same precision and the fp32 dense
+    result (the verdict); the value gradients of one backward against the dense twin's weight gradients at
+    the kept positions (recorded: a pre-activation within rounding of zero may take the other side of a
+    ReLU in the two models, and through BatchNorm that changes whole gradients of earlier layers)."""
+    sparse, dense = models["sparse"], models["dense"]
+    # Copies, so the models timed afterwards keep their BatchNorm statistics and gradients untouched.
+    sparse, dense = copy.deepcopy(sparse), copy.deepcopy(dense)
+    out = {}
+
+    def fwd_sparse():
+        with autocast(precision, device):
+            out["sparse"] = sparse(x)
+    dtypes = _sparse_dtypes(sparse, fwd_sparse)
+    with autocast(precision, device):
+        out["dense"] = dense(x)
+    with torch.no_grad():
+        ref = copy.deepcopy(dense)(x).detach()
+    res = _check_errors(out["sparse"].detach(), out["dense"].detach(), ref, precision)
+    loss = {k: F.cross_entropy(v.float(), y) for k, v in out.items()}
+    loss_ref = F.cross_entropy(ref, y)
+    res["loss"] = {k: v.item() for k, v in loss.items()}
+    res["loss_fp32_dense"] = loss_ref.item()
+    res["sparse_layer_dtypes"] = dtypes
+    for v in loss.values():
+        v.backward()
+    grad_err = 0.0
+    for name, layer in sparse_layers(sparse).items():
+        sw = layer.sparse_weight
+        if layer.values.grad is None:
+            continue
+        g_sparse = type(sw)(layer.values.grad.detach(), *sw.index_tensors(), sw.shape).to_dense()
+        w = dense.get_submodule(name).weight
+        g_dense = w.grad.reshape(sw.shape) * sw.mask().to(w.grad.dtype)
+        grad_err = max(grad_err, common.rel_err(g_sparse.float(), g_dense.float()))
+    res["rel_error_value_grad"] = grad_err
+    return res
+
+
+def footprint(model: nn.Module, opt: Optional[torch.optim.Optimizer]) -> dict:
+    """Bytes the model keeps between steps (gradients counted separately)."""
+    layers = sparse_layers(model)
+    index = [t for m in layers.values() for t in m.sparse_weight.index_tensors()]
+    masks = [m.mask for m in model.modules() if isinstance(m, MaskParametrization)]
+    special = {id(t) for t in index + masks}
+    params = list(model.parameters())
+    state = [v for st in (opt.state.values() if opt is not None else ()) for v in st.values() if torch.is_tensor(v)]
+    out = {"params": common.tensor_bytes(params), "optimizer_state": common.tensor_bytes(state),
+           "index": common.tensor_bytes(index), "mask": common.tensor_bytes(masks),
+           "other_buffers": common.tensor_bytes(b for b in model.buffers() if id(b) not in special)}
+    out["resident"] = sum(out.values())
+    return out
+
+
+def step_memory(model, opt, step, device) -> dict:
+    """Resident bytes (without gradients) and the peak of one step (see the module docstring)."""
+    opt.zero_grad(set_to_none=True)
+    fp = footprint(model, opt)
+    mem = peak_step_memory(step, device)
+    if mem is not None:
+        fp.update(mem)
+        fp["training_peak"] = fp["resident"] + mem["peak_above_before"]
+    return fp
+
+
+# ----------------------------------------------------------------------------- training
+def bench_training(cfg: dict, density: float, distribution: str, fmt: str, block: Optional[int], precision: str,
+                   reps: int, warmup: int, seed: int, device: torch.device) -> dict:
+    models, formats = build_models(cfg, density, distribution, fmt, block, seed, device)
+    x, y = batch(cfg, seed, device)
+    check = check_models(models, x, y, precision, device)
+    opts = {k: sgd(m) for k, m in models.items()}
+    pairs = mask_pairs(models["masked"]) if "masked" in models else []
+    steps = {k: make_step(m, opts[k], x, y, precision, device, after=remasker(pairs) if k == "masked" else None)
+             for k, m in models.items()}
+    times = interleaved(steps, reps, warmup, device)
+    mem = {k: step_memory(models[k], opts[k], steps[k], device) for k in models}
+    layers = sparse_layers(models["sparse"])
+    t = {k: v["device"]["median"] for k, v in times.items()}
+    rec = {
+        "model": cfg["model"], "title": cfg["title"], "batch": cfg["batch"], "input": list(cfg["input"]),
+        "density": density, "distribution": distribution, "format": format_name(fmt, block),
+        "layer_formats": formats, "precision": precision,
+        "layer_densities": {n: m.density for n, m in layers.items()},
+        "density_actual": sum(m.nnz for m in layers.values()) / sum(math.prod(m.matrix_shape) for m in layers.values()),
+        "check": check, "times": times, "memory": mem,
+        "speedup_vs_dense": t["dense"] / t["sparse"],
+        "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY})",
+    }
+    if "masked" in t:
+        rec["speedup_vs_masked"] = t["masked"] / t["sparse"]
+    if mem["sparse"].get("training_peak") and mem["dense"].get("training_peak"):
+        rec["peak_memory_ratio_vs_dense"] = mem["sparse"]["training_peak"] / mem["dense"]["training_peak"]
+    rec["resident_ratio_vs_dense"] = mem["sparse"]["resident"] / mem["dense"]["resident"]
+    return rec
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:8.3f} ms"
+
+
+def describe_training(recs: List[dict]) -> str:
+    r = recs[0]
+    t = r["times"]
+    mem = r.get("peak_memory_ratio_vs_dense")
+    flag = "" if r["check"]["ok"] else "  CHECK FAILED"
+    return (f"sparse {_ms(t['sparse']['device']['median'])} (host {_ms(t['sparse']['host']['median'])})  dense "
+            f"{_ms(t['dense']['device']['median'])}  x{r['speedup_vs_dense']:.2f}"
+            + (f"  peak mem x{mem:.2f} dense" if mem is not None else "")
+            + f"  err {r['check']['rel_error']:.2g} [{','.join(r['check']['sparse_layer_dtypes'])}]{flag}")
+
+
+def training_cases(args, device) -> List[tuple]:
+    cases = []  # density outermost (0.1 first: the targets), precision innermost (the models are reused)
+    for d in args.train_densities:
+        for cfg in model_configs(args.layer_set, args.train_models, args.vgg_batch):
+            for dist in args.distributions:
+                for f in args.formats:
+                    fmt, block = parse_format(f)
+                    for prec in args.precisions:
+                        case = {"model": cfg["model"], "format": f, "precision": prec, "density": d,
+                                "distribution": dist}
+                        cases.append((case, lambda cfg=cfg, d=d, dist=dist, fmt=fmt, block=block, prec=prec: [
+                            bench_training(cfg, d, dist, fmt, block, prec, args.reps, args.warmup, args.seed, device)],
+                            describe_training))
+    return cases
+
+
+# ------------------------------------------------------------------------------- layers
+def layer_configs(layer_set: str) -> List[dict]:
+    if layer_set == "tiny":
+        return [dict(kind="linear", name="linear 64->64", in_f=64, out_f=64, batch=16),
+                dict(kind="conv", name="conv3x3 32->32 @6x6", cin=32, cout=32, hw=6, batch=2)]
+    if layer_set == "quick":
+        return [dict(kind="linear", name="linear 4096->4096", in_f=4096, out_f=4096, batch=4096),
+                dict(kind="conv", name="conv3x3 64->64 @32x32", cin=64, cout=64, hw=32, batch=256)]
+    return [dict(kind="linear", name="linear 4096->4096", in_f=4096, out_f=4096, batch=4096),
+            dict(kind="linear", name="linear 1024->1024", in_f=1024, out_f=1024, batch=4096),
+            dict(kind="conv", name="conv3x3 64->64 @32x32", cin=64, cout=64, hw=32, batch=256),
+            dict(kind="conv", name="conv3x3 256->256 @8x8", cin=256, cout=256, hw=8, batch=256)]
+
+
+def build_layer(cfg: dict, density: float, fmt: str, block: Optional[int], seed: int, device: torch.device):
+    import sparsestart.nn as snn
+
+    torch.manual_seed(seed)
+    if cfg["kind"] == "linear":
+        base = nn.Linear(cfg["in_f"], cfg["out_f"])
+        sparse = snn.SparseLinear.from_dense(base, density=density, format=fmt, block_size=block, seed=seed)
+        x = torch.randn(cfg["batch"], cfg["in_f"])
+
+        def masked_fn(inp, w, bias, mask):
+            return F.linear(inp, w * mask, bias)
+    else:
+        base = nn.Conv2d(cfg["cin"], cfg["cout"], 3, padding=1)
+        sparse = snn.SparseConv2d.from_dense(base, density=density, format=fmt, block_size=block, seed=seed)
+        x = torch.randn(cfg["batch"], cfg["cin"], cfg["hw"], cfg["hw"])
+
+        def masked_fn(inp, w, bias, mask):
+            return F.conv2d(inp, w * mask, bias, padding=1)
+    dense = sparse.to_dense()
+    mask = sparse.mask().to(dense.weight.dtype)
+    return dense.to(device), sparse.to(device), x.to(device), mask.to(device), masked_fn
+
+
+def bench_layer(cfg: dict, density: float, fmt: str, block: Optional[int], precision: str, reps: int, warmup: int,
+                seed: int, device: torch.device) -> List[dict]:
+    dense, sparse, x, mask, masked_fn = build_layer(cfg, density, fmt, block, seed, device)
+    w, bias = dense.weight, dense.bias
+    impl = {"sparse": sparse, "dense": dense, "masked": lambda inp: masked_fn(inp, w, bias, mask)}
+    with torch.no_grad():
+        ref = dense(x).float()
+        with autocast(precision, device):
+            y = {k: f(x) for k, f in impl.items()}
+    check = _check_errors(y["sparse"], y["dense"], ref, precision)
+    gy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
+    gys = {}
+    xg = x.clone().requires_grad_(True)
+    params = [p for m in (dense, sparse) for p in m.parameters()]
+
+    def fwd(f):
+        def run():
+            with torch.no_grad(), autocast(precision, device):
+                f(x)
+        return run
+
+    def fwd_bwd(f, prec=precision):
+        def run():
+            for p in params:
+                p.grad = None
+            xg.grad = None
+            with autocast(prec, device):
+                out = f(xg)
+            g = gys.get(out.dtype)
+            if g is None:
+                g = gys[out.dtype] = gy.to(out.dtype)
+            out.backward(g)
+        return run
+
+    # the input gradients: sparse and dense in this precision against the fp32 dense one
+    gx = {}
+    for k, f, prec in (("ref", dense, "fp32"), ("sparse", sparse, precision), ("dense", dense, precision)):
+        fwd_bwd(f, prec)()
+        gx[k] = xg.grad.detach().clone()
+    gcheck = _check_errors(gx["sparse"], gx["dense"], gx["ref"].float(), precision)
+    check["input_grad"] = {k: gcheck[k] for k in ("rel_error", "rel_error_dense_same_precision", "bound", "ok")}
+    check["ok"] = check["ok"] and gcheck["ok"]
+    del gx
+    fns = {f"forward/{k}": fwd(f) for k, f in impl.items()}
+    fns.update({f"forward+backward/{k}": fwd_bwd(f) for k, f in impl.items()})
+    times = interleaved(fns, reps, warmup, device)
+    mem = {}
+    for name, f in fns.items():
+        if name.startswith("forward+backward/"):
+            m = peak_step_memory(f, device)
+            if m is not None:
+                mem[name.split("/")[1]] = m["peak_above_before"]
+    sw = sparse.sparse_weight
+    out = []
+    for pass_ in ("forward", "forward+backward"):
+        tt = {k.split("/")[1]: v for k, v in times.items() if k.startswith(pass_ + "/")}
+        t = tt["sparse"]["device"]["median"]
+        rec = {"layer": cfg["name"], "kind": cfg["kind"], "batch": cfg["batch"], "format": format_name(fmt, block),
+               "precision": precision, "density": density, "density_actual": sw.density,
+               "nnz_elements": sw.nnz_elements, "pass": pass_, "check": check, "times": tt,
+               "speedup_vs_dense": tt["dense"]["device"]["median"] / t,
+               "speedup_vs_masked": tt["masked"]["device"]["median"] / t}
+        if pass_ == "forward+backward" and mem:
+            rec["peak_bytes_above_before"] = mem
+        out.append(rec)
+    return out
+
+
+def describe_layer(recs: List[dict]) -> str:
+    parts = []
+    for r in recs:
+        t = r["times"]
+        parts.append(f"{r['pass']}: sparse {_ms(t['sparse']['device']['median'])} dense "
+                     f"{_ms(t['dense']['device']['median'])} x{r['speedup_vs_dense']:.2f}")
+    flag = "" if recs[0]["check"]["ok"] else "  CHECK FAILED"
+    return "; ".join(parts) + f"  err {recs[0]['check']['rel_error']:.2g} [{recs[0]['check']['dtype']}]{flag}"
+
+
+def op_overhead(fmt: str, block: Optional[int], precision: str, device: torch.device, size: int = 256,
+                n: int = 256, calls: int = OVERHEAD_CALLS, rounds: int = OVERHEAD_ROUNDS, seed: int = 0) -> dict:
+    """Host and device time per call of the public ops, the chosen backend's kernel called directly and torch.mm
+    on the same small shapes (W [size, size] at density 0.1, N = n)."""
+    import sparsestart.nn as snn
+    from sparsestart.ops import registry
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(seed)
+    base = nn.Linear(size, size)
+    layer = snn.SparseLinear.from_dense(base, density=0.1, format=fmt, block_size=block, seed=seed).to(device, dtype)
+    twin = layer.to_dense()
+    sw = layer.sparse_weight
+    values = layer.values.detach()
+    idx = sw.index_tensors()
+    rowptr, col, slot, colptr, row, slot_t = idx
+    M, K = sw.shape
+    b = sw.block_size
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(K, n, generator=g).to(device, dtype)
+    dy = torch.randn(M, n, generator=g).to(device, dtype)
+    xb = torch.randn(n, K, generator=g).to(device, dtype)
+    w = twin.weight.detach()
+    ops = torch.ops.sparsestart
+    be_spmm = registry.choose("spmm", [values, rowptr, x])
+    be_sddmm = registry.choose("sddmm", [dy, rowptr, x])
+    cases = {
+        "spmm": {"public op": lambda: ops.spmm(values, *idx, x),
+                 f"backend kernel ({be_spmm.name})": lambda: be_spmm.spmm(values, rowptr, col, slot, x, M, False),
+                 "torch.mm": lambda: torch.mm(w, x)},
+        "spmm_t": {"public op": lambda: ops.spmm_t(values, *idx, dy),
+                   f"backend kernel ({be_spmm.name})": lambda: be_spmm.spmm(values, colptr, row, slot_t, dy, K, True),
+                   "torch.mm": lambda: torch.mm(w.t(), dy)},
+        "sddmm": {"public op": lambda: ops.sddmm(*idx, dy, x, sw.capacity, b),
+                  f"backend kernel ({be_sddmm.name})": lambda: be_sddmm.sddmm(rowptr, col, slot, dy, x, sw.capacity,
+                                                                            b),
+                  "torch.mm": lambda: torch.mm(dy, x.t())},
+    }
+
+    def no_grad(f):
+        def run():
+            with torch.no_grad():
+                f(xb)
+        return run
+    cases["layer forward"] = {"SparseLinear": no_grad(layer), "nn.Linear": no_grad(twin)}
+    out = {"format": format_name(fmt, block), "precision": precision, "shape": [M, K, n], "density": sw.density,
+           "calls": calls, "rounds": rounds,
+           "backends": {"spmm": be_spmm.name, "sddmm": be_sddmm.name}, "ops": {}}
+    for op, impls in cases.items():
+        out["ops"][op] = {name: per_call(f, device, calls, rounds) for name, f in impls.items()}
+    return out
+
+
+def describe_overhead(recs: List[dict]) -> str:
+    r = recs[0]
+    parts = []
+    for op, impls in r["ops"].items():
+        parts.append(f"{op}: " + ", ".join(f"{k} {v['host_us']:.1f}/{v['device_us']:.1f}" for k, v in impls.items()))
+    return "host/device us per call: " + "; ".join(parts)
+
+
+def layer_cases(args, device) -> List[tuple]:
+    cases = []
+    for f in args.formats:
+        fmt, block = parse_format(f)
+        for prec in args.precisions:
+            tiny = args.layer_set == "tiny"
+            kw = dict(size=64, n=64, calls=5, rounds=3) if tiny else {}
+            cases.append(({"what": "op overhead", "format": f, "precision": prec},
+                          lambda fmt=fmt, block=block, prec=prec, kw=kw: [
+                              dict(op_overhead(fmt, block, prec, device, **kw), kind="op_overhead")],
+                          describe_overhead))
+    for cfg in layer_configs(args.layer_set):
+        for f in args.formats:
+            fmt, block = parse_format(f)
+            for prec in args.precisions:
+                for d in args.densities:
+                    case = {"layer": cfg["name"], "format": f, "precision": prec, "density": d}
+                    cases.append((case, lambda cfg=cfg, d=d, fmt=fmt, block=block, prec=prec: bench_layer(
+                        cfg, d, fmt, block, prec, args.reps, args.warmup, args.seed, device), describe_layer))
+    return cases
+
+
+# --------------------------------------------------------------------------- algorithms
+def bench_algorithms(cfg: dict, density: float, distribution: str, fmt: str, block: Optional[int], precision: str,
+                     reps: int, warmup: int, interval: int, drop_fraction: float, seed: int,
+                     device: torch.device) -> dict:
+    """bench/algorithms.py on the device: the cost of one RigL / SET update against an idle iteration."""
+    from sparsestart import algorithms
+
+    torch.manual_seed(seed)
+    sparse, formats = sparsify_model(cfg["build"](), density, distribution, fmt, block, seed)
+    sparse = sparse.to(device)
+    x, y = batch(cfg, seed, device)
+    models = {k: copy.deepcopy(sparse) for k in ("idle", "rigl", "set")}
+    opts = {k: sgd(m) for k, m in models.items()}
+    algos = {
+        "idle": algorithms.RigL(models["idle"], opts["idle"], total_steps=NEVER, update_every=NEVER,
+                                drop_fraction=drop_fraction),
+        "rigl": algorithms.RigL(models["rigl"], opts["rigl"], total_steps=NEVER, update_every=1,
+                                drop_fraction=drop_fraction),
+        "set": algorithms.SET(models["set"], opts["set"], total_steps=NEVER, update_every=1,
+                              drop_fraction=drop_fraction, seed=seed),
+    }
+    algo_times: Dict[str, List[float]] = {k: [] for k in models}
+
+    def iteration(k):
+        step = make_step(models[k], opts[k], x, y, precision, device)
+        algo, ts = algos[k], algo_times[k]
+
+        def run():
+            step()
+            d, _ = time_call(algo.step, device)
+            ts.append(d)
+        return run
+
+    iterations = {k: iteration(k) for k in models}
+    from . import algorithms as cpu_algorithms
+    check = cpu_algorithms._check(models, algos, iterations)
+    for v in algo_times.values():
+        v.clear()
+    times = interleaved(iterations, reps, warmup, device)
+    base = times["idle"]["device"]["median"]
+    layers = sparse_layers(sparse)
+    rec = {"model": cfg["model"], "title": cfg["title"], "batch": cfg["batch"], "density": density,
+           "distribution": distribution, "format": format_name(fmt, block), "layer_formats": formats,
+           "precision": precision, "nnz": sum(m.nnz for m in layers.values()), "update_interval": interval,
+           "drop_fraction": drop_fraction,
+           "drop_fraction_used": algos["rigl"].drop_fraction_at(algos["rigl"].step_count),
+           "check": check, "times": times,
+           "algo_step": {k: common.summarize(v[-reps:]) for k, v in algo_times.items() if v},
+           "iteration_ms": base * 1e3}
+    for k in ("rigl", "set"):
+        cost = times[k]["device"]["median"] - base
+        step_s = rec["algo_step"][k]["median"]
+        rec[k] = {"update_cost_ms": cost * 1e3, "step_call_ms": step_s * 1e3, "fraction": cost / (interval * base),
+                  "fraction_step_call": step_s / (interval * base)}
+    return rec
+
+
+def describe_algorithms(recs: List[dict]) -> str:
+    r = recs[0]
+    return (f"iteration {r['iteration_ms']:.3f} ms" + "".join(
+        f"  {k}: update {r[k]['update_cost_ms']:.3f} ms (step() {r[k]['step_call_ms']:.3f} ms) = "
+        f"{r[k]['fraction'] * 100:.2f}% of {r['update_interval']} steps" for k in ("rigl", "set")))
+
+
+def algorithm_cases(args, device) -> List[tuple]:
+    cases = []
+    for cfg in model_configs(args.layer_set, args.train_models, args.vgg_batch):
+        for prec in args.algo_precisions:
+            for f in args.formats:
+                fmt, block = parse_format(f)
+                case = {"model": cfg["model"], "format": f, "precision": prec, "density": args.algo_density}
+                cases.append((case, lambda cfg=cfg, fmt=fmt, block=block, prec=prec: [bench_algorithms(
+                    cfg, args.algo_density, args.distributions[0], fmt, block, prec, args.algo_reps,
+                    min(args.warmup, 2), args.update_interval, args.drop_fraction, args.seed, device)],
+                    describe_algorithms))
+    return cases
+
+
+CASES = {"layers": layer_cases, "training": training_cases, "algorithms": algorithm_cases}
+
+
+# ---------------------------------------------------------------------------------- run
+def result_path(args, name: str) -> Path:
+    return Path(args.out_dir) / f"{args.name or 'gpu-' + slug(name)}.json"
+
+
+def run(args, command: str, log=print) -> dict:
+    """Run the GPU suites of ``args`` (configured by :func:`configure`); returns the result dict."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"python -m bench --device {args.device}: CUDA is not available here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(args.seed)
+    settings = setup_device(device, args.autotune)
+    meta = machine_info(device)
+    meta.update(command=command, quick=args.quick, settings=gpu_settings(args), precision_settings=settings,
+                kind="gpu-suites")
+    name = meta["device"]
+    path = args.result_path = result_path(args, "cpu-dry-run" if device.type == "cpu" else name)
+    kept = {}
+    if args.merge and path.exists():
+        try:
+            prev = json.loads(path.read_text())
+            if prev.get("meta", {}).get("kind") == "gpu-suites":
+                kept = {s: prev[s] for s in SUITES if s in prev and s not in args.suites}
+                if kept and prev["meta"].get("device") != meta["device"]:
+                    meta["merge_warning"] = f"kept suites {list(kept)} were measured on {prev['meta'].get('device')}"
+        except (OSError, ValueError) as exc:
+            log(f"(could not read the previous {path}: {exc})")
+    if kept:
+        meta["kept_from_previous"] = list(kept)
+    results = Results(path, meta, kept, log=log)
+    log(f"sparsestart GPU benchmarks on {name} ({device}), torch {meta['torch']}, CUDA {meta['cuda']}, "
+        f"triton {meta['triton']}, cuda extension {meta.get('cuda_extension')}, autotune {args.autotune}; "
+        f"writing {path}")
+    plan = [(s, CASES[s](args, device)) for s in args.suites]
+    results.total = sum(len(c) for _, c in plan)
+    budget_end = time.time() + args.time_budget if args.time_budget is not None else None
+    for suite, cases in plan:
+        ts = time.time()
+        log(f"{suite}: {len(cases)} cases")
+        run_rec = {"command": command, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                   "settings": gpu_settings(args)}
+        results.suite(suite, run_rec)
+        for case, fn, describe in cases:
+            run_case(results, suite, case, fn, describe, budget_end, device)
+        run_rec["seconds"] = round(time.time() - ts, 1)
+    launch = sys.modules.get("sparsestart.kernels.launch")  # imported only if a Triton kernel ran
+    meta["triton_autotune"] = getattr(launch, "AUTOTUNE", None)
+    _BUILT.clear()
+    results.flush()
+    errors = sum(len(results.data[s]["errors"]) for s in args.suites)
+    log(f"wrote {path} ({results.total} cases, {errors} failed or skipped, {meta['seconds']:.0f} s)")
+    return results.data
