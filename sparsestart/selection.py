@@ -16,6 +16,9 @@ share of an update, so the selection first narrows the candidates:
 The result never depends on the sample, only the time does. Ties at the k-th
 best go to the smallest ``keys`` (default: the smallest index), so splitting
 the candidates into chunks never changes the result.
+
+Everything runs on the scores' device (the sample's positions come from a
+fixed-seed generator there), so a selection on a GPU equals the CPU's.
 """
 from __future__ import annotations
 

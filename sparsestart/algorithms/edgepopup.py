@@ -189,8 +189,8 @@ class EdgePopup(SparseAlgorithm):
             m = layer.sparse_weight
             rows, cols, _ = m.coo()
             keys = rows * Q + cols  # CSR order: ascending
-            leave = (~isin_sorted(keys, chosen)).nonzero().flatten()
-            enter = chosen[~isin_sorted(chosen, keys)]
+            leave = (~isin_sorted(keys, chosen, values_sorted=True)).nonzero().flatten()
+            enter = chosen[~isin_sorted(chosen, keys, values_sorted=True)]
             if leave.numel() or enter.numel():
                 _, new_slots = rewire(layer, leave, enter // Q, enter % Q, None)
                 at = torch.searchsorted(er_keys, enter)
@@ -233,7 +233,7 @@ class EdgePopup(SparseAlgorithm):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._check_layer_names(state["er"], "the saved ER supports")
         self.seed = int(state["seed"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator, wherever the state was loaded
         self.level = int(state["level"])
         self.initial_density = float(state["initial_density"])
         self._pending = {n: list(v) for n, v in state["pending"].items()}

@@ -179,20 +179,22 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
     prepared = _prepared(layer, pairs)
     present_keys = present_keys.long().to(dev)
     rows_per_chunk = max(1, int(max_chunk_elements) // max(1, b * b * Q))
-    native = _native.native_op("_native_absent_at_least") if b == 1 and dev.type == "cpu" else None
+    starts = list(range(0, R, rows_per_chunk))
+    # The present keys of every chunk, found with one search and one host synchronisation for all chunks.
+    bounds = torch.searchsorted(present_keys, torch.tensor(starts + [R], device=dev) * Q).tolist()
     best_scores = torch.empty(0, dtype=layer.values.dtype, device=dev)
     best_keys = torch.empty(0, dtype=torch.long, device=dev)
-    for r0 in range(0, R, rows_per_chunk):
+    for i, r0 in enumerate(starts):
         r1 = min(R, r0 + rows_per_chunk)
         g = _gradient_rows(layer, prepared, r0 * b, r1 * b).detach()
         if sync is not None:
             g = sync(g.contiguous())
-        lo, hi = torch.searchsorted(present_keys, torch.tensor([r0 * Q, r1 * Q], device=dev)).tolist()
-        chunk_present = present_keys[lo:hi]
+        chunk_present = present_keys[bounds[i]:bounds[i + 1]]
         floor = best_scores.min() if best_keys.numel() == k else None
         found = None
-        if native is not None:
-            found = _absent_candidates(native, g.reshape(-1), chunk_present, r0 * Q, k, floor)
+        if b == 1:
+            found = _absent_candidates(_absent_at_least_for(g, chunk_present), g.reshape(-1), chunk_present,
+                                       r0 * Q, k, floor)
         if found is not None:
             idx, score = found
         else:
@@ -220,11 +222,21 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
     return best_keys
 
 
+def _absent_at_least_for(scores: torch.Tensor, present: torch.Tensor) -> Callable:
+    """The native candidate pass for float32/float64 CPU tensors, else its PyTorch twin (CUDA, half)."""
+    if scores.dtype in (torch.float32, torch.float64):
+        native = _native.native_op_for("_native_absent_at_least", scores, present)
+        if native is not None:
+            return native
+    return _native.absent_at_least
+
+
 def _absent_candidates(native, flat: torch.Tensor, present: torch.Tensor, base: int, k: int,
                        floor: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(ascending indices, |g| there) of the absent entries of a flat gradient chunk that reach a
-    threshold estimated from a sample, in one native pass; None when that set may miss one of the
-    chunk's entries that belong in the running top-k (then the caller scores the whole chunk).
+    threshold estimated from a sample, in one pass of ``native`` (the native op, or its PyTorch twin
+    off the CPU); None when that set may miss one of the chunk's entries that belong in the running
+    top-k (then the caller scores the whole chunk).
 
     With the running top-k full, entries below its k-th best (``floor``) cannot enter, so the
     threshold is at least ``floor``; a threshold at ``floor`` is always safe. A higher one is safe

@@ -20,7 +20,7 @@ from torch import nn
 from .base import check_density_arg, check_fraction, check_positive_int
 from .gradient import DEFAULT_MAX_CHUNK_ELEMENTS
 from .rigl import _Rewiring
-from .structure import entry_magnitude, rewire, smallest_global
+from .structure import entry_magnitude, prune, smallest_global
 
 __all__ = ["Gradual"]
 
@@ -88,10 +88,9 @@ class Gradual(_Rewiring):
         scores = [entry_magnitude(m, reduce="mean") for m in matrices]
         sizes = [m.block_size ** 2 for m in matrices]
         drops = smallest_global(scores, sizes, self.nnz - self.target_nnz(t), self.min_keep)
-        empty = torch.empty(0, dtype=torch.long)
         for name, positions in zip(names, drops):
             if positions.numel():
-                rewire(self.layers[name], positions, empty, empty, self.optimizer)
+                prune(self.layers[name], positions, self.optimizer)
                 self._record(t, name, positions.numel(), 0, event="prune", target_density=self.density_at(t))
 
     # ------------------------------------------------------------ state

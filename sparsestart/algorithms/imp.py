@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .base import SparseAlgorithm, check_density_arg, check_fraction, check_nonnegative_int, check_positive_int
-from .structure import entry_magnitude, rewire, smallest_global
+from .structure import entry_magnitude, prune, smallest_global
 
 __all__ = ["IMP"]
 
@@ -145,9 +145,8 @@ class IMP(SparseAlgorithm):
         scores = [entry_magnitude(m, reduce="mean") for m in matrices]
         sizes = [m.block_size ** 2 for m in matrices]
         drops = smallest_global(scores, sizes, self.nnz - self.level_nnz(self.level), self.min_keep)
-        empty = torch.empty(0, dtype=torch.long)
         for name, positions in zip(names, drops):
-            rewire(self.layers[name], positions, empty, empty, self.optimizer)
+            prune(self.layers[name], positions, self.optimizer)
             self._record(self.step_count, name, positions.numel(), 0, event="prune", level=self.level)
         self._rewind()
         for fn in self.on_level_end:
@@ -187,4 +186,9 @@ class IMP(SparseAlgorithm):
             snap = {n: t.clone().to(self.layers[n].values.device) for n, t in snap.items()}
         self._snapshot = snap
         dense = state["dense_snapshot"]
-        self._dense_snapshot = None if dense is None else {n: t.clone() for n, t in dense.items()}
+        if dense is None:
+            self._dense_snapshot = None
+        else:  # kept beside the tensors it rewinds (a checkpoint may have been loaded onto another device)
+            current = self._dense_tensors()
+            self._dense_snapshot = {n: t.clone().to(current[n].device if n in current else t.device)
+                                    for n, t in dense.items()}

@@ -125,7 +125,7 @@ class _Rewiring(SparseAlgorithm):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a CPU generator, wherever the state was loaded
 
 
 class RigL(_Rewiring):

@@ -29,7 +29,7 @@ from torch import nn
 
 from .base import SparseAlgorithm, check_density_arg, check_positive_int
 from .forward import substitute_values
-from .structure import entry_magnitude, rewire, smallest_global
+from .structure import entry_magnitude, prune, smallest_global
 
 __all__ = ["STR", "soft_threshold"]
 
@@ -145,13 +145,12 @@ class STR(SparseAlgorithm):
             self.finalize()
 
     def _compact(self, t: int) -> None:
-        empty = torch.empty(0, dtype=torch.long)
         for name, layer in self.layers.items():
             m = layer.sparse_weight
             slots = m.slot[:m.nnz].long()
             positions = (self._zero_steps[name][slots] >= self.window).nonzero().flatten()
             if positions.numel():
-                freed, _ = rewire(layer, positions, empty, empty, self.optimizer)
+                freed = prune(layer, positions, self.optimizer)
                 self._zero_steps[name][freed] = 0
                 self._record(t, name, positions.numel(), 0, event="compact", threshold=self.threshold(name))
 
@@ -170,7 +169,6 @@ class STR(SparseAlgorithm):
         if self.finalized:
             raise RuntimeError("STR.finalize() was already called")
         t = self.step_count
-        empty = torch.empty(0, dtype=torch.long)
         for name, layer in self.layers.items():
             w = self.effective_values(name)
             layer.values.copy_(w)
@@ -180,7 +178,7 @@ class STR(SparseAlgorithm):
                 zero = zero.all(dim=2).all(dim=1)
             positions = zero.nonzero().flatten()
             if positions.numel():
-                rewire(layer, positions, empty, empty, self.optimizer)
+                prune(layer, positions, self.optimizer)
                 self._record(t, name, positions.numel(), 0, event="finalize", threshold=self.threshold(name))
         if target_density is not None:
             target = round(target_density * self.numel)
@@ -191,7 +189,7 @@ class STR(SparseAlgorithm):
                                         [m.block_size ** 2 for m in matrices], self.nnz - target, 1)
                 for name, positions in zip(names, drops):
                     if positions.numel():
-                        rewire(self.layers[name], positions, empty, empty, self.optimizer)
+                        prune(self.layers[name], positions, self.optimizer)
                         self._record(t, name, positions.numel(), 0, event="target")
             elif self.nnz < target:
                 warnings.warn(f"STR: the thresholds already reached density {self.density:.4g}, below "

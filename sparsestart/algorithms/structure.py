@@ -18,8 +18,8 @@ from ..init.sampling import sample_without_replacement
 from ..nn.modules import SparseLayer
 from ..selection import smallest, top_k  # noqa: F401  (re-exported: the algorithms select with them)
 
-__all__ = ["zero_slot_state", "entry_magnitude", "rewire", "sample_absent", "top_k", "smallest", "isin_sorted",
-           "smallest_global"]
+__all__ = ["zero_slot_state", "entry_magnitude", "rewire", "prune", "sample_absent", "top_k", "smallest",
+           "isin_sorted", "smallest_global"]
 
 
 @torch.no_grad()
@@ -75,6 +75,13 @@ def rewire(layer: SparseLayer, drop_positions: torch.Tensor, grow_rows: torch.Te
     return freed, new
 
 
+def prune(layer: SparseLayer, positions: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]
+          ) -> torch.Tensor:
+    """Drop the entries at CSR ``positions`` (no growth), as :func:`rewire`; returns the freed slots."""
+    none = torch.empty(0, dtype=torch.long, device=layer.values.device)
+    return rewire(layer, positions, none, none, optimizer)[0]
+
+
 def sample_absent(present_keys: torch.Tensor, n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """k distinct keys drawn uniformly from [0, n) minus the sorted ``present_keys``, sorted ascending.
 
@@ -82,13 +89,19 @@ def sample_absent(present_keys: torch.Tensor, n: int, k: int, generator: torch.G
     r to the r-th absent key: with s_i the present keys in ascending order, the
     number of absent keys below s_i is s_i - i, so the r-th absent key is r + j
     with j = #{i : s_i - i <= r}. Cost O(k log nnz); no rejection, no dense mask.
+
+    The ranks are drawn by ``generator`` where it lives (the algorithms keep a CPU generator,
+    so a structure sampled on a GPU is the one sampled on the CPU, and the generator state in a
+    checkpoint is device-independent); only those k ranks travel to ``present_keys``'s device,
+    where the mapping runs and the result stays.
     """
-    present_keys = present_keys.long().cpu()
+    present_keys = present_keys.long()
     absent = n - present_keys.numel()
     if not (0 <= k <= absent):
         raise ValueError(f"cannot sample {k} absent positions: only {absent} of {n} are absent")
-    ranks = sample_without_replacement(absent, k, generator)
-    below = present_keys - torch.arange(present_keys.numel())
+    dev = present_keys.device
+    ranks = sample_without_replacement(absent, k, generator).to(dev)
+    below = present_keys - torch.arange(present_keys.numel(), device=dev)
     return ranks + torch.searchsorted(below, ranks, right=True)
 
 
@@ -97,12 +110,11 @@ def isin_sorted(values: torch.Tensor, sorted_set: torch.Tensor, *, values_sorted
     or, for ascending int64 ``values`` on the CPU with the extension, one merge pass (O(n + m))."""
     if sorted_set.numel() == 0:
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    if values_sorted and values.device.type == "cpu" and values.dtype == sorted_set.dtype == torch.long:
-        merge = _native.native_op("_native_sorted_isin")
+    if values_sorted and values.dtype == sorted_set.dtype == torch.long:
+        merge = _native.native_op_for("_native_sorted_isin", values, sorted_set)
         if merge is not None:
             return merge(values, sorted_set).reshape(values.shape)
-    at = torch.searchsorted(sorted_set, values).clamp_(max=sorted_set.numel() - 1)
-    return sorted_set[at] == values
+    return _native.sorted_isin(values, sorted_set).reshape(values.shape)
 
 
 def smallest_global(scores: Sequence[torch.Tensor], sizes: Sequence[int], n_remove: int,
@@ -114,25 +126,30 @@ def smallest_global(scores: Sequence[torch.Tensor], sizes: Sequence[int], n_remo
     best entries of every layer are never selected, so no layer empties. The
     selection stops at the first entry that reaches ``n_remove`` (it can exceed
     it by less than one block). Ties go to the earlier layer, then the earlier
-    position. Returns the CSR positions to drop for every layer.
+    position. Returns the CSR positions to drop for every layer, on the device of its scores.
+
+    Everything runs on the scores' device (stable sorts: the same selection on every device).
     """
+    if not scores:
+        return []
+    dev = scores[0].device
     cand_scores, cand_layer, cand_pos = [], [], []
     for i, s in enumerate(scores):
-        s = s.detach().double().cpu()
+        s = s.detach().double().to(dev)
         n_cand = max(0, s.numel() - min_keep)
         order = torch.sort(s, stable=True).indices[:n_cand]
         cand_scores.append(s[order])
-        cand_layer.append(torch.full((n_cand,), i, dtype=torch.long))
+        cand_layer.append(torch.full((n_cand,), i, dtype=torch.long, device=dev))
         cand_pos.append(order)
-    out = [torch.empty(0, dtype=torch.long) for _ in scores]
-    if n_remove <= 0 or not cand_scores:
+    out = [torch.empty(0, dtype=torch.long, device=s.device) for s in scores]
+    if n_remove <= 0:
         return out
     all_scores, all_layer, all_pos = torch.cat(cand_scores), torch.cat(cand_layer), torch.cat(cand_pos)
     order = torch.sort(all_scores, stable=True).indices  # stable over (layer, position) concatenation order
-    weight = torch.tensor([int(z) for z in sizes], dtype=torch.long)[all_layer[order]]
+    weight = torch.tensor([int(z) for z in sizes], dtype=torch.long, device=dev)[all_layer[order]]
     before = torch.cumsum(weight, 0) - weight
     take = order[before < n_remove]
     for i in range(len(scores)):
         sel = all_pos[take[all_layer[take] == i]]
-        out[i] = torch.sort(sel).values
+        out[i] = torch.sort(sel).values.to(scores[i].device)
     return out

@@ -273,7 +273,13 @@ class SparseMatrix:
                 init(live)
             elif init == "kaiming_uniform":
                 bound = 1.0 / math.sqrt(K) if K else 0.0
-                live.uniform_(-bound, bound, generator=generator)
+                if generator is None or generator.device == live.device:
+                    live.uniform_(-bound, bound, generator=generator)
+                else:
+                    # Draw where the generator lives (e.g. a CPU generator for a CUDA structure: the same
+                    # values on every device), then copy once.
+                    live.copy_(torch.empty(live.shape, dtype=live.dtype, device=generator.device)
+                               .uniform_(-bound, bound, generator=generator))
             elif init != "zeros":
                 raise ValueError(f"init must be 'zeros', 'kaiming_uniform' or a callable, got {init!r}")
         return m
@@ -373,9 +379,9 @@ class SparseMatrix:
                      free: Optional[torch.Tensor] = None) -> None:
         """Rewrite all index tensors in place from live entries sorted in CSR order.
 
-        ``csc`` = (rows, cols, slots) of the same entries in CSC order, if the caller has them
-        (``replace`` merges them); else they come from a stable sort by column (torch sorts
-        integer keys with a radix sort on CPU). ``free`` lists the free slots for the tails
+        ``csc`` = (rows, cols, slots) of the same entries in CSC order, if the caller has them;
+        else they come from a stable sort by column (torch sorts integer keys with a radix sort
+        on CPU). (``replace`` does not come here: it merges both views, see ``_native``.) ``free`` lists the free slots for the tails
         (default: every unused slot, ascending). Otherwise O(nnz + R + Q).
         """
         R, Q = self.grid
@@ -437,7 +443,9 @@ class SparseMatrix:
         Cost: O(nnz) passes plus O(k log k) for the k new entries and binary searches;
         the kept entries are already in CSR and CSC order, so both views are merged
         with the sorted new entries rather than re-sorted (a structure update of RigL/SET
-        must stay a small fraction of the training time between updates).
+        must stay a small fraction of the training time between updates). The merge is the
+        native op on the CPU and its PyTorch twin (``sparsestart._native.merge_index``, same
+        result bit for bit) on any other device or without the extension.
         """
         dev = self.rowptr.device
         nnz = self.nnz
@@ -446,9 +454,10 @@ class SparseMatrix:
         cols = torch.as_tensor(cols, device=dev).long().flatten()
         if rows.shape != cols.shape:
             raise ValueError(f"rows and cols must have equal length, got {rows.numel()} and {cols.numel()}")
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= nnz):
-            raise ValueError(f"positions must lie in [0, nnz={nnz}), got range [{int(positions.min())}, "
-                             f"{int(positions.max())}]")
+        if positions.numel():
+            lo, hi = torch.stack([positions.min(), positions.max()]).tolist()  # one host synchronisation
+            if lo < 0 or hi >= nnz:
+                raise ValueError(f"positions must lie in [0, nnz={nnz}), got range [{lo}, {hi}]")
         keep = torch.ones(nnz, dtype=torch.bool, device=dev)
         keep[positions] = False
         n_keep = int(keep.sum())
@@ -481,30 +490,20 @@ class SparseMatrix:
         dropped = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
         dropped[freed] = True
         ckeep = ~dropped[self.slot_t[:nnz].long()]  # CSC entries that stay
-        cnew_keys, cby_key = torch.sort(cols * max(R, 1) + rows)
+        cby_key = torch.sort(cols * max(R, 1) + rows).indices
+        total = n_keep + k
+        csr_new = (rows[by_key], cols[by_key], new_slots[by_key])
+        csc_new = (cols[cby_key], rows[cby_key], new_slots[cby_key])
         merge = _native_merge() if dev.type == "cpu" else None
         if merge is not None:
             # One native merge pass per view (it also rejects a new entry equal to a kept one).
-            total = n_keep + k
-            csr = merge(self.rowptr, self.col, self.slot, keep, rows[by_key], cols[by_key], new_slots[by_key], total)
-            csc = merge(self.colptr, self.row, self.slot_t, ckeep, cols[cby_key], rows[cby_key], new_slots[cby_key],
-                        total)
-            self._store(csr, csc, free[k:])
-            self.values.data[freed] = 0
-            self.values.data[new_slots] = 0
-            return freed, new_slots
-        erows, ecols, eslots = self.coo()
-        keys = erows * stride + ecols  # ascending: CSR order
-        _check_absent(keys, keep, new_keys, by_key, rows, cols)
-        # CSR view: merge the kept entries (in order) with the sorted new ones.
-        csr = _merge_sorted(keys[keep], (erows[keep], ecols[keep], eslots[keep]),
-                            new_keys, (rows[by_key], cols[by_key], new_slots[by_key]))
-        # CSC view: the same, keyed by (col, row); a kept CSC entry is one whose slot was not freed.
-        ccols = _rows_of(self.colptr, nnz)
-        crows, cslots = self.row[:nnz].long(), self.slot_t[:nnz].long()
-        csc = _merge_sorted((ccols * max(R, 1) + crows)[ckeep], (crows[ckeep], ccols[ckeep], cslots[ckeep]),
-                            cnew_keys, (rows[cby_key], cols[cby_key], new_slots[cby_key]))
-        self._write_index(*csr, csc=csc, free=free[k:])
+            csr = merge(self.rowptr, self.col, self.slot, keep, *csr_new, total)
+            csc = merge(self.colptr, self.row, self.slot_t, ckeep, *csc_new, total)
+        else:
+            # The same merge in PyTorch, on the index's own device (the native op is CPU-only).
+            csr = _native.merge_index(self.rowptr, self.col, self.slot, keep, *csr_new, total, Q)
+            csc = _native.merge_index(self.colptr, self.row, self.slot_t, ckeep, *csc_new, total, R, check=False)
+        self._store(csr, csc, free[k:])
         self.values.data[freed] = 0
         self.values.data[new_slots] = 0
         return freed, new_slots
@@ -526,32 +525,14 @@ def _native_merge():
     return _native.native_op("_native_merge_index")
 
 
-def _merge_sorted(keys_a: torch.Tensor, cols_a: tuple, keys_b: torch.Tensor, cols_b: tuple) -> tuple:
-    """Merge two runs sorted by distinct keys: the columns (tuples of equal-length tensors) in key order.
-
-    O(m log n) binary searches for the (smaller) new run and O(n + m) passes, no sort.
-    """
-    n, m = keys_a.numel(), keys_b.numel()
-    pos_b = torch.searchsorted(keys_a, keys_b) + torch.arange(m, device=keys_b.device)
-    from_b = torch.zeros(n + m, dtype=torch.bool, device=keys_a.device)
-    from_b[pos_b] = True
-    pos_a = torch.nonzero(~from_b).flatten()
-    out = []
-    for a, b in zip(cols_a, cols_b):
-        merged = torch.empty(n + m, dtype=a.dtype, device=a.device)
-        merged[pos_a] = a
-        merged[pos_b] = b
-        out.append(merged)
-    return tuple(out)
-
-
 def _check_range(rows, cols, R, Q, rname, cname):
     if rows.numel() == 0:
         return
-    if int(rows.min()) < 0 or int(rows.max()) >= R:
-        raise ValueError(f"{rname} must lie in [0, {R}), got range [{int(rows.min())}, {int(rows.max())}]")
-    if int(cols.min()) < 0 or int(cols.max()) >= Q:
-        raise ValueError(f"{cname} must lie in [0, {Q}), got range [{int(cols.min())}, {int(cols.max())}]")
+    rlo, rhi, clo, chi = torch.stack([t.long() for t in (rows.min(), rows.max(), cols.min(), cols.max())]).tolist()
+    if rlo < 0 or rhi >= R:
+        raise ValueError(f"{rname} must lie in [0, {R}), got range [{rlo}, {rhi}]")
+    if clo < 0 or chi >= Q:
+        raise ValueError(f"{cname} must lie in [0, {Q}), got range [{clo}, {chi}]")
 
 
 def _check_coordinates(rows, cols, R, Q, rname, cname):

@@ -404,7 +404,7 @@ def _scoring_copy(model: nn.Module, names: Sequence[str]) -> tuple[nn.Module, li
 
 
 def _layer_counts(keep: torch.Tensor, numel: Sequence[int]) -> list[int]:
-    return [int(part.sum()) for part in torch.split(keep, list(numel))]
+    return torch.stack([part.sum() for part in torch.split(keep, list(numel))]).tolist()  # one host sync
 
 
 def _data_scores_kept(distribution: str, model, layers, K: int, opts) -> list[int]:
@@ -412,6 +412,8 @@ def _data_scores_kept(distribution: str, model, layers, K: int, opts) -> list[in
     names = [n for n, _ in layers]
     numel = [int(m.weight.numel()) for _, m in layers]
     c, weights = _scoring_copy(model, names)
+    # The batch goes where the model is (a model on a GPU scored with a batch from a CPU loader).
+    x, y = x.to(weights[0].device), y.to(weights[0].device)
     with torch.enable_grad():
         if distribution == "snip":
             loss = loss_fn(c(x), y)

@@ -221,7 +221,9 @@ def _plan(mat, kk: int, method: str, keep_budget: bool, gen) -> dict:
     b = mat.block_size
     K = mat.shape[1]
     cin = K // kk
-    rows, cols, _ = mat.coo()
+    # The plan is sequential bookkeeping over dead units with a CPU generator: the coordinates come
+    # to the CPU once (a structure on a GPU gets the same repair as on the CPU); only the plan goes back.
+    rows, cols = (t.cpu() for t in mat.coo()[:2])
     nnz = rows.numel()
     # Input channels covered by each (block) column, and block columns of each channel.
     ch_lo = [(q * b) // kk for q in range(Q)]
@@ -292,29 +294,31 @@ def _apply(layer, plan: dict, init: str, gen) -> None:
     if not n_add and not plan["drop"]:
         return
     mat = layer.sparse_weight
+    dev = mat.values.device
     _, _, slots = mat.coo()
     pool = mat.values.detach()[slots].flatten()
     if plan["drop"]:
-        mat.drop(torch.tensor(plan["drop"], dtype=torch.long))
+        mat.drop(torch.tensor(plan["drop"], dtype=torch.long, device=dev))
     if not n_add:
         return
     if mat.nnz + n_add > mat.capacity:
         layer.set_capacity(mat.nnz + n_add)
         mat = layer.sparse_weight
-    new_slots = mat.grow(torch.tensor(plan["add_rows"], dtype=torch.long),
-                         torch.tensor(plan["add_cols"], dtype=torch.long))
+    new_slots = mat.grow(torch.tensor(plan["add_rows"], dtype=torch.long, device=dev),
+                         torch.tensor(plan["add_cols"], dtype=torch.long, device=dev))
     if init == "match":
+        # Random draws on the CPU generator (the same values on every device), gathered on the device.
         shape = (n_add,) + tuple(mat.values.shape[1:])
         count = math.prod(shape)
         if pool.numel():
             pick = torch.randint(0, pool.numel(), (count,), generator=gen)
-            vals = pool[pick].abs()
+            vals = pool[pick.to(dev)].abs()
         else:
             bound = 1.0 / math.sqrt(layer.fan_in) if layer.fan_in else 0.0
-            vals = torch.rand(count, generator=gen, dtype=torch.float64).mul(bound).to(mat.values.dtype)
+            vals = torch.rand(count, generator=gen, dtype=torch.float64).mul(bound).to(dev, mat.values.dtype)
         sign = torch.randint(0, 2, (count,), generator=gen).mul(2).sub(1)
-        vals = (vals.cpu() * sign.to(vals.dtype)).reshape(shape)
-        mat.values.data[new_slots.to(mat.values.device)] = vals.to(mat.values.device, mat.values.dtype)
+        vals = (vals * sign.to(dev, vals.dtype)).reshape(shape)
+        mat.values.data[new_slots] = vals.to(mat.values.dtype)
 
 
 # ---------------------------------------------------------------------------- cross-layer analysis
@@ -406,7 +410,8 @@ def _trace(model: nn.Module, input_shape) -> tuple[Optional[dict], str]:
 
 
 def _unit_edges(m) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(output unit, input unit) of every edge of a sparse layer, or None for a dense layer."""
+    """(output unit, input unit) of every edge of a sparse layer, on the CPU (the analysis runs once
+    there, whatever the model's device), or None for a dense layer."""
     from ..nn.modules import SparseLayer
 
     if not isinstance(m, SparseLayer):
@@ -415,10 +420,17 @@ def _unit_edges(m) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     mat = m.sparse_weight
     if mat.block_size == 1:
         rows, cols, _ = mat.coo()
-        return rows, cols // kk
-    adj = m.mask().reshape(m.weight_shape[0], m.weight_shape[1], kk).any(-1)
-    r, c = adj.nonzero(as_tuple=True)
-    return r, c
+        return rows.cpu(), (cols // kk).cpu()
+    # Blocks: the unit pairs covered by each stored block, without a dense mask of the weight.
+    rows, cols, _ = mat.coo()
+    b = mat.block_size
+    cin = m.weight_shape[1]
+    r_units = rows.cpu()[:, None] * b + torch.arange(b)            # [nnz, b] output units of each block
+    c_units = (cols.cpu()[:, None] * b + torch.arange(b)) // kk    # [nnz, b] input units of each block
+    r = r_units[:, :, None].expand(-1, b, b).reshape(-1)
+    c = c_units[:, None, :].expand(-1, b, b).reshape(-1)
+    keys = torch.unique(r * cin + c)
+    return keys // cin, keys % cin
 
 
 def _disconnected(model: nn.Module, graph: dict) -> dict[str, Optional[int]]:

@@ -185,3 +185,96 @@ def test_a_misleading_sample_changes_time_not_results(monkeypatch, estimate):
         assert torch.equal(top_k(scores[name], k, largest=largest), w), (name, k, largest)
     for k, w in grown.items():
         assert torch.equal(topk_absent_gradient(layer, pairs, k, present), w), k
+
+
+# ------------------------------------------------------------- the PyTorch twins of the native ops
+# On a GPU the CPU-only native ops are replaced by their twins in sparsestart._native; here both run
+# on the CPU and must agree bit for bit (values, dtype, order).
+def test_native_op_for_gives_the_op_only_for_cpu_tensors(monkeypatch):
+    cpu, meta = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long, device="meta")
+    assert _native.native_op_for("_native_sorted_isin", cpu, meta) is None
+    assert _native.native_op_for("_native_sorted_isin", meta) is None
+    assert _native.native_op_for("_native_sorted_isin", cpu) is _native.native_op("_native_sorted_isin")
+    monkeypatch.setattr(_native, "native_op", lambda name: None)  # how the tests force the torch path
+    assert _native.native_op_for("_native_sorted_isin", cpu) is None
+
+
+def _absent_cases():
+    g = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float64):
+        for n, p in ((0, 0), (1, 0), (1, 1), (1000, 0), (1000, 1000), (70_000, 5_000), (300_000, 20_000)):
+            scores = torch.randn(n, generator=g, dtype=dtype)
+            if n >= 1000:
+                scores[::97] = 0.0   # ties at zero
+                scores[5::101] = scores[4::101][: scores[5::101].numel()]  # equal neighbours
+            base = 777
+            present = torch.sort(torch.randperm(n + 50, generator=g)[:p] + base - 25).values
+            # Thresholds between two float32 values: both compare in the dtype of the scores.
+            for threshold in (0.0, 0.7, 1.0 + 1e-9, 1.0000000596, 3.0, float("inf"), -1.0):
+                yield dtype, n, p, scores, present, base, threshold
+
+
+@pytest.mark.skipif(not NATIVE, reason="sparsestart._C not built")
+def test_absent_at_least_twin_matches_the_native_op_bit_for_bit():
+    op = torch.ops.sparsestart._native_absent_at_least
+    for dtype, n, p, scores, present, base, threshold in _absent_cases():
+        want = op(scores, present, base, threshold)
+        got = _native.absent_at_least(scores, present, base, threshold)
+        assert got.dtype == want.dtype == torch.long and torch.equal(got, want), (dtype, n, p, threshold)
+
+
+def test_absent_at_least_twin_matches_its_definition():
+    for dtype, n, p, scores, present, base, threshold in _absent_cases():
+        keys = torch.arange(n) + base
+        t = torch.tensor(threshold, dtype=dtype)
+        want = ((scores.abs() >= t) & ~torch.isin(keys, present)).nonzero().flatten()
+        assert torch.equal(_native.absent_at_least(scores, present, base, threshold), want), (dtype, n, p)
+
+
+@pytest.mark.skipif(not NATIVE, reason="sparsestart._C not built")
+def test_sorted_isin_twin_matches_the_native_op_bit_for_bit():
+    g = torch.Generator().manual_seed(8)
+    op = torch.ops.sparsestart._native_sorted_isin
+    for k, m, hi in ((0, 0, 10), (5, 0, 10), (0, 5, 10), (1, 1, 2), (1000, 300, 2000), (300, 1000, 2000),
+                     (5000, 5000, 6000), (4000, 10, 2**40)):
+        values = torch.sort(torch.randint(-3, hi, (k,), generator=g)).values  # duplicates included
+        sset = torch.unique(torch.randint(0, hi, (m,), generator=g))
+        want = op(values, sset)
+        got = _native.sorted_isin(values, sset)
+        assert got.dtype == want.dtype == torch.bool and torch.equal(got, want), (k, m)
+        assert torch.equal(got, torch.isin(values, sset))
+        # isin_sorted takes the twin when the native op is not for these tensors: same answer.
+        assert torch.equal(isin_sorted(values, sset, values_sorted=True), want)
+
+
+def test_isin_sorted_takes_the_twin_when_the_native_op_is_unavailable(monkeypatch):
+    calls = []
+    twin = _native.sorted_isin
+    monkeypatch.setattr(_native, "native_op", lambda name: None)
+    monkeypatch.setattr(_native, "sorted_isin", lambda v, s: calls.append(1) or twin(v, s))
+    values, sset = torch.tensor([[1, 4], [5, 9]]), torch.tensor([0, 4, 9])
+    assert torch.equal(isin_sorted(values, sset, values_sorted=True), torch.tensor([[False, True], [False, True]]))
+    assert calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rigl_candidate_pass_runs_on_the_twin_when_the_native_op_is_unavailable(monkeypatch, dtype):
+    """Off the CPU (simulated: no native op) the one-pass candidate selection still runs, on the twin."""
+    torch.manual_seed(0)
+    layer = SparseLinear(512, 1024, density=0.05, seed=1, dtype=dtype)
+    pairs = _captured(layer, torch.randn(64, 512, dtype=dtype), torch.randint(0, 1024, (64,)))
+    rows, cols, _ = layer.sparse_weight.coo()
+    present = rows * 512 + cols
+    want = {k: topk_absent_gradient(layer, pairs, k, present) for k in (1, 3000)}
+    used = []
+    original = gradient._absent_candidates
+
+    def recording(native, *args):
+        used.append(native)
+        return original(native, *args)
+
+    monkeypatch.setattr(_native, "native_op", lambda name: None)
+    monkeypatch.setattr(gradient, "_absent_candidates", recording)
+    for k, w in want.items():
+        assert torch.equal(topk_absent_gradient(layer, pairs, k, present), w), k
+    assert used and all(fn is _native.absent_at_least for fn in used)

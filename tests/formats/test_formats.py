@@ -230,3 +230,63 @@ def test_native_and_python_merge_give_the_same_index(b, index_dtype):
                 m.validate()
         results.append([t.clone() for t in m.index_tensors()])
     assert all(torch.equal(u, v) and u.dtype == index_dtype for u, v in zip(*results))
+
+
+# ------------------------------------------------- the PyTorch twin of the native merge (GPU path)
+def _merge_inputs(m, g, n_drop, n_new, view):
+    """(ptr, idx, slot, keep, new_major, new_minor, new_slot, total, minor_extent) for one view of ``m``."""
+    R, Q = m.grid
+    rows, cols, _ = m.coo()
+    present = set(zip(rows.tolist(), cols.tolist()))
+    absent = [(r, c) for r in range(R) for c in range(Q) if (r, c) not in present]
+    take = sorted(absent[i] for i in torch.randperm(len(absent), generator=g)[:n_new].tolist())
+    nr = torch.tensor([t[0] for t in take], dtype=torch.long)
+    nc = torch.tensor([t[1] for t in take], dtype=torch.long)
+    nslot = torch.randperm(10_000, generator=g)[:len(take)]
+    keep = torch.ones(m.nnz, dtype=torch.bool)
+    keep[torch.randperm(m.nnz, generator=g)[:n_drop]] = False
+    total = int(keep.sum()) + len(take)
+    if view == "csr":
+        return m.rowptr, m.col, m.slot, keep, nr, nc, nslot, total, Q
+    order = torch.sort(nc * R + nr).indices
+    return m.colptr, m.row, m.slot_t, keep, nc[order], nr[order], nslot[order], total, R
+
+
+@pytest.mark.skipif(compressed._native_merge() is None, reason="C++ extension not built")
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("view", ["csr", "csc"])
+def test_merge_index_twin_matches_the_native_op_bit_for_bit(index_dtype, view):
+    from sparsestart import _native
+
+    g = torch.Generator().manual_seed(11)
+    op = compressed._native_merge()
+    for M, K, density, n_drop, n_new in ((1, 1, 0.0, 0, 0), (1, 1, 0.0, 0, 1), (5, 7, 1.0, 35, 0),
+                                         (5, 7, 1.0, 10, 10), (40, 30, 0.3, 100, 150), (40, 30, 0.3, 0, 40),
+                                         (64, 3, 0.05, 2, 60), (3, 64, 0.9, 170, 0)):
+        m = random_matrix(M, K, density, capacity_extra=n_new, seed=M * K + n_new, index_dtype=index_dtype)
+        args = _merge_inputs(m, g, min(n_drop, m.nnz), n_new, view)
+        want = op(*args[:8])
+        got = _native.merge_index(*args)
+        for w, t in zip(want, got):
+            assert t.dtype == w.dtype and torch.equal(t, w), (M, K, n_drop, n_new)
+
+
+@pytest.mark.parametrize("path", MERGE_PATHS)
+def test_merge_index_twin_rejects_what_the_native_op_rejects(path):
+    from sparsestart import _native
+
+    m = random_matrix(6, 6, 0.5, capacity_extra=4, seed=3)
+    rows, cols, _ = m.coo()
+    keep = torch.ones(m.nnz, dtype=torch.bool)
+    merge = compressed._native_merge() if path == "native" else (
+        lambda *a: _native.merge_index(*a, m.grid[1]))
+    one = torch.tensor([0])
+    existing = (rows[:1], cols[:1], one)
+    with pytest.raises(ValueError, match="already stored"):
+        merge(m.rowptr, m.col, m.slot, keep, *existing, m.nnz + 1)
+    r = int(rows[0])
+    absent = [c for c in range(6) if c not in cols[rows == r].tolist()]
+    if len(absent) >= 2:  # two new entries of one row given in descending order
+        with pytest.raises(ValueError, match="not sorted"):
+            merge(m.rowptr, m.col, m.slot, keep, torch.tensor([r, r]), torch.tensor(absent[:2][::-1]),
+                  torch.tensor([0, 1]), m.nnz + 2)
