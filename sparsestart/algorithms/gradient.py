@@ -113,7 +113,14 @@ def _padded(layer: SparseConv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _prepared(layer: SparseLayer, pairs: list[Pair]) -> list[Pair]:
-    """Pairs ready for :func:`_gradient_rows`: conv inputs batched and padded once, not once per chunk."""
+    """Pairs ready for :func:`_gradient_rows`: conv inputs batched and padded once, not once per chunk.
+
+    Both sides are cast to the values' dtype: under bf16 autocast the captured input of a
+    layer may be fp32 (e.g. a normalised image) while its output gradient is bf16, and the
+    growth scores are compared in the master weights' precision anyway.
+    """
+    dtype = layer.values.dtype
+    pairs = [(x.to(dtype), dy.to(dtype)) for x, dy in pairs]
     if isinstance(layer, SparseLinear):
         return pairs
     if isinstance(layer, SparseConv2d):

@@ -9,6 +9,12 @@ modifies the file.
 Checkpoints are loaded with ``torch.load(weights_only=True)``: they contain only
 tensors and plain Python containers (RNG states are converted accordingly), so
 opening one cannot execute code.
+
+Device independence: :func:`atomic_save` writes every tensor as a CPU tensor,
+:func:`load_checkpoint` maps whatever a file holds onto ``map_location`` (the
+CPU by default), and the trainer then loads the state into a model already on
+its device; :func:`move_optimizer_state_` puts the optimizer state next to its
+parameters. A run trained on a GPU resumes on the CPU and back.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "atomic_save", "atomic_write_text", "load_checkpoint", "rng_state", "set_rng_state",
-           "FORMAT", "VERSION"]
+           "to_cpu", "move_optimizer_state_", "FORMAT", "VERSION"]
 
 FORMAT = "sparsestart-train-checkpoint"
 VERSION = 1
@@ -64,8 +70,28 @@ def _atomic_write(path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in nested dicts, lists and tuples moved to the CPU (CPU tensors are kept as they are)."""
+    if torch.is_tensor(obj):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        if type(obj) is dict:
+            return {k: to_cpu(v) for k, v in obj.items()}
+        out = type(obj)((k, to_cpu(v)) for k, v in obj.items())  # an OrderedDict state_dict keeps its _metadata
+        out.__dict__.update(getattr(obj, "__dict__", {}))
+        return out
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj: Any, path) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
+    """``torch.save(obj)`` to ``path`` atomically (temp file in the same directory, fsync, os.replace).
+
+    Tensors are saved as CPU tensors (:func:`to_cpu`): the file loads on a machine without the device."""
+    obj = to_cpu(obj)
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -73,13 +99,14 @@ def atomic_write_text(path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by the trainer; :class:`CheckpointError` with the reason otherwise."""
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by the trainer, its tensors on ``map_location`` (default the CPU, whatever
+    device they were saved from); :class:`CheckpointError` with the reason otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors ...
         raise CheckpointError(f"{path} is corrupt or truncated and cannot be read ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); the file was left untouched")
@@ -91,24 +118,68 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+# ---------------------------------------------------------------------------------------------- optimizer state
+def _is_capturable_or_fused(group: dict) -> bool:
+    return bool(group.get("capturable", False) or group.get("fused", False))
+
+
+@torch.no_grad()
+def move_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
+    """Move every tensor of the optimizer's per-parameter state onto its parameter's device, in place.
+
+    Floating-point state takes the parameter's dtype (the master weights are fp32,
+    so is their state), as ``Optimizer.load_state_dict`` does. The ``step``
+    counters stay where torch keeps them (a CPU scalar unless the group is
+    capturable or fused), so a plain optimizer takes no device sync per step.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in list(state.items()):
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    if _is_capturable_or_fused(group):
+                        state[key] = value.to(device=p.device, dtype=_step_dtype(value))
+                    continue
+                if value.is_floating_point() and p.is_floating_point():
+                    state[key] = value.to(device=p.device, dtype=p.dtype)
+                else:
+                    state[key] = value.to(device=p.device)
+
+
+def _step_dtype(value: torch.Tensor) -> torch.dtype:
+    return value.dtype if value.is_floating_point() else torch.float32
+
+
 # ---------------------------------------------------------------------------------------------- RNG states
-def rng_state() -> dict:
-    """torch, numpy and python ``random`` global states, as tensors and plain containers."""
+def rng_state(device=None) -> dict:
+    """torch, numpy and python ``random`` global states, as tensors and plain containers; for a CUDA
+    ``device`` also that device's generator state (key "cuda")."""
     import numpy as np
 
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": json.dumps(random.getstate()),
     }
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device=None) -> None:
+    """Restore :func:`rng_state`; the CUDA generator of a CUDA ``device`` too when the state has one (a state
+    saved on a GPU restores on the CPU without it, and one saved on the CPU leaves the CUDA generator alone)."""
     import numpy as np
 
-    torch.set_rng_state(state["torch"])
+    if device is not None and torch.device(device).type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))

@@ -17,6 +17,10 @@ __all__ = ["register", "OPTIONS", "add_options", "gather_options", "error"]
 
 # dest -> (flags, argparse kwargs); every dest is a TrainConfig field. Shared with ``sparsestart sweep``.
 _S = argparse.SUPPRESS
+_DEVICE_HELP = ("auto (cuda if available, else cpu), cpu, cuda (under torchrun: the rank's GPU) or cuda:N; the "
+                "model, the whole dataset, the method and the metrics run there")
+_PRECISION_HELP = ("fp32 (IEEE: TF32 off), tf32 (TF32 matmuls and convolutions on GPUs), bf16 (autocast of forward "
+                   "pass and loss to bfloat16; fp32 weights and optimizer state)")
 OPTIONS = [
     # what to train
     ("model", ["--model"], dict(metavar="NAME", help="zoo model (convnet_small, mlp, lenet5, vgg11..19, resnet20.., "
@@ -58,6 +62,11 @@ OPTIONS = [
     ("batch_size", ["--batch-size"], dict(type=int, metavar="N", help="default 128")),
     ("eval_batch_size", ["--eval-batch-size"], dict(type=int, metavar="N", help="default 128")),
     ("seed", ["--seed"], dict(type=int, help="default 0")),
+    # hardware
+    ("device", ["--device"], dict(metavar="DEV", help=_DEVICE_HELP + "; default auto. --resume keeps the run's "
+                                                      "device unless given (a GPU run continues on the CPU with "
+                                                      "--device cpu)")),
+    ("precision", ["--precision"], dict(metavar="P", help=_PRECISION_HELP + "; default fp32")),
     # evaluation
     ("fgsm_eps", ["--fgsm-eps"], dict(type=float, metavar="EPS", help="default 8/255")),
     ("ood_dir", ["--ood-dir"], dict(metavar="DIR", help="dataset dir whose test split is the shifted OoD set")),
@@ -75,7 +84,7 @@ OPTIONS = [
 ]
 _KEY_VALUE = {"model_options", "distribution_options", "method_options"}
 # Options that do not change what is trained: they do not switch off the no-argument demonstration.
-_NEUTRAL = {"data_dir", "threads", "tensorboard", "progress", "retain_memory"}
+_NEUTRAL = {"data_dir", "threads", "tensorboard", "progress", "retain_memory", "device", "precision"}
 
 
 def register(sub) -> None:
@@ -103,6 +112,8 @@ def register(sub) -> None:
     e.add_argument("--fgsm-eps", type=float, metavar="EPS")
     e.add_argument("--eval-batch-size", type=int, metavar="N")
     e.add_argument("--threads", type=int, metavar="N")
+    e.add_argument("--device", metavar="DEV", help=_DEVICE_HELP + "; default auto (not the run's device)")
+    e.add_argument("--precision", metavar="P", help=_PRECISION_HELP + "; default: the run's")
     e.add_argument("--output", metavar="FILE", help="where to write the JSON (default DIR/evaluation-<which>.json)")
     e.set_defaults(func=_evaluate_main)
 
@@ -156,7 +167,7 @@ def _train_main(args) -> int:
             if args.quick or args.config:
                 raise ValueError("--resume takes the configuration from the checkpoint; drop --quick/--config")
             trainer = Trainer(None, args.resume, resume=True, overrides=values)
-            print(f"resuming {args.resume} at epoch {trainer.epoch}/{trainer.cfg.epochs}")
+            print(f"resuming {args.resume} at epoch {trainer.epoch}/{trainer.cfg.epochs} on {_where(trainer)}")
         else:
             quick = args.quick or (not args.config and not (explicit - _NEUTRAL))
             base = dict(QUICK) if quick else {}
@@ -175,7 +186,7 @@ def _train_main(args) -> int:
                 f"density {cfg.density:g} ({cfg.distribution}, {cfg.format})"
             print(f"training {cfg.model} on {d.name} ({len(d.train)} train / {len(d.val)} val / {len(d.test)} test, "
                   f"from {d.source}), {sparsity}, method {cfg.method}, {cfg.optimizer} lr {cfg.lr:g}, "
-                  f"{cfg.epochs} epoch(s) -> {out}")
+                  f"{cfg.epochs} epoch(s) on {_where(trainer)} -> {out}")
     except (ValueError, TypeError, DatasetNotFoundError, CheckpointError) as exc:
         return error("train", exc)
     try:
@@ -187,6 +198,15 @@ def _train_main(args) -> int:
     return 0
 
 
+def _where(trainer) -> str:
+    """"cuda:0 (NVIDIA H100 80GB HBM3), bf16" or "cpu, fp32"."""
+    from .device import gpu_name
+
+    dev = trainer.run.device
+    name = gpu_name(dev)
+    return f"{dev}{f' ({name})' if name else ''}, {trainer.cfg.precision}"
+
+
 def _evaluate_main(args) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
@@ -195,7 +215,8 @@ def _evaluate_main(args) -> int:
     try:
         res = evaluate_run(args.run_dir, args.which, data_dir=args.data_dir, ood_dir=args.ood_dir,
                            test_limit=args.test_limit, fgsm_eps=args.fgsm_eps, eval_batch_size=args.eval_batch_size,
-                           threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+                           threads=args.threads, device=args.device, precision=args.precision,
+                           log=lambda m: print(m, file=sys.stderr))
     except (ValueError, TypeError, DatasetNotFoundError, CheckpointError) as exc:
         return error("evaluate", exc)
     from .checkpoint import atomic_write_text

@@ -4,7 +4,9 @@ Precedence: built-in defaults < config file (``--config``) < command-line option
 Keys in files use the long option names with ``_`` or ``-`` (``batch_size`` or
 ``batch-size``). ``dataset``, ``distribution`` and ``method`` may stay unset
 ("auto"): they resolve to Fashion-MNIST if installed else digits, ERK if
-available else uniform, RigL if available else static.
+available else uniform, RigL if available else static. ``device`` "auto"
+resolves to "cuda" when CUDA is available, else "cpu" (see
+:mod:`sparsestart.train.device`); the resolved name is what a checkpoint keeps.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["TrainConfig", "QUICK", "RUNTIME_KEYS", "RESUME_CHANGEABLE", "load_config_file", "config_from_dict", "resolve", "validate",
-           "parse_key_values", "OPTIMIZERS", "SCHEDULES", "FORMATS", "distributions"]
+           "parse_key_values", "resolve_device", "OPTIMIZERS", "SCHEDULES", "FORMATS", "PRECISIONS", "DEVICE_CHOICES", "distributions"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -24,8 +26,12 @@ FORMATS = ("csr", "bsr")
 
 #: Keys that may change between an interrupted run and its resumption without changing its results.
 RUNTIME_KEYS = ("threads", "tensorboard", "progress", "final_eval", "retain_memory")
-#: Keys --resume accepts with a new value: the runtime keys and where the (same) data lives.
-RESUME_CHANGEABLE = RUNTIME_KEYS + ("data_dir", "ood_dir")
+#: Keys --resume accepts with a new value: the runtime keys, where the (same) data lives, and the device (a run
+#: trained on a GPU continues on the CPU and back; only the rounding of the kernels differs).
+RESUME_CHANGEABLE = RUNTIME_KEYS + ("data_dir", "ood_dir", "device")
+#: --device and --precision values (sparsestart.train.device).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -62,6 +68,9 @@ class TrainConfig:
     batch_size: int = 128
     eval_batch_size: int = 128
     seed: int = 0
+    # hardware
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N; resolved by resolve()
+    precision: str = "fp32"  # fp32 (IEEE), tf32 (TF32 matmuls/convolutions), bf16 (autocast, fp32 master weights)
     # evaluation
     fgsm_eps: float = 8 / 255
     ood_dir: Optional[str] = None
@@ -171,7 +180,17 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.method = "rigl" if "rigl" in available_methods() else "static"
         if _is_dense(cfg):
             cfg.method = "static"
+    cfg.device = resolve_device(cfg.device)
+    if isinstance(cfg.precision, str):
+        cfg.precision = cfg.precision.strip().lower()
     return cfg
+
+
+def resolve_device(device) -> str:
+    """--device resolved for this process: "cpu", "cuda" or "cuda:N" (under torchrun: the rank's choice)."""
+    from .distributed import run_device
+
+    return run_device(device, "--device")
 
 
 def _is_dense(cfg) -> bool:
@@ -226,6 +245,10 @@ def validate(cfg: TrainConfig, explicit: frozenset = frozenset()) -> None:
     _number(cfg, "threads", lo=1, integer=True, optional=True)
     if cfg.warmup_epochs >= cfg.epochs:
         raise ValueError(f"--warmup-epochs {cfg.warmup_epochs} must be smaller than --epochs {cfg.epochs}")
+    from .device import check_precision
+
+    resolve_device(cfg.device)
+    check_precision(cfg.precision)
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid names are: {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:

@@ -21,9 +21,17 @@ sees [0, 1] pixels and normalises inside (:class:`NormalizedModel`), so that
 FGSM works in pixel space. A seeded validation split (``val_fraction`` of the
 training set) is held out for model selection; the test split is never used to
 select anything.
+
+Devices: the loaders read into CPU tensors; :meth:`Dataset.to` moves every
+split whole to a device (the trainer holds the data on its GPU, uint8 images
+stay uint8 there), and :class:`BatchIterator` then gathers, converts and
+augments each batch on that device. The permutation and the augmentation
+draws come from the iterator's CPU generator, so the batches are the same on
+every device and a saved generator state resumes the data order anywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -104,6 +112,17 @@ class Split:
     def subset(self, index: torch.Tensor) -> "Split":
         return Split(self.images[index], self.labels[index])
 
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device) -> "Split":
+        """This split with images and labels on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.images.device == device and self.labels.device == device:
+            return self
+        return Split(self.images.to(device), self.labels.to(device))
+
 
 @dataclass
 class Dataset:
@@ -123,6 +142,15 @@ class Dataset:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.train.images.shape[1:])
+
+    def to(self, device) -> "Dataset":
+        """The dataset with every split held on ``device`` (statistics and description unchanged)."""
+        return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device),
+                                   test=self.test.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.device
 
     def describe(self) -> dict:
         return dict(name=self.name, source=self.source, shape=list(self.shape), num_classes=self.num_classes,
@@ -436,16 +464,21 @@ def load_image_dir(path) -> tuple[Split, str]:
 
 # ---------------------------------------------------------------------------------------------- iteration
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding by ``pad`` pixels and random horizontal flip, per image, seeded."""
+    """Random crop after zero padding by ``pad`` pixels and random horizontal flip, per image, seeded.
+
+    The offsets and flips are drawn on the generator's device (the trainer's is a
+    CPU generator: the same draws for a batch on any device); the crop runs on ``x``'s device.
+    """
     n, c, h, w = x.shape
+    dev, gdev = x.device, generator.device
     padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    rows = (oy[:, None] + torch.arange(h)[None, :])  # [n, h]
-    cols = (ox[:, None] + torch.arange(w)[None, :])  # [n, w]
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
+    flip = (torch.rand(n, generator=generator, device=gdev) < 0.5).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])  # [n, h]
+    cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])  # [n, w]
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+    out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                  rows[:, None, :, None], cols[:, None, None, :]]
     return out.contiguous()
 
@@ -455,7 +488,9 @@ class BatchIterator:
 
     Each pass draws a fresh permutation (and augmentation) from the generator;
     saving ``generator.get_state()`` between passes is enough to resume exactly.
-    The last, smaller batch is kept.
+    The last, smaller batch is kept. Batches are gathered on the split's device
+    (the permutation moves there once per pass); a CPU generator gives the same
+    batches on every device.
     """
 
     def __init__(self, split: Split, batch_size: int, generator: torch.Generator, augment: bool = False):
@@ -467,7 +502,8 @@ class BatchIterator:
         return -(-len(self.split) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = torch.randperm(len(self.split), generator=self.generator)
+        perm = torch.randperm(len(self.split), generator=self.generator, device=self.generator.device)
+        perm = perm.to(self.split.images.device)
         for idx in perm.split(self.batch_size):
             x = self.split.pixels(idx)
             if self.augment:

@@ -33,6 +33,13 @@ checks      what a checkpoint holds (model, optimizer, method, LR schedule,
             generators, step) is digested on every rank and compared when the
             run is built and at the end of every epoch; a difference is an error
             naming the tensors that differ.
+devices     one rank per GPU: under torchrun, rank LOCAL_RANK uses cuda:LOCAL_RANK
+            (``--device cuda``, or ``auto`` when CUDA is available) and the group
+            is ``cpu:gloo,cuda:nccl``; CPU ranks (``--device cpu``) use gloo alone.
+            A machine with fewer GPUs than local ranks never calls
+            ``set_device`` with an index it does not have: ``--device cuda``
+            is refused with an error, ``--device auto`` trains every rank on
+            the CPU over gloo (:func:`run_device`).
 rank 0      alone logs, shows progress, evaluates, writes metrics, checkpoints
             and the summary. The others wait for it at the end of every epoch
             (so a checkpoint is on disk when any rank leaves its epoch), but not
@@ -53,7 +60,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main", "launched_world_size", "default_backend", "init",
+__all__ = ["is_distributed", "rank", "world_size", "is_main", "launched_world_size", "local_rank", "local_world_size",
+           "cuda_ranks_fit", "run_device", "default_backend", "init",
            "cleanup", "process_group", "check_launch", "main_only", "quiet_unless_main", "all_reduce_mean_",
            "all_reduce_sum", "shard", "check_shards", "state_digests", "verify_identical",
            "average_batchnorm_stats_", "DistributedRun", "BACKEND_ENV", "TIMEOUT_ENV", "VERIFIED_KEYS"]
@@ -104,16 +112,70 @@ def launched_world_size() -> int:
     return _env_number("WORLD_SIZE", int, lambda n: n >= 1, "an integer >= 1 (torchrun sets it)") or 1
 
 
-def default_backend() -> str:
-    """gloo for CPU tensors; with CUDA, nccl for CUDA tensors as well (one group serves both)."""
-    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+def local_rank() -> int:
+    """LOCAL_RANK as torchrun sets it (the rank on this machine); 0 outside torchrun."""
+    return _env_number("LOCAL_RANK", int, lambda n: n >= 0, "an integer >= 0 (torchrun sets it)") or 0
 
 
-def init(backend: Optional[str] = None) -> bool:
+def local_world_size() -> int:
+    """Processes torchrun started on this machine: LOCAL_WORLD_SIZE, else LOCAL_RANK + 1 (at least this many)."""
+    n = _env_number("LOCAL_WORLD_SIZE", int, lambda n: n >= 1, "an integer >= 1 (torchrun sets it)")
+    return max(n or 1, local_rank() + 1)
+
+
+def cuda_ranks_fit() -> bool:
+    """CUDA is available and this machine has a GPU for every local rank (one rank per GPU)."""
+    return torch.cuda.is_available() and local_world_size() <= torch.cuda.device_count()
+
+
+def run_device(spec=None, option: str = "--device") -> str:
+    """The device string of this process for ``--device spec`` ("cpu", "cuda" or "cuda:N"; "auto" resolved).
+
+    Outside torchrun (or with WORLD_SIZE 1) this is
+    :func:`sparsestart.train.device.resolve_device`. Under torchrun with several
+    ranks, "cuda" is the rank's GPU (cuda:LOCAL_RANK, made current by :func:`init`)
+    and needs a GPU for every local rank; "cuda:N" needs a single local rank.
+    ``auto`` on a machine with fewer GPUs than local ranks falls back to the CPU
+    for every rank (gloo), instead of failing: the choice is the same on every
+    rank of the machine, so the ranks never mix CUDA and CPU tensors in one
+    collective. An explicit ``cuda`` there is an error.
+    """
+    from .device import resolve_device
+
+    if launched_world_size() <= 1:
+        return resolve_device(spec, option)
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
+        return "cuda" if cuda_ranks_fit() else "cpu"
+    device = resolve_device(spec, option)  # unknown names, no CUDA at all
+    if device == "cpu":
+        return device
+    n, gpus = local_world_size(), torch.cuda.device_count()
+    if device != "cuda" and n > 1:
+        raise ValueError(f"{option} {spec}: torchrun started {n} processes on this machine and every one would use "
+                         f"{device}; one rank per GPU: use --device cuda (rank LOCAL_RANK takes cuda:LOCAL_RANK), "
+                         f"or cpu, or auto")
+    if device == "cuda" and not cuda_ranks_fit():
+        raise ValueError(f"{option} {spec}: torchrun started {n} processes on this machine (this one has "
+                         f"LOCAL_RANK {local_rank()}) but it has {gpus} CUDA device(s); one rank per GPU: use "
+                         f"--nproc_per_node={gpus} or fewer, or --device cpu (or auto, which falls back to the CPU "
+                         f"when there are fewer GPUs than ranks)")
+    return device
+
+
+def default_backend(device=None) -> str:
+    """The backend for ranks on ``device`` (default auto, see :func:`run_device`): ``cpu:gloo,cuda:nccl`` for
+    CUDA ranks (gloo carries the CPU collectives: metrics, object gathers), ``gloo`` for CPU ranks."""
+    return "cpu:gloo,cuda:nccl" if run_device(device).startswith("cuda") else "gloo"
+
+
+def init(backend: Optional[str] = None, device=None) -> bool:
     """Initialise the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
     Does nothing outside torchrun, with WORLD_SIZE 1, or when a group exists.
-    ``backend`` (else $SPARSESTART_DIST_BACKEND, else :func:`default_backend`).
+    ``backend`` (else $SPARSESTART_DIST_BACKEND, else :func:`default_backend` of
+    ``device``, the run's ``--device``, default auto). With nccl, the rank's GPU
+    (LOCAL_RANK, or N of ``cuda:N``) becomes the current CUDA device; a rank
+    without a GPU of its own is an error, never ``set_device`` of a missing index.
     Returns True when this call created the group (the caller then owns it).
     """
     if launched_world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
@@ -121,11 +183,17 @@ def init(backend: Optional[str] = None) -> bool:
     if not dist.is_available():
         raise RuntimeError(f"WORLD_SIZE={launched_world_size()} asks for distributed training, but this torch build "
                            f"has no torch.distributed")
-    backend = backend or os.environ.get(BACKEND_ENV) or default_backend()
-    if "nccl" in backend and torch.cuda.is_available():
-        torch.cuda.set_device(_env_number("LOCAL_RANK", int, lambda n: n >= 0, "an integer >= 0 (torchrun sets it)")
-                              or 0)
     seconds = _env_number(TIMEOUT_ENV, float, lambda t: 0 < t < float("inf"), "a positive number of seconds")
+    backend = backend or os.environ.get(BACKEND_ENV) or default_backend(device)
+    if "nccl" in backend:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        wanted = run_device(device) if device is not None else "cuda"
+        index = int(wanted.split(":")[1]) if wanted.startswith("cuda:") else local_rank()
+        if index >= gpus:
+            raise ValueError(f"process group backend {backend!r}: rank with LOCAL_RANK {local_rank()} needs CUDA "
+                             f"device {index}, but this machine has {gpus}; use ${BACKEND_ENV}=gloo, --device cpu, "
+                             f"or at most {gpus} processes per machine")
+        torch.cuda.set_device(index)
     timeout = None if seconds is None else timedelta(seconds=seconds)
     dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
     return True
@@ -147,10 +215,10 @@ def cleanup(synchronize: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def process_group(backend: Optional[str] = None) -> Iterator[None]:
+def process_group(backend: Optional[str] = None, device=None) -> Iterator[None]:
     """:func:`init` on entry; on exit, :func:`cleanup` of the group this created (none outside torchrun),
     synchronised when the body finished without an error."""
-    started = init(backend)
+    started = init(backend, device)
     finished = False
     try:
         yield
@@ -331,8 +399,14 @@ class DistributedRun:
         own = {id(p) for p in run.model.parameters()}
         self.extra_params = [p for group in run.optimizer.param_groups for p in group["params"]
                              if p.requires_grad and id(p) not in own]
+        device = next(iter(run.model.parameters()), torch.empty(0)).device
+        backend = str(dist.get_backend()).lower()
+        if device.type == "cuda" and "nccl" not in backend:
+            raise ValueError(f"--device {device}: the process group was initialised with backend {backend!r}, which "
+                             f"does not carry CUDA tensors; launch with --device cuda on the command line (the group "
+                             f"then gets nccl), or train with --device cpu")
         if any(p.requires_grad for p in run.model.parameters()):
-            device_ids = None if next(run.model.parameters()).device.type == "cpu" else [torch.cuda.current_device()]
+            device_ids = None if device.type == "cpu" else [device]
             self.model = nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids, **_NO_BUFFER_SYNC)
 
     def verify(self, where: str) -> None:

@@ -12,11 +12,20 @@ Run directory layout (``--out DIR``)::
 On CPU a run resumed from ``checkpoint.pt`` produces the same metrics, bit for
 bit, as an uninterrupted run: the checkpoint holds the model (values and
 structure), optimizer, LR schedule, method state, the data iterator's generator
-and the torch / numpy / python RNG states, and every epoch is a pure function
-of them.
+and the torch / numpy / python (and CUDA) RNG states, and every epoch is a pure
+function of them. The same holds on one GPU where the kernels are deterministic.
+
+Device (``cfg.device``): the model is built and sparsified on the CPU (the same
+initial weights and ER structure on every device), then moved to the device
+together with the whole dataset; the algorithm and optimizer state are created
+there. The data order and augmentation come from a CPU generator, so a run
+draws the same batches on every device. Checkpoints hold CPU tensors: a run
+trained on a GPU resumes on the CPU (``--resume DIR --device cpu``) and back.
+Precision (``cfg.precision``): see :mod:`sparsestart.train.device`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -33,12 +42,13 @@ from .. import nn as snn
 from .. import runtime
 from . import distributed
 from .checkpoint import (FORMAT, VERSION, CheckpointError, atomic_save, atomic_write_text, load_checkpoint,
-                         rng_state, set_rng_state)
-from .config import RESUME_CHANGEABLE, TrainConfig, config_from_dict, resolve, validate
+                         move_optimizer_state_, rng_state, set_rng_state)
+from .config import RESUME_CHANGEABLE, TrainConfig, config_from_dict, resolve, resolve_device, validate
+from .device import autocast, describe, precision_flags, torch_device
 from .data import (Dataset, NormalizedModel, adapt_images, fashion_mnist_available, load_dataset, load_digits_images,
                    load_image_dir, BatchIterator)
 from .methods import make_algorithm
-from .metrics import basic_metrics, evaluate_model, forward_flops, predict_logits
+from .metrics import _Pixels, basic_metrics, evaluate_model, forward_flops, predict_logits
 
 __all__ = ["Trainer", "RunState", "build_net", "build_run", "shifted_set", "LRFactor", "train", "load_for_eval",
            "evaluate_run"]
@@ -84,7 +94,8 @@ def _sparsify(net: nn.Module, cfg: TrainConfig, data: Dataset) -> None:
         idx = torch.randperm(len(data.train), generator=g)[:n]
         mean = torch.tensor(data.mean).view(1, -1, 1, 1)
         std = torch.tensor(data.std).view(1, -1, 1, 1)
-        opts["data"] = ((data.train.pixels(idx) - mean) / std, data.train.labels[idx])
+        on = data.train.images.device  # the net is sparsified on the CPU, wherever the data is held
+        opts["data"] = ((data.train.pixels(idx.to(on)).cpu() - mean) / std, data.train.labels[idx.to(on)].cpu())
     if cfg.distribution == "synflow" and opts.get("input_shape") is None:
         opts["input_shape"] = tuple(data.shape)
     try:
@@ -136,10 +147,15 @@ class RunState:
     """Everything a run consists of: data, model, optimizer, schedule, method, data generator."""
 
     def __init__(self, cfg: TrainConfig, data: Dataset, model: NormalizedModel, optimizer, scheduler, algorithm,
-                 generator: torch.Generator, steps_per_epoch: int):
+                 generator: torch.Generator, steps_per_epoch: int, device: Optional[torch.device] = None):
         self.cfg, self.data, self.model, self.optimizer = cfg, data, model, optimizer
         self.scheduler, self.algorithm, self.generator = scheduler, algorithm, generator
         self.steps_per_epoch = steps_per_epoch
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+
+    def autocast(self):
+        """The autocast context of the forward pass and loss (bf16), or a context that does nothing."""
+        return autocast(self.cfg.precision, self.device)
 
     @property
     def phases(self) -> int:
@@ -162,18 +178,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None) -> RunState:
+def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None, device=None) -> RunState:
     """Build a run from scratch, or rebuild it and load ``checkpoint`` (model, optimizer, schedule, method, RNGs).
 
     Raises CheckpointError when the checkpoint does not fit the configuration.
     The run is rebuilt exactly as it started (same seed, same initial structure,
     so the method's constructor sees what it saw then), and the saved state is
-    loaded on top.
+    loaded on top. ``device`` (default: ``cfg.device``): the net is built and
+    sparsified on the CPU, then it and the data move there before the optimizer
+    and the method are created; the checkpoint's tensors (saved on the CPU) are
+    loaded onto it.
     """
+    device = torch_device(cfg.device) if device is None else torch.device(device)
     _seed_everything(int(cfg.seed))
     net = build_net(cfg, data)
     _sparsify(net, cfg, data)
-    model = NormalizedModel(net, data.mean, data.std)
+    model = NormalizedModel(net, data.mean, data.std).to(device)
+    data = data.to(device)
     optimizer = _make_optimizer(cfg, model)
     steps_per_epoch = -(-len(data.train) // int(cfg.batch_size))
     # For IMP, --epochs is per level and the schedule restarts every level; otherwise one phase.
@@ -185,16 +206,18 @@ def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None
         raise ValueError(f"--method {cfg.method}: {exc}") from None
     warmup = round(float(cfg.warmup_epochs) * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg.schedule, steps_per_phase, warmup))
+    # A CPU generator on every device: the same batches and augmentations wherever the run trains or resumes.
     generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    run = RunState(cfg, data, model, optimizer, scheduler, algorithm, generator, steps_per_epoch)
+    run = RunState(cfg, data, model, optimizer, scheduler, algorithm, generator, steps_per_epoch, device)
     if checkpoint is not None:
         _load_model(model, checkpoint["model"], optimizer)
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
+            move_optimizer_state_(optimizer)  # onto each parameter's device (the checkpoint holds CPU tensors)
             scheduler.load_state_dict(checkpoint["scheduler"])
             algorithm.load_state_dict(checkpoint["algorithm"])
             generator.set_state(checkpoint["data_rng"])
-            set_rng_state(checkpoint["rng"])
+            set_rng_state(checkpoint["rng"], device)
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"the checkpoint does not match the run: {type(exc).__name__}: {exc}") from None
     return run
@@ -260,6 +283,33 @@ def _dense_gradient_updates(algorithm) -> int:
     return max(0, min(steps, end - 1)) // every
 
 
+@contextlib.contextmanager
+def _on_device(device: torch.device):
+    """Make a CUDA run's device the current one (kernels launch there; a no-op on the CPU)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
+
+def _backend_name(net: nn.Module, device: torch.device) -> str:
+    """The sparse backend the run's SpMM runs on (what summary.json records)."""
+    if device.type == "cpu":
+        return "cpu (C++)" if getattr(__import__("sparsestart").ops, "NATIVE_AVAILABLE", False) \
+            else "reference (pure PyTorch)"
+    layer = next((m for m in net.modules() if isinstance(m, snn.SparseLayer)), None)
+    if layer is None:
+        return "none (dense model)"
+    try:
+        from ..ops import registry
+
+        x = torch.zeros(layer.matrix_shape[1], 8, dtype=layer.values.dtype, device=layer.values.device)
+        return registry.choose("spmm", [layer.values, layer.rowptr, x]).name  # the probe of ops.library
+    except Exception as exc:  # a description only: never fail a finished run over it
+        return f"unknown ({type(exc).__name__})"
+
+
 def _jsonable(v):
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
@@ -280,8 +330,10 @@ class Trainer:
 
     ``cfg`` is ignored when resuming (the checkpoint's configuration is used)
     except for the keys of ``RESUME_CHANGEABLE`` (threads, tensorboard,
-    progress, final_eval, data_dir, ood_dir) given in ``overrides``; other
-    overrides must equal the saved values.
+    progress, final_eval, data_dir, ood_dir, device) given in ``overrides``;
+    other overrides (precision among them) must equal the saved values. A run
+    resumes on the device it trained on unless ``device`` is overridden: that is
+    how a run trained on a GPU continues on the CPU and back.
     """
 
     def __init__(self, cfg: Optional[TrainConfig], out_dir, *, resume: bool = False, overrides: Optional[dict] = None,
@@ -303,6 +355,12 @@ class Trainer:
             if diffs:
                 raise CheckpointError(f"--resume {self.out}: the given options differ from the run being resumed "
                                       f"({'; '.join(diffs)}); drop them or start a new run with another --out")
+            try:
+                saved.device = resolve_device(saved.device)
+            except ValueError as exc:
+                hint = "" if "device" in (overrides or {}) else \
+                    f" (the run trained on {saved.device}; continue it here with --resume {self.out} --device cpu)"
+                raise ValueError(f"{exc}{hint}") from None
             cfg = saved
         else:
             if cfg is None:
@@ -390,7 +448,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step,
             "model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
             "scheduler": r.scheduler.state_dict(), "algorithm": r.algorithm.state_dict(),
-            "data_rng": r.generator.get_state(), "rng": rng_state(),
+            "data_rng": r.generator.get_state(), "rng": rng_state(r.device),
             "history": self.history, "best": self.best, "train_flops": self.train_flops,
             "samples_seen": self.samples_seen, "elapsed": self._elapsed(), "train_seconds": self.train_seconds,
         }
@@ -409,14 +467,18 @@ class Trainer:
         r, cfg, par = self.run, self.cfg, self.parallel
         r.model.train()
         it = BatchIterator(r.data.train, cfg.batch_size, r.generator, augment=r.data.augment)
-        loss_sum = 0.0
-        correct = seen = 0
+        # Sums kept on the device (float64: the same arithmetic as Python floats), read once per epoch, so that a
+        # GPU step never waits for the host; the progress bar reads them every 10 steps when it is shown.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=r.device)
+        correct = torch.zeros((), dtype=torch.int64, device=r.device)
+        seen = 0
         bar = tqdm(total=len(it), desc=f"epoch {self.epoch + 1}/{r.total_epochs}", unit="batch", leave=False,
                    dynamic_ncols=True, disable=None if cfg.progress and par.is_main else True)
         try:
             for x, y, n_batch in par.batches(it):  # this rank's shard of each global batch of n_batch
-                logits = par.model(x)
-                loss = par.loss(logits, y, n_batch)
+                with r.autocast():
+                    logits = par.model(x)
+                    loss = par.loss(logits, y, n_batch)
                 r.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 par.after_backward()
@@ -425,20 +487,25 @@ class Trainer:
                 r.scheduler.step()
                 self.step += 1
                 n = y.numel()
-                loss_sum += float(loss.detach()) * n_batch / par.world
-                correct += int((logits.detach().argmax(1) == y).sum())
+                loss_sum += loss.detach().double() * n_batch / par.world
+                correct += (logits.detach().argmax(1) == y).sum()
                 seen += n
                 bar.update(1)
-                if self.step % 10 == 0 or seen == len(r.data.train):
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+                if not bar.disable and (self.step % 10 == 0 or seen == len(r.data.train)):
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.4f}")
         finally:
             bar.close()
-        loss_sum, correct, seen = par.end_epoch(loss_sum, correct, seen)  # over all ranks
+        loss_sum, correct, seen = par.end_epoch(float(loss_sum), int(correct), seen)  # over all ranks
         return dict(train_loss=loss_sum / max(seen, 1), train_accuracy=correct / max(seen, 1), samples=seen)
 
     def fit(self, stop_after: Optional[int] = None) -> Optional[dict]:
         """Train the remaining epochs (at most ``stop_after`` of them); the summary dict when the run is done
-        (distributed: on rank 0, None on the other ranks)."""
+        (distributed: on rank 0, None on the other ranks). The TF32 switches of ``cfg.precision`` are set
+        meanwhile and restored afterwards."""
+        with precision_flags(self.cfg.precision), _on_device(self.run.device):
+            return self._fit(stop_after)
+
+    def _fit(self, stop_after: Optional[int]) -> Optional[dict]:
         r, cfg = self.run, self.cfg
         total = r.total_epochs
         main = self.parallel.is_main  # rank 0 alone evaluates and writes; all ranks hold the same state
@@ -446,7 +513,7 @@ class Trainer:
             self.log(f"{self.out}: all {total} epochs are done")
             if not main:
                 return None
-            return self.finish() if not (self.out / "summary.json").exists() else \
+            return self._finish() if not (self.out / "summary.json").exists() else \
                 json.loads((self.out / "summary.json").read_text())
         done_now = 0
         dense_updates_before = _dense_gradient_updates(r.algorithm)
@@ -480,13 +547,15 @@ class Trainer:
                          f"{row['test_accuracy']:.4f} | density {row['density']:.4f} | {row['epoch_seconds']:.1f} s")
             self.parallel.wait_for_main()  # the epoch ends on every rank with its checkpoint on disk
             done_now += 1
-        return self.finish() if main else None
+        return self._finish() if main else None
 
     def _evaluate_epoch(self, stats: dict, lr: float, t0: float) -> tuple[dict, bool]:
         """The metrics row of the epoch just trained (validation and test evaluated), and whether it is the best."""
         r, cfg = self.run, self.cfg
-        val = basic_metrics(predict_logits(r.model, r.data.val.pixels(), cfg.eval_batch_size), r.data.val.labels)
-        test = basic_metrics(predict_logits(r.model, r.data.test.pixels(), cfg.eval_batch_size), r.data.test.labels)
+        val = basic_metrics(predict_logits(r.model, _Pixels(r.data.val), cfg.eval_batch_size, autocast=r.autocast),
+                            r.data.val.labels)
+        test = basic_metrics(predict_logits(r.model, _Pixels(r.data.test), cfg.eval_batch_size, autocast=r.autocast),
+                             r.data.test.labels)
         nnz, numel = _layer_stats(r.net)
         row = {"epoch": self.epoch, "step": self.step, "lr": lr,
                "train_loss": stats["train_loss"], "train_accuracy": stats["train_accuracy"],
@@ -502,6 +571,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict:
+        """Final evaluation and summary.json (``fit`` calls it when the last epoch is done)."""
+        with precision_flags(self.cfg.precision), _on_device(self.run.device):
+            return self._finish()
+
+    def _finish(self) -> dict:
         r, cfg = self.run, self.cfg
         t0 = time.perf_counter()
         final = {"epoch": self.epoch}
@@ -514,7 +588,8 @@ class Trainer:
             except (FileNotFoundError, ValueError) as exc:
                 shifted = (None, f"shifted set unavailable: {exc}")
             final["test"] = evaluate_model(r.model, r.data.test, mean=r.data.mean, std=r.data.std, shifted=shifted,
-                                           fgsm_eps=cfg.fgsm_eps, batch_size=cfg.eval_batch_size, seed=cfg.seed)
+                                           fgsm_eps=cfg.fgsm_eps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                           autocast=r.autocast)
         else:
             final["test"] = {k[5:]: v for k, v in last.items() if k.startswith("test_")}
         best_row = next((h for h in self.history if h["epoch"] == self.best["epoch"]), {})
@@ -550,10 +625,10 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "final_eval_seconds": time.perf_counter() - t0,
             "wall_time_seconds": self._elapsed(),
+            **describe(r.device, cfg.precision),
             "threads": torch.get_num_threads(),
             "malloc": runtime.malloc_settings(),
-            "backend": "cpu (C++)" if getattr(__import__("sparsestart").ops, "NATIVE_AVAILABLE", False)
-            else "reference (pure PyTorch)",
+            "backend": _backend_name(r.net, r.device),
         }
         summary = _jsonable(summary)
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -571,16 +646,23 @@ def load_for_eval(run_dir, which: str = "final", **overrides):
 
     ``which``: "final" (checkpoint.pt, the last completed epoch) or "best"
     (best.pt, the epoch of the best validation accuracy). ``overrides`` may set
-    data_dir, ood_dir, test_limit, fgsm_eps, eval_batch_size, threads.
+    data_dir, ood_dir, test_limit, fgsm_eps, eval_batch_size, threads, device
+    (default auto: CUDA when available, wherever the run trained) and precision
+    (default: the run's). The model and the data are on that device.
     """
+    from .device import check_precision
+
     run_dir = Path(run_dir)
     if which not in ("final", "best"):
         raise ValueError(f"which must be 'final' or 'best', got {which!r}")
+    device = resolve_device(overrides.pop("device", None) or "auto")
     ckpt = load_checkpoint(run_dir / (CHECKPOINT if which == "final" else BEST))
     cfg = config_from_dict(ckpt["config"], where=str(run_dir))
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
+    cfg.device = device
+    cfg.precision = check_precision(cfg.precision)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     data = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
@@ -593,7 +675,9 @@ def load_for_eval(run_dir, which: str = "final", **overrides):
     _seed_everything(int(cfg.seed))
     net = build_net(cfg, data)
     _sparsify(net, cfg, data)
-    model = NormalizedModel(net, data.mean, data.std)
+    dev = torch_device(cfg.device)
+    model = NormalizedModel(net, data.mean, data.std).to(dev)
+    data = data.to(dev)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     steps = -(-len(data.train) // int(cfg.batch_size)) * int(cfg.epochs)
     algorithm = make_algorithm(cfg.method, net, optimizer, steps, cfg.method_options, seed=int(cfg.seed))
@@ -607,18 +691,25 @@ def load_for_eval(run_dir, which: str = "final", **overrides):
 
 
 def evaluate_run(run_dir, which: str = "final", *, log: Callable[[str], None] = print, **overrides) -> dict:
-    """Re-evaluate a saved run (accuracy, NLL, ECE, OoD AUROC, FGSM) on its test split."""
+    """Re-evaluate a saved run (accuracy, NLL, ECE, OoD AUROC, FGSM) on its test split.
+
+    ``overrides``: see :func:`load_for_eval` (``device``, ``precision`` among them)."""
     cfg, data, model, ckpt = load_for_eval(run_dir, which, **overrides)
     t0 = time.perf_counter()
     try:
         shifted = shifted_set(cfg, data)
     except (FileNotFoundError, ValueError) as exc:
         shifted = (None, f"shifted set unavailable: {exc}")
-    res = evaluate_model(model, data.test, mean=data.mean, std=data.std, shifted=shifted, fgsm_eps=cfg.fgsm_eps,
-                         batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=lambda m: log(f"  evaluating {m}"))
-    val = basic_metrics(predict_logits(model, data.val.pixels(), cfg.eval_batch_size), data.val.labels)
+    dev = next(iter(model.buffers())).device  # the Normalize buffers: there even for a model without parameters
+    amp = (lambda: autocast(cfg.precision, dev))
+    with precision_flags(cfg.precision), _on_device(dev):
+        res = evaluate_model(model, data.test, mean=data.mean, std=data.std, shifted=shifted, fgsm_eps=cfg.fgsm_eps,
+                             batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=lambda m: log(f"  evaluating {m}"),
+                             autocast=amp)
+        val = basic_metrics(predict_logits(model, _Pixels(data.val), cfg.eval_batch_size, autocast=amp),
+                            data.val.labels)
     return _jsonable({"run": str(run_dir), "which": which, "epoch": ckpt["epoch"], "dataset": data.describe(),
-                      "val": val, "test": res, "seconds": time.perf_counter() - t0})
+                      "val": val, "test": res, **describe(dev, cfg.precision), "seconds": time.perf_counter() - t0})
 
 
 def train(out_dir, cfg: Optional[TrainConfig] = None, *, stop_after: Optional[int] = None, **overrides) -> Optional[dict]:

@@ -29,7 +29,7 @@ from sparsestart.train.trainer import Trainer  # noqa: E402
 
 COMMON = ["--dataset", "digits", "--model", "mlp", "--model-option", "hidden=[32]", "--density", "0.2",
           "--distribution", "uniform", "--batch-size", "50", "--train-limit", "205", "--test-limit", "40",
-          "--threads", "1", "--no-progress", "--no-final-eval"]
+          "--threads", "1", "--no-progress", "--no-final-eval", "--device", "cpu"]
 RESUME = ["--threads", "1", "--no-progress", "--resume"]
 
 

@@ -28,7 +28,7 @@ def untimed(rs):
 def tiny_cfg(data_dir, **kw):
     base = dict(dataset="fashion-mnist", data_dir=str(data_dir), model="lenet5", density=0.3,
                 distribution="uniform", method="static", epochs=2, batch_size=32, lr=0.05, progress=False,
-                final_eval=False, threads=2)
+                final_eval=False, threads=2, device="cpu")  # CUDA runs: tests/train/test_device.py
     base.update(kw)
     return TrainConfig(**base)
 
