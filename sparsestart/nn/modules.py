@@ -43,6 +43,16 @@ UNFOLD_MIN_DENSITY = 0.03
 _FORMATS = ("csr", "bsr")
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast gives x's matmuls, or None when autocast is off on x's device type or
+    leaves x alone (float64, or already in the autocast dtype)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if x.dtype in (dtype, torch.float64) or not x.is_floating_point() else dtype
+
+
 def _generator(seed: Optional[int], device) -> Optional[torch.Generator]:
     if seed is None:
         return None
@@ -137,7 +147,9 @@ class SparseLayer(nn.Module):
             bound = bound[rows]
         shape = (nnz,) if b == 1 else (nnz, 1, 1)
         self.values.data.zero_()
-        self.values.data[m.slot[:nnz].long()] = (live * bound.view(shape).to(live.dtype)).to(self.values.device)
+        # live comes from the (CPU) generator; "kept" bounds are computed where the index lives.
+        bound = bound.view(shape).to(device=live.device, dtype=live.dtype)
+        self.values.data[m.slot[:nnz].long()] = (live * bound).to(self.values.device)
 
     def _init_bias(self, out_features: int, bias: bool, device, dtype, generator) -> None:
         if bias:
@@ -147,9 +159,23 @@ class SparseLayer(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def _index(self) -> tuple[torch.Tensor, ...]:
+        """(rowptr, col, slot, colptr, row, slot_t), read from the buffers directly: six
+        nn.Module.__getattr__ calls cost more than the op on a small layer."""
+        b = self._buffers
+        return b["rowptr"], b["col"], b["slot"], b["colptr"], b["row"], b["slot_t"]
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """Sparse weight (as [M, K]) times a feature-major [K, N] operand."""
-        return torch.ops.sparsestart.spmm(self.values, *(getattr(self, n) for n in _INDEX_NAMES), x)
+        return torch.ops.sparsestart.spmm(self.values, *self._index(), x)
+
+    def _add_bias(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """y + bias in y's dtype under autocast: there y is bfloat16/float16 while the bias stays a
+        float32 parameter, and, as with nn.Linear/nn.Conv2d under autocast, the output keeps the
+        low-precision dtype (the bias gradient arrives in float32 through the cast)."""
+        if bias.dtype != y.dtype and torch.is_autocast_enabled(y.device.type):
+            bias = bias.to(y.dtype)
+        return y + bias
 
     # --------------------------------------------------------------- inspection
     @property
@@ -299,9 +325,14 @@ class SparseLinear(SparseLayer):
         # contiguous here, before the op, so autograd saves the feature-major copy and the
         # backward's sddmm does not transpose it a second time (a no-op when x comes from a
         # previous sparse layer: its output is already a transposed view of a feature-major tensor).
-        y = self._matmul(x.reshape(-1, self.in_features).t().contiguous()).t()
-        if self.bias is not None:
-            y = y + self.bias
+        xt = x.reshape(-1, self.in_features).t()
+        dtype = _autocast_dtype(xt)
+        # Under autocast the op would cast x itself; casting here makes it one copy with the transpose.
+        xt = xt.contiguous() if dtype is None else xt.to(dtype, memory_format=torch.contiguous_format)
+        y = self._matmul(xt).t()
+        bias = self.bias
+        if bias is not None:
+            y = self._add_bias(y, bias)
         return y.reshape(*lead, self.out_features)
 
     @classmethod
@@ -425,7 +456,7 @@ class SparseConv2d(SparseLayer):
                              f"dilated kernel {(self.dilation[0] * (kh - 1) + 1, self.dilation[1] * (kw - 1) + 1)}")
         if algorithm == "direct":
             # Stride 1 and CSR: direct sparse convolution, no unfolded input in memory.
-            y = torch.ops.sparsestart.conv2d(self.values, *(getattr(self, n) for n in _INDEX_NAMES), x,
+            y = torch.ops.sparsestart.conv2d(self.values, *self._index(), x,
                                              list(self.kernel_size), conv_padding, list(self.dilation))
         elif algorithm == "dense":
             # The stored weights scattered into a transient dense kernel (gradients flow back to the
@@ -434,7 +465,7 @@ class SparseConv2d(SparseLayer):
         else:
             y = self._unfolded_conv(x, n, ho, wo)
         if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
+            y = self._add_bias(y, self.bias.view(1, -1, 1, 1))
         return y.squeeze(0) if unbatched else y
 
     def _output_size(self, h: int, w: int, padding) -> tuple[int, int]:

@@ -21,13 +21,20 @@ and inductor could not fuse anything across an index-dependent sparse kernel
 anyway.
 
 Nothing here imports triton until a triton kernel is about to run (the
-availability check uses ``importlib.util.find_spec``).
+availability check uses ``importlib.util.find_spec`` and the installed version's
+metadata). The kernels live in the top-level ``kernels/`` folder, installed as
+``sparsestart.kernels``; from a plain checkout (PYTHONPATH, ``build_ext --inplace``)
+:func:`_kernels_package` loads that folder under the same name.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
+import re
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -35,7 +42,8 @@ from torch import Tensor
 
 from . import library, reference, registry
 
-__all__ = ["triton_available", "cuda_extension_available", "TRITON_PRIORITY", "CUDA_PRIORITY"]
+__all__ = ["triton_available", "triton_unavailable_reason", "cuda_extension_available", "TRITON_PRIORITY",
+           "CUDA_PRIORITY", "TRITON_MIN_VERSION"]
 
 CUDA_PRIORITY = 30
 TRITON_PRIORITY = 20
@@ -49,29 +57,131 @@ def _dtype_name(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def _block_size(op: str, tensors: list[Tensor]) -> Optional[int]:
-    """1 for CSR, b for BSR, None when it cannot be told (sddmm over zero rows).
-
-    spmm, conv2d and conv2d_input_grad get [values, ptr, dense]; sddmm gets [a, ptr, b]
-    with a of R * block_size rows; conv2d_weight_grad (CSR only) gets [dy, ptr, x].
-    """
-    first, ptr = tensors[0], tensors[1]
-    if op in ("spmm", "conv2d", "conv2d_input_grad"):
-        return 1 if first.dim() == 1 else int(first.shape[1])
-    if op != "sddmm":
-        return 1
-    R = ptr.numel() - 1
-    return int(first.shape[0]) // R if R > 0 else None
-
+_block_size = registry.block_size
 
 # ------------------------------------------------------------------------ triton
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+#: The oldest triton the kernels run on (kernels/launch.py uses ``triton.knobs`` when present, 3.4+,
+#: and falls back to the TRITON_INTERPRET environment variable before).
+TRITON_MIN_VERSION = (3, 0)
+_KERNELS = "sparsestart.kernels"
+
+
+def _triton_version() -> Optional[str]:
+    """Triton's version string without importing triton (its import decides the interpreter mode),
+    or None when it cannot be read."""
+    import importlib.metadata
+
+    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        try:
+            with open(spec.origin, encoding="utf-8") as f:
+                match = re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", f.read(), re.M)
+            return match.group(1) if match else None
+        except OSError:
+            return None
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def _kernels_package():
+    """The package ``sparsestart.kernels`` (the top-level ``kernels/`` folder of the repository).
+
+    ``pip install`` (editable or not) maps it through setup.py's ``package_dir``. A plain
+    checkout on PYTHONPATH, or ``python setup.py build_ext --inplace``, has no such mapping:
+    then ``kernels/__init__.py`` next to the ``sparsestart`` package is loaded under the name
+    ``sparsestart.kernels`` (its submodules are found through the package's ``__path__``).
+    Importing the package imports nothing else (``kernels.launch`` imports triton).
+    """
+    module = sys.modules.get(_KERNELS)
+    if module is not None:
+        return module
+    try:
+        return _import_installed_kernels()
+    except ModuleNotFoundError as exc:
+        if exc.name != _KERNELS:
+            raise
+    return _load_kernels_from_checkout()
+
+
+def _import_installed_kernels():
+    """``import sparsestart.kernels`` as installed (ModuleNotFoundError from a plain checkout)."""
+    return importlib.import_module(_KERNELS)
+
+
+def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _checkout_kernels_dir() -> Path:
+    import sparsestart
+
+    return Path(sparsestart.__file__).resolve().parent.parent / "kernels"
+
+
+def _load_kernels_from_checkout():
+    folder = _checkout_kernels_dir()
+    init = folder / "__init__.py"
+    if not init.is_file():
+        raise ModuleNotFoundError(
+            f"No module named {_KERNELS!r}: sparsestart was not installed with its Triton kernels and there is "
+            f"no {init} next to the package (install with: pip install --no-build-isolation -e .)", name=_KERNELS)
+    spec = importlib.util.spec_from_file_location(_KERNELS, init, submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_KERNELS] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(_KERNELS, None)
+        raise
+    import sparsestart
+
+    sparsestart.kernels = module
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def triton_unavailable_reason() -> str:
+    """Why the triton backend cannot run here ("" when it can): triton missing, too old, or the
+    kernels package not importable. Imports neither triton nor the kernels' launcher."""
+    if not _triton_installed():
+        return "triton is not installed (pip install triton)"
+    version = _triton_version()
+    if version is not None:
+        parsed = _version_tuple(version)
+        if parsed and parsed < TRITON_MIN_VERSION:
+            want = ".".join(map(str, TRITON_MIN_VERSION))
+            return f"triton {version} is too old: the kernels need triton >= {want} (pip install -U triton)"
+    try:
+        _kernels_package()
+    except ImportError as exc:
+        return f"the Triton kernels (sparsestart.kernels) cannot be imported: {exc}"
+    return ""
+
+
+def triton_available() -> bool:
+    """Whether the triton backend can run: triton importable and new enough (>= TRITON_MIN_VERSION;
+    an unreadable version is not held against it) and ``sparsestart.kernels`` importable.
+    Cached; does not import triton (see triton_unavailable_reason)."""
+    return triton_unavailable_reason() == ""
+
+
 def _kernels():
-    from ..kernels import launch  # imports triton
+    _kernels_package()
+    from sparsestart.kernels import launch  # imports triton
 
     return launch
 
@@ -126,6 +236,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------------------- cuda
+@functools.lru_cache(maxsize=None)
 def cuda_extension_available() -> bool:
     """Whether sparsestart._C registered CUDA kernels for the native ops (built with CUDA)."""
     if not library.NATIVE_AVAILABLE:
@@ -190,7 +301,7 @@ registry.register_backend(
         sddmm=_triton_sddmm,
         not_supported_reasons=_triton_reasons,
         is_available=triton_available,
-        unavailable_reason="triton is not installed (pip install triton)",
+        unavailable_reason=triton_unavailable_reason,
         kernels=reference.unfold_conv_kernels(_triton_spmm, _triton_sddmm),
     )
 )

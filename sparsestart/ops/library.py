@@ -30,25 +30,42 @@ _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------- operand checks
+# These run on every call (they guard the native kernels against reading out of bounds), so
+# the common case is one compound test; only a failing one walks the tensors for the message.
+_INDEX_NAMES = ("rowptr", "col", "slot", "colptr", "row", "slot_t")
+
+
 def _check_index(op: str, values: Tensor | None, index: tuple[Tensor, ...]) -> None:
-    names = ("rowptr", "col", "slot", "colptr", "row", "slot_t")
+    rowptr, col, slot, colptr, row, slot_t = index
+    idt = rowptr.dtype
+    if not ((idt is torch.int32 or idt is torch.int64) and col.dtype is idt and slot.dtype is idt
+            and colptr.dtype is idt and row.dtype is idt and slot_t.dtype is idt
+            and rowptr.dim() == 1 and col.dim() == 1 and slot.dim() == 1 and colptr.dim() == 1 and row.dim() == 1
+            and slot_t.dim() == 1):
+        _index_dtype_error(op, index)
+    capacity = col.shape[0]
+    if slot.shape[0] != capacity or row.shape[0] != capacity or slot_t.shape[0] != capacity:
+        raise ValueError(f"sparsestart.{op}: col, slot, row and slot_t must have the capacity's length")
+    if values is not None:
+        vdim = values.dim()
+        if not (vdim == 1 or (vdim == 3 and values.shape[1] == values.shape[2])):
+            raise ValueError(f"sparsestart.{op}: values must be [C] (CSR) or [C, b, b] (BSR), got {tuple(values.shape)}")
+        if values.shape[0] != capacity:
+            raise ValueError(
+                f"sparsestart.{op}: values has capacity {values.shape[0]} but the index has {capacity} slots"
+            )
+        if values.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"sparsestart.{op}: values must be a floating dtype, got {values.dtype}")
+
+
+def _index_dtype_error(op: str, index: tuple[Tensor, ...]) -> None:
     idt = index[0].dtype
-    for name, t in zip(names, index):
+    for name, t in zip(_INDEX_NAMES, index):
         if t.dtype not in (torch.int32, torch.int64) or t.dtype != idt:
             raise TypeError(f"sparsestart.{op}: {name} must be int32 or int64 like rowptr ({idt}), got {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"sparsestart.{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
-    if index[1].shape != index[2].shape or index[4].shape != index[1].shape or index[5].shape != index[1].shape:
-        raise ValueError(f"sparsestart.{op}: col, slot, row and slot_t must have the capacity's length")
-    if values is not None:
-        if values.dim() not in (1, 3) or (values.dim() == 3 and values.shape[1] != values.shape[2]):
-            raise ValueError(f"sparsestart.{op}: values must be [C] (CSR) or [C, b, b] (BSR), got {tuple(values.shape)}")
-        if values.shape[0] != index[2].shape[0]:
-            raise ValueError(
-                f"sparsestart.{op}: values has capacity {values.shape[0]} but the index has {index[2].shape[0]} slots"
-            )
-        if values.dtype not in _FLOAT_TYPES:
-            raise TypeError(f"sparsestart.{op}: values must be a floating dtype, got {values.dtype}")
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _check_dense(op: str, name: str, t: Tensor, rows: int, like: Tensor) -> None:
@@ -103,9 +120,10 @@ def _check_spmm(op, values, index, dense, transpose):
     _check_index(op, values, index)
     M, K, b = _dims(values, index[0], index[3])
     _check_dense(op, "dy" if transpose else "x", dense, M if transpose else K, values)
-    for name, t in zip(("rowptr", "col", "slot", "colptr", "row", "slot_t"), index):
-        if t.device != values.device:
-            raise ValueError(f"sparsestart.{op}: {name} is on {t.device} but values on {values.device}")
+    device = values.device
+    for name, t in zip(_INDEX_NAMES, index):
+        if t.device != device:
+            raise ValueError(f"sparsestart.{op}: {name} is on {t.device} but values on {device}")
     return M, K, b
 
 
@@ -296,6 +314,52 @@ def _conv_backward(ctx, grad):
 conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
+# ----------------------------------------------------------------------- autocast
+# Under torch.autocast(device_type, dtype) the public ops run in the autocast dtype, as
+# torch's matmuls and convolutions do: their floating operands on that device type (the fp32
+# ``values`` Parameter and the activations; never float64) are cast to torch.get_autocast_dtype
+# (bfloat16, or float16 on CUDA), and the op runs with autocast switched off for it. The
+# kernels accumulate in float32, the output is in the autocast dtype, and the casts are
+# recorded by autograd, so ``values.grad`` (computed in the autocast dtype by sddmm) arrives in
+# float32: fp32 master weights and optimizer state, as with nn.Linear under autocast.
+#
+# Why a dispatcher kernel (AutocastCPU / AutocastCUDA) rather than torch.library.register_autocast
+# or a cast inside SparseLinear: register_autocast fixes one dtype per device at registration
+# (we need the dtype of the enclosing autocast region, fp16 or bf16), and a cast in the modules
+# would leave the raw ops (ops.matmul, torch.ops.sparsestart.*) outside autocast. The kernel is
+# what register_autocast itself installs (a Python kernel at the autocast key that casts and
+# re-dispatches below it), only reading the dtype at call time; torch.compile traces through it
+# like through torch's own autocast rules (tests/ops/test_autocast.py), and opcheck is unaffected
+# (autocast keys are excluded outside autocast regions).
+AUTOCAST_OPS = ("spmm", "spmm_t", "sddmm", "conv2d", "conv2d_input_grad", "conv2d_weight_grad")
+
+
+def _autocast_cast(arg, device_type: str, dtype: torch.dtype):
+    if isinstance(arg, Tensor) and arg.is_floating_point() and arg.dtype is not torch.float64 \
+            and arg.device.type == device_type:
+        return arg.to(dtype)
+    return arg
+
+
+def _autocast_kernel(op, device_type: str, dispatch_key):
+    excluded = torch._C.DispatchKeySet(dispatch_key)
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*[_autocast_cast(a, device_type, dtype) for a in args])
+
+    return kernel
+
+
+_autocast_lib = torch.library.Library("sparsestart", "IMPL")
+for _device_type in ("cpu", "cuda"):
+    _key = "Autocast" + _device_type.upper()
+    for _name in AUTOCAST_OPS:
+        _autocast_lib.impl(_name, _autocast_kernel(getattr(torch.ops.sparsestart, _name).default, _device_type,
+                                                   getattr(torch._C.DispatchKey, _key)), _key, with_keyset=True)
+
+
 # ----------------------------------------------------------------------- backends
 def _run(op, probe, *args):
     """Run native kernel ``op`` on the backend the registry picks for the ``probe`` tensors
@@ -340,14 +404,36 @@ def _load_native() -> bool:
 NATIVE_AVAILABLE = _load_native()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _cpu_reasons(op: str, tensors: list[Tensor]) -> list[str]:
     reasons = []
     if any(t.device.type != "cpu" for t in tensors):
         reasons.append(f"needs CPU tensors, got {sorted({t.device.type for t in tensors})}")
     dtype = tensors[0].dtype
-    if dtype not in (torch.float32, torch.float64):
-        reasons.append(f"supports float32 and float64, got {dtype}")
+    if dtype not in _FLOAT_TYPES:
+        reasons.append(f"supports float32 and float64 (float16 and bfloat16 through float32), got {dtype}")
     return reasons
+
+
+# The C++ CPU kernels compute in float32 and float64. float16/bfloat16 operands (autocast on CPU)
+# are widened to float32, multiplied and summed there, and the output is rounded once to the
+# operands' dtype: the numerics of the GPU kernels (fp32 accumulation), at the cost of one
+# conversion pass over the operands, which is small next to the product at any density the
+# kernels are meant for. (The reference backend would also be exact enough, but materialises
+# every product and is many times slower.)
+def _widened(native, first: int):
+    """``native`` (a native kernel) on float32 copies of any float16/bfloat16 tensor arguments, its
+    output cast back; ``first`` is the position of the argument whose dtype decides."""
+    def run(*args):
+        dtype = args[first].dtype
+        if dtype not in _HALF:
+            return native(*args)
+        wide = [a.float() if isinstance(a, Tensor) and a.dtype in _HALF else a for a in args]
+        return native(*wide).to(dtype)
+
+    return run
 
 
 if NATIVE_AVAILABLE:
@@ -388,16 +474,21 @@ if NATIVE_AVAILABLE:
         return values.new_empty(values.shape, dtype=torch.bool)
 
 
+def _native(name: str):
+    return lambda *a: getattr(torch.ops.sparsestart, name)(*a)
+
+
 registry.register_backend(
     registry.Backend(
         "cpu",
         priority=10,
-        spmm=lambda *a: torch.ops.sparsestart._native_spmm(*a),
-        sddmm=lambda *a: torch.ops.sparsestart._native_sddmm(*a),
+        spmm=_widened(_native("_native_spmm"), 0),
+        sddmm=_widened(_native("_native_sddmm"), 3),
         not_supported_reasons=_cpu_reasons,
         is_available=lambda: NATIVE_AVAILABLE,
         unavailable_reason="the C++ extension sparsestart._C is not built",
-        kernels={op: (lambda *a, _op=op: getattr(torch.ops.sparsestart, f"_native_{_op}")(*a))
-                 for op in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad")},
+        kernels={"conv2d": _widened(_native("_native_conv2d"), 0),
+                 "conv2d_input_grad": _widened(_native("_native_conv2d_input_grad"), 0),
+                 "conv2d_weight_grad": _widened(_native("_native_conv2d_weight_grad"), 3)},
     )
 )

@@ -1,7 +1,9 @@
 """Pure-PyTorch reference of the native kernels: the fallback backend and the test oracle.
 
 Written for clarity, not speed: it materialises one [nnz, N] (or [nnz, b, N])
-product. Layouts are those of csrc/ops.cpp.
+product. Layouts are those of csrc/ops.cpp. float16/bfloat16 operands are
+multiplied and summed in float32 (as the kernels do) and rounded once, at the
+output; float32 and float64 compute in their own precision.
 """
 from __future__ import annotations
 
@@ -16,35 +18,46 @@ def _live(ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor):
     return rows, idx[:nnz].long(), slot[:nnz].long()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of ``dtype``: float32 for float16/bfloat16, else itself."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
 def native_spmm(values, ptr, idx, slot, x, rows: int, transpose_blocks: bool) -> torch.Tensor:
     """out[r] = sum_e values[slot[e]] (or its transpose) applied to x at (block) column idx[e]."""
     r, c, s = _live(ptr, idx, slot)
+    dtype, acc = x.dtype, _acc(x.dtype)
     x = x.contiguous()
     N = x.shape[1]
-    out = x.new_zeros(rows, N)
+    out = x.new_zeros(rows, N, dtype=acc)
     if values.dim() == 1:
-        return out.index_add_(0, r, values[s].unsqueeze(1) * x[c])
+        out.index_add_(0, r, values[s].to(acc).unsqueeze(1) * x[c].to(acc))
+        return out.to(dtype)
     b = values.shape[1]
-    blocks = values[s]
+    blocks = values[s].to(acc)
     if transpose_blocks:
         blocks = blocks.transpose(1, 2)
-    prod = torch.bmm(blocks, x.view(-1, b, N)[c])  # [nnz, b, N]
+    prod = torch.bmm(blocks, x.view(-1, b, N)[c].to(acc))  # [nnz, b, N]
     out.view(-1, b, N).index_add_(0, r, prod)
-    return out
+    return out.to(dtype)
 
 
 def native_sddmm(ptr, idx, slot, a, b, capacity: int, block_size: int) -> torch.Tensor:
     """out[slot[e]] = a[row of e] . b[idx[e]] (BSR: the b x b block of dot products)."""
     r, c, s = _live(ptr, idx, slot)
+    dtype, acc = a.dtype, _acc(a.dtype)
     a, b = a.contiguous(), b.contiguous()
     if block_size == 1:
-        out = a.new_zeros(capacity)
-        out[s] = (a[r] * b[c]).sum(-1)
-        return out
+        out = a.new_zeros(capacity, dtype=acc)
+        out[s] = (a[r].to(acc) * b[c].to(acc)).sum(-1)
+        return out.to(dtype)
     N = a.shape[1]
-    out = a.new_zeros(capacity, block_size, block_size)
-    out[s] = torch.bmm(a.view(-1, block_size, N)[r], b.view(-1, block_size, N)[c].transpose(1, 2))
-    return out
+    out = a.new_zeros(capacity, block_size, block_size, dtype=acc)
+    out[s] = torch.bmm(a.view(-1, block_size, N)[r].to(acc), b.view(-1, block_size, N)[c].to(acc).transpose(1, 2))
+    return out.to(dtype)
 
 
 # Direct-convolution kernels (stride 1, CSR weight viewed as [Cout, Cin*KH*KW], NCHW

@@ -1,8 +1,11 @@
 """The op contract (spmm, spmm_t, sddmm) on every CPU backend against dense float64 torch."""
+import threading
+
 import pytest
 import torch
 
 from sparsestart import ops
+from sparsestart.formats import BSR, CSR
 from sparsestart.ops import registry
 from tests.util import assert_close_to_reference, random_matrix, threads
 
@@ -133,16 +136,16 @@ def test_bad_operands_raise_named_errors():
 def test_registry_choice_forcing_and_reasons(monkeypatch):
     m = random_matrix(6, 4, 0.5, dtype=torch.float16)
     x = torch.randn(4, 3, dtype=torch.float16)
-    # Automatic choice falls back to the reference for dtypes the cpu kernels lack.
-    assert registry.choose("spmm", [m.values, m.rowptr, x]).name == "reference"
+    # float16/bfloat16 on CPU run on the C++ kernels through float32 (the reference without them).
+    assert registry.choose("spmm", [m.values, m.rowptr, x]).name == ("cpu" if ops.NATIVE_AVAILABLE else "reference")
     y = ops.matmul(m, x)
     assert y.dtype == torch.float16
     if ops.NATIVE_AVAILABLE:
         x32 = x.float()
         assert registry.choose("spmm", [m.values.float(), m.rowptr, x32]).name == "cpu"
-        # A forced backend that cannot run the inputs is an error listing the reasons.
-        with ops.use_backend("cpu"), pytest.raises(ops.NoBackendError, match="supports float32 and float64"):
-            ops.matmul(m, x)
+    # A forced backend that cannot run the inputs is an error listing the reasons.
+    with ops.use_backend("cuda"), pytest.raises(ops.NoBackendError, match="forced backend 'cuda' cannot run"):
+        ops.matmul(m, x)
     monkeypatch.setenv("SPARSESTART_BACKEND", "reference")
     assert registry.choose("spmm", [m.values.float(), m.rowptr, x.float()]).name == "reference"
     monkeypatch.setenv("SPARSESTART_BACKEND", "nonexistent")
@@ -151,6 +154,136 @@ def test_registry_choice_forcing_and_reasons(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         with ops.use_backend("nope"):
             pass
+
+
+def test_backend_choice_is_cached_and_follows_forcing(monkeypatch):
+    """The registry caches its choice per (op, devices, dtype, block size, index dtype, forced backend,
+    TRITON_INTERPRET): repeated calls do not re-evaluate the backends, and SPARSESTART_BACKEND,
+    use_backend (per thread) and changes to a backend still take effect on the next call."""
+    monkeypatch.delenv("SPARSESTART_BACKEND", raising=False)
+    backends = registry.backends()
+    ran, asked = [], []
+    for name in ("reference", "cpu"):
+        kernel = backends[name].spmm
+        monkeypatch.setattr(backends[name], "spmm", lambda *a, _k=kernel, _n=name: (ran.append(_n), _k(*a))[1])
+    reasons = backends["cpu"].not_supported_reasons
+    monkeypatch.setattr(backends["cpu"], "not_supported_reasons", lambda op, ts: (asked.append(op), reasons(op, ts))[1])
+    m = random_matrix(6, 4, 0.5, dtype=torch.float32)
+    x = torch.randn(4, 3)
+    auto = "cpu" if ops.NATIVE_AVAILABLE else "reference"
+
+    def last():
+        ops.matmul(m, x)
+        return ran[-1]
+
+    assert last() == auto
+    n_asked = len(asked)
+    for _ in range(5):
+        assert last() == auto
+    assert len(asked) == n_asked  # cached: the backends were not asked again
+    monkeypatch.setenv("SPARSESTART_BACKEND", "reference")
+    assert last() == "reference"
+    monkeypatch.delenv("SPARSESTART_BACKEND")
+    assert last() == auto
+    with ops.use_backend("reference"):
+        assert last() == "reference"
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(last()))  # use_backend is per thread
+        thread.start()
+        thread.join()
+        assert seen == [auto]
+    assert last() == auto
+    if ops.NATIVE_AVAILABLE:
+        monkeypatch.setattr(backends["cpu"], "is_available", lambda: False)  # a changed backend clears the cache
+        assert last() == "reference"
+        with ops.use_backend("cpu"), pytest.raises(ops.NoBackendError, match="not built"):
+            ops.matmul(m, x)
+
+
+def _check_half(out, ref64, bound64, dtype):
+    """Within one rounding of ``dtype`` at the output plus float32 accumulation (inputs exact in float64)."""
+    tol = (2 * torch.finfo(dtype).eps + 64 * torch.finfo(torch.float32).eps) * bound64 + 1e-30
+    err = (out.double() - ref64).abs()
+    assert out.dtype == dtype
+    assert not bool((err > tol).any()), f"max error {err.max().item():.3g}, tolerance {tol.max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 4])
+def test_half_precision_accumulates_in_float32(backend, dtype, b):
+    """float16/bfloat16 operands: products and sums in float32, one rounding at the output, on the
+    reference and on the C++ CPU kernels (which widen to float32)."""
+    m = random_matrix(96, 64, 0.5, block_size=b, dtype=dtype, capacity_extra=3, empty_rows=(1,), seed=11)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 9, generator=g).to(dtype)
+    dy = torch.randn(96, 9, generator=g).to(dtype)
+    w = m.to_dense().detach().double()
+    x64, dy64 = x.double(), dy.double()
+    with ops.use_backend(backend):
+        y, dx, dv = ops.matmul(m, x), ops.matmul_t(m, dy), ops.sampled_matmul(m, dy, x)
+    _check_half(y, w @ x64, w.abs() @ x64.abs(), dtype)
+    _check_half(dx, w.T @ dy64, w.abs().T @ dy64.abs(), dtype)
+    mask = m.mask()
+    dense_dv = type(m)(dv, *m.index_tensors(), m.shape).to_dense()
+    _check_half(dense_dv, (dy64 @ x64.T) * mask, (dy64.abs() @ x64.abs().T) * mask, dtype)
+    assert dv.dtype == dtype and bool((dv[m.slot[m.nnz:].long()] == 0).all())
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+def _matrix(dense, b, device):
+    fmt = CSR if b == 1 else BSR
+    mask = dense != 0 if b == 1 else (dense != 0).reshape(dense.shape[0] // b, b, dense.shape[1] // b, b).any(3).any(1)
+    return fmt.from_dense(dense.to(device), mask.to(device), block_size=b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b", [1, 2])
+def test_reference_multiplies_bfloat16_in_float32(device, b):
+    """u*u - v with u = 1 + 2**-7 and v = 1 + 2**-6 (both exact in bfloat16): u*u = 1 + 2**-6 + 2**-14
+    needs 15 bits, so a product rounded to bfloat16 (8 bits) is v and the result 0 instead of 2**-14
+    (exact in bfloat16). The kernels multiply in float32; the reference must too (F17)."""
+    u, v, exact = 1 + 2 ** -7, 1 + 2 ** -6, 2 ** -14
+    bf = torch.bfloat16
+    w = torch.zeros(b, 2 * b, dtype=bf)
+    w[0, 0], w[0, b] = u, -v
+    x = torch.zeros(2 * b, 3, dtype=bf, device=device)
+    x[0], x[b] = u, 1
+    wide, tall = _matrix(w, b, device), _matrix(w.T.contiguous(), b, device)
+    square = _matrix(torch.ones(b, b, dtype=bf), b, device)
+    dy, xs = torch.zeros(b, 2, dtype=bf, device=device), torch.zeros(b, 2, dtype=bf, device=device)
+    dy[0], xs[0] = torch.tensor([u, -v]), torch.tensor([u, 1.0])
+    with ops.use_backend("reference"):
+        y = ops.matmul(wide, x)           # row 0: u*u - v
+        dx = ops.matmul_t(tall, x)        # W^T of the tall matrix is the wide one: column 0 gets u*u - v
+        dv = ops.sampled_matmul(square, dy, xs)
+    assert y.dtype == dx.dtype == dv.dtype == bf
+    assert bool((y[0] == exact).all()), y[0]
+    assert bool((dx[0] == exact).all()), dx[0]
+    assert dv.reshape(-1)[0].item() == exact, dv
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b", [1, 2])
+def test_reference_sums_many_bfloat16_terms_in_float32(device, b):
+    """4096 contributions of 1 to one output: summed in bfloat16 the total stalls at 256 (256 + 1
+    rounds back to 256). torch's CPU index_add_ happens to sum in float32; CUDA's adds in the
+    storage dtype (atomics), which is where the reference used to lose it."""
+    K = 4096
+    bf = torch.bfloat16
+    wide, tall = _matrix(torch.ones(b, K, dtype=bf), b, device), _matrix(torch.ones(K, b, dtype=bf), b, device)
+    square = _matrix(torch.ones(b, b, dtype=bf), b, device)
+    ones = torch.ones(K, 3, dtype=bf, device=device)
+    with ops.use_backend("reference"):
+        y = ops.matmul(wide, ones)         # K terms per output (K / b entries of b for BSR)
+        dx = ops.matmul_t(tall, ones)      # K terms per output, over the CSC view
+        dv = ops.sampled_matmul(square, torch.ones(b, K, dtype=bf, device=device),
+                                torch.ones(b, K, dtype=bf, device=device))
+    assert bool((y == K).all()), y
+    assert bool((dx == K).all()), dx
+    assert bool((dv == K).all()), dv      # K products summed over N = K
 
 
 @pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="C++ extension not built")
