@@ -180,6 +180,20 @@ def main():
     bench = _timer()
     dev = torch.cuda.get_device_name()
     results = []
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-kernels-{slug(dev)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=dev, torch=torch.__version__, cuda=torch.version.cuda, time=time.strftime("%Y-%m-%d %H:%M"),
+                host=platform.node(), tf32=args.tf32, argv=sys.argv[1:], complete=False)
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+
+    def save():  # after every problem: a run cut off by a time limit keeps what it measured
+        out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+
     blocks = ([1] if args.csr else []) + [b for b in args.blocks if b != 1]
     for shape in args.shapes:
         M, K, N = (int(v) for v in shape.split("x"))
@@ -229,18 +243,10 @@ def main():
                             print(f"{op:6} {shape:>15} {dname} b={b:<2} d={density:<5} {name:32} {ms:8.3f} ms "
                                   f"{row['useful_gflops']:9.1f} GF/s useful  x{row['speedup_vs_dense']:.2f} vs dense"
                                   f"{flag}", flush=True)
+                        save()
                     del m, w
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-kernels-{slug(dev)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=dev, torch=torch.__version__, cuda=torch.version.cuda, time=time.strftime("%Y-%m-%d %H:%M"),
-                host=platform.node(), tf32=args.tf32, argv=sys.argv[1:])
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    meta["complete"] = True
+    save()
     md = _markdown(results, meta)
     out.with_suffix(".md").write_text(md)
     print(f"\nwrote {out} and {out.with_suffix('.md')}\n")

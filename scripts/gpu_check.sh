@@ -9,14 +9,16 @@
 #   --out DIR     logs, results and summary.txt (default build/gpu-check)
 #   --dry-run     no GPU: the same steps on CPU tensors through the Triton interpreter
 #                 (SPARSESTART_BACKEND=triton TRITON_INTERPRET=1), tiny sizes; CI runs this
-#   STEPS=env,build,tests,kbench,bench,train    the steps to run (default all); split a long
-#                 check into two calls, e.g. STEPS=env,build,tests then STEPS=kbench,bench,train
+#   STEPS=env,build,backends,tests,kbench,bench,train    the steps to run (default all); split a
+#                 long check into two calls, e.g. STEPS=env,build,backends,tests then STEPS=kbench,bench,train
 #   AUTOTUNE=0|1  Triton autotune lists for the tests (default 0: one config per kernel,
 #                 seconds instead of minutes of compiling); benchmarks always autotune
 #   PYTHON=...    the interpreter with torch and triton (default: python3, or .venv's when it exists)
 #   DATA_DIR=...  Fashion-MNIST idx files for the training step (default: digits when absent)
 #   JOBS=N        pytest-xdist workers for the GPU tests (default 4 when xdist is installed)
-#   LIMIT_TESTS / LIMIT_KBENCH / LIMIT_BENCH   time limits (s) of those steps on the GPU
+#   TEST_TIMEOUT  seconds one GPU test may take before it fails (default 120; pytest-timeout)
+#   LIMIT_TESTS / LIMIT_KBENCH / LIMIT_BENCH / LIMIT_TRAIN   time limits (s) of those steps on the GPU
+#   BENCH_BUDGET  seconds after which the GPU bench starts no new case (default 200)
 #
 # Fits in 8 minutes on one H100/H200 with a cold Triton cache (kept in build/triton-cache
 # between the steps and between calls).
@@ -36,7 +38,7 @@ while [[ $# -gt 0 ]]; do
 done
 mkdir -p "$OUT" || { echo "gpu_check: cannot create the output folder '$OUT'"; exit 2; }
 OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS:-env,build,tests,kbench,bench,train}
+STEPS=${STEPS:-env,build,backends,tests,kbench,bench,train}
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python
 else PY=python3; fi
@@ -87,6 +89,9 @@ if want build; then
     step build 900 env SPARSESTART_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
       "$PY" -m pip install -q --no-build-isolation --no-deps -e .
   fi
+fi
+
+if want backends; then
   # Fail loudly when a GPU backend is missing (not rebuilt, nvcc/torch CUDA mismatch, no triton).
   step backends 120 "$PY" - "$DRY" <<'PYEOF'
 import sys
@@ -122,8 +127,11 @@ if want tests; then
     step tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_triton.py tests/gpu \
       --junitxml="$OUT/tests.xml"
   else
-    step tests "${LIMIT_TESTS:-420}" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/gpu tests/ops/test_triton.py \
-      tests/ops/test_dispatch_cuda.py --junitxml="$OUT/tests.xml" -o junit_family=xunit1 --durations=15
+    # -rA -v: every test's outcome is in the log as it finishes (a run cut off by its limit still
+    # says which tests failed; the first H200 run lost that); --timeout: a hanging test fails alone.
+    step tests "${LIMIT_TESTS:-420}" "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider "${XDIST[@]}" \
+      --timeout "${TEST_TIMEOUT:-120}" tests/gpu tests/ops/test_triton.py tests/ops/test_dispatch_cuda.py \
+      tests/ops/test_autocast.py tests/train/test_device.py --junitxml="$OUT/tests.xml" --durations=25
   fi
 fi
 
@@ -154,7 +162,7 @@ if want train; then
     step train 300 "$PY" -m sparsestart.train "${DATA[@]}" --device cpu --epochs 1 --train-limit 512 \
       --test-limit 256 --out "$OUT/train-run"
   else
-    step train 300 "$PY" -m sparsestart.train "${DATA[@]}" --device cuda --epochs 1 --out "$OUT/train-run"
+    step train "${LIMIT_TRAIN:-300}" "$PY" -m sparsestart.train "${DATA[@]}" --device cuda --epochs 1 --out "$OUT/train-run"
   fi
 fi
 
