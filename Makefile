@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup install test bench cmake-check cuda-check clean
+.PHONY: setup install test bench cmake-check cuda-check gpu-check-dry clean
 
 # The main job: `sparsestart train` with its short default (Fashion-MNIST if installed,
 # else scikit-learn digits; convnet_small at density 0.1, ERK, RigL; a few minutes on 2 cores).
@@ -35,6 +35,11 @@ cmake-check:
 # Compile csrc/cuda/*.cu with nvcc for sm_80/sm_90; fails on any register spill.
 cuda-check:
 	PYTHON=$(abspath $(PY)) scripts/check_ptxas.sh
+
+# scripts/gpu_check.sh without a GPU: the Triton kernels through the interpreter, the GPU
+# benchmark and training code paths on CPU tensors (on a GPU machine run scripts/gpu_check.sh).
+gpu-check-dry:
+	PYTHON=$(abspath $(PY)) STEPS=env,backends,tests,kbench,bench,train scripts/gpu_check.sh --dry-run --out build/gpu-check-dry
 
 clean:
 	rm -rf build *.egg-info sparsestart/_C*.so
