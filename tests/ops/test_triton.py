@@ -229,3 +229,103 @@ def test_interpreter_suite_in_subprocess():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+# ------------------------------------------------ host side of the launchers (review F3, F8, F9, F18)
+# Pure Python: no kernel runs, so these hold in interpreter and compiled mode alike.
+
+def _launch():
+    import sparsestart.kernels.launch as launch
+
+    return launch
+
+
+def test_fp32_precision_reads_the_new_torch_api(monkeypatch):
+    """Once a user sets torch.backends.cuda.matmul.fp32_precision, torch's legacy getter raises;
+    the launcher must read the new setting instead of failing every fp32 op (F18)."""
+    launch = _launch()
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    old_new, old_legacy = matmul.fp32_precision, torch.backends.cuda.matmul.allow_tf32
+    try:
+        matmul.fp32_precision = "tf32"
+        assert launch._precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert launch._precision(torch.float32) == "ieee"
+        assert launch._precision(torch.float64) == "ieee"
+    finally:
+        matmul.fp32_precision = old_new
+        torch.backends.cuda.matmul.allow_tf32 = old_legacy
+
+
+def test_fp32_precision_follows_the_legacy_setting():
+    launch = _launch()
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # legacy API: resets the new one to "none"-compatible state
+        torch.set_float32_matmul_precision("high")
+        assert launch._precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert launch._precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_jit_works_without_triton_knobs(monkeypatch):
+    """triton < 3.4 has no triton.knobs: jitting falls back to TRITON_INTERPRET in the environment (F3)."""
+    launch = _launch()
+    monkeypatch.setattr(launch, "knobs", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if launch.INTERPRETED else "1")  # the opposite of the mode
+
+    def kernel(x_ptr):
+        pass
+
+    jitted = launch._jit(kernel)
+    assert callable(jitted)
+    assert os.environ["TRITON_INTERPRET"] == ("0" if launch.INTERPRETED else "1")  # restored
+
+
+def _cfg_list(launch):
+    return launch._BSR_SDDMM_CONFIGS[1:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("b", [16, 32, 64])
+def test_bsr_sddmm_prune_drops_spilling_and_oversized_configs(dtype, b):
+    """fp32 B=64 BLOCK_N=128 on 4 warps spilled (255 registers) and fp64 B=64 pipelines need
+    256 KB of shared memory; neither may reach the autotuner (F9, F-AOT)."""
+    launch = _launch()
+    a = torch.empty(0, dtype=dtype)
+    kept = launch._prune_bsr_sddmm(_cfg_list(launch), {"a": a, "B": b})
+    assert kept
+    el = a.element_size()
+    for c in kept:
+        bn, w = c.kwargs["BLOCK_N"], c.num_warps
+        assert b * bn * el / (32 * w) <= 128
+        assert 2 * b * bn * el * c.num_stages <= launch._SMEM_LIMIT
+    if dtype == torch.float32 and b == 64:
+        assert not any(c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4 for c in kept)
+    if dtype == torch.float64 and b == 64:
+        assert not any(c.kwargs["BLOCK_N"] == 128 for c in kept)
+
+
+def test_autotune_lists_have_no_duplicate_stage_counts():
+    """num_stages 4 compiled to the same kernel as 3 (F8): not in any list."""
+    launch = _launch()
+    for configs in (launch._BSR_SPMM_CONFIGS, launch._BSR_SDDMM_CONFIGS, launch._CSR_SPMM_CONFIGS,
+                    launch._CSR_SDDMM_CONFIGS):
+        assert all(c.num_stages <= 3 for c in configs)
+
+
+def test_single_config_switch_in_a_fresh_process(tmp_path):
+    """SPARSESTART_TRITON_AUTOTUNE=0 leaves one config per kernel (F8)."""
+    code = ("import sparsestart.kernels.launch as L\n"
+            "sizes = [len(k.configs) for k in (L._bsr_spmm, L._bsr_sddmm, L._csr_spmm, L._csr_sddmm)]\n"
+            "print(L.AUTOTUNE, L.INTERPRETED, sizes)\n")
+    env = dict(os.environ, SPARSESTART_TRITON_AUTOTUNE="0", TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
+    env.pop(_CHILD_FLAG, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False False [1, 1, 1, 1]"
