@@ -38,6 +38,21 @@ from . import common, training
 NEVER = 10**12
 
 
+def updating_algorithms(models: dict, opts: dict, drop_fraction: float, seed: int) -> dict:
+    """RigL and SET updating the structure at every step, and an "idle" RigL that never does
+    (its step() costs the same bookkeeping, so the difference is the update itself)."""
+    from sparsestart import algorithms
+
+    return {
+        "idle": algorithms.RigL(models["idle"], opts["idle"], total_steps=NEVER, update_every=NEVER,
+                                drop_fraction=drop_fraction),
+        "rigl": algorithms.RigL(models["rigl"], opts["rigl"], total_steps=NEVER, update_every=1,
+                                drop_fraction=drop_fraction),
+        "set": algorithms.SET(models["set"], opts["set"], total_steps=NEVER, update_every=1,
+                              drop_fraction=drop_fraction, seed=seed),
+    }
+
+
 def _masks(model) -> Dict[str, torch.Tensor]:
     return {n: m.mask() for n, m in training.sparse_layers(model).items()}
 
@@ -65,20 +80,11 @@ def _check(models, algos, iterations, steps: int = 2) -> dict:
 
 def bench_model(cfg: dict, density: float, distribution: str, rounds: int, interval: int, drop_fraction: float,
                 seed: int = 0) -> dict:
-    from sparsestart import algorithms
-
     _, sparse = training.sparse_model(cfg, density, distribution, seed)
     x, y = training.batch(cfg, seed)
     models = {k: copy.deepcopy(sparse) for k in ("idle", "rigl", "set")}
     opts = {k: training.sgd(m) for k, m in models.items()}
-    algos = {
-        "idle": algorithms.RigL(models["idle"], opts["idle"], total_steps=NEVER, update_every=NEVER,
-                                drop_fraction=drop_fraction),
-        "rigl": algorithms.RigL(models["rigl"], opts["rigl"], total_steps=NEVER, update_every=1,
-                                drop_fraction=drop_fraction),
-        "set": algorithms.SET(models["set"], opts["set"], total_steps=NEVER, update_every=1,
-                              drop_fraction=drop_fraction, seed=seed),
-    }
+    algos = updating_algorithms(models, opts, drop_fraction, seed)
     algo_times: Dict[str, List[float]] = {k: [] for k in models}
 
     def iteration(k):

@@ -67,7 +67,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import algorithms as cpu_algorithms
 from . import common
+from . import training as cpu_training
+from .training import MaskParametrization, remasker, sparse_layers  # the papers' masked-dense training, as on CPU
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ("training", "layers", "algorithms")  # the default order: the issue's targets first
@@ -390,23 +393,6 @@ def sparsify_model(model: nn.Module, density: float, distribution: str, fmt: str
     return model, {n: ("csr" if n in csr else format_name(fmt, block)) for n in dens}
 
 
-def sparse_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    from sparsestart.nn import SparseConv2d, SparseLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
-
-
-class MaskParametrization(nn.Module):
-    """weight -> weight * mask (as bench/training.py: the papers' masked-dense training)."""
-
-    def __init__(self, mask: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
-
-
 def mask_pairs(model: nn.Module) -> List[tuple]:
     return [(m.parametrizations.weight.original, m.parametrizations.weight[0].mask) for m in model.modules()
             if parametrize.is_parametrized(m, "weight")]
@@ -459,14 +445,6 @@ def make_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, precision: str
             after()
         return loss
     return step
-
-
-def remasker(pairs):
-    @torch.no_grad()
-    def remask():
-        for w, m in pairs:
-            w.mul_(m)
-    return remask
 
 
 def batch(cfg: dict, seed: int, device: torch.device):
@@ -529,16 +507,9 @@ def check_models(models: dict, x, y, precision: str, device: torch.device) -> di
 
 
 def footprint(model: nn.Module, opt: Optional[torch.optim.Optimizer]) -> dict:
-    """Bytes the model keeps between steps (gradients counted separately)."""
-    layers = sparse_layers(model)
-    index = [t for m in layers.values() for t in m.sparse_weight.index_tensors()]
-    masks = [m.mask for m in model.modules() if isinstance(m, MaskParametrization)]
-    special = {id(t) for t in index + masks}
-    params = list(model.parameters())
-    state = [v for st in (opt.state.values() if opt is not None else ()) for v in st.values() if torch.is_tensor(v)]
-    out = {"params": common.tensor_bytes(params), "optimizer_state": common.tensor_bytes(state),
-           "index": common.tensor_bytes(index), "mask": common.tensor_bytes(masks),
-           "other_buffers": common.tensor_bytes(b for b in model.buffers() if id(b) not in special)}
+    """Bytes the model keeps between steps, gradients left out (they are part of the step's peak)."""
+    fp = cpu_training.footprint(model, opt)
+    out = {k: fp[k] for k in ("params", "optimizer_state", "index", "mask", "other_buffers")}
     out["resident"] = sum(out.values())
     return out
 
@@ -820,7 +791,6 @@ def bench_algorithms(cfg: dict, density: float, distribution: str, fmt: str, blo
                      reps: int, warmup: int, interval: int, drop_fraction: float, seed: int,
                      device: torch.device) -> dict:
     """bench/algorithms.py on the device: the cost of one RigL / SET update against an idle iteration."""
-    from sparsestart import algorithms
 
     torch.manual_seed(seed)
     sparse, formats = sparsify_model(cfg["build"](), density, distribution, fmt, block, seed)
@@ -828,14 +798,7 @@ def bench_algorithms(cfg: dict, density: float, distribution: str, fmt: str, blo
     x, y = batch(cfg, seed, device)
     models = {k: copy.deepcopy(sparse) for k in ("idle", "rigl", "set")}
     opts = {k: sgd(m) for k, m in models.items()}
-    algos = {
-        "idle": algorithms.RigL(models["idle"], opts["idle"], total_steps=NEVER, update_every=NEVER,
-                                drop_fraction=drop_fraction),
-        "rigl": algorithms.RigL(models["rigl"], opts["rigl"], total_steps=NEVER, update_every=1,
-                                drop_fraction=drop_fraction),
-        "set": algorithms.SET(models["set"], opts["set"], total_steps=NEVER, update_every=1,
-                              drop_fraction=drop_fraction, seed=seed),
-    }
+    algos = cpu_algorithms.updating_algorithms(models, opts, drop_fraction, seed)
     algo_times: Dict[str, List[float]] = {k: [] for k in models}
 
     def iteration(k):
@@ -849,7 +812,6 @@ def bench_algorithms(cfg: dict, density: float, distribution: str, fmt: str, blo
         return run
 
     iterations = {k: iteration(k) for k in models}
-    from . import algorithms as cpu_algorithms
     check = cpu_algorithms._check(models, algos, iterations)
     for v in algo_times.values():
         v.clear()
