@@ -27,6 +27,13 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   m.def(
       "_native_spmm(Tensor values, Tensor ptr, Tensor idx, Tensor slot, "
       "Tensor x, SymInt rows, bool transpose_blocks) -> Tensor");
+  // _native_spmm with the row order given (CUDA only): `order` [rows] int32 is the rows by
+  // decreasing length (the row swizzle), computed once per structure change by the caller
+  // (sparsestart/ops/gpu.py) instead of by a sort in every call. Any permutation of the rows
+  // gives the same result; the order only schedules the work.
+  m.def(
+      "_native_spmm_ordered(Tensor values, Tensor ptr, Tensor idx, Tensor slot, Tensor order, "
+      "Tensor x, SymInt rows, bool transpose_blocks) -> Tensor");
   // out[slot[e]] = dot(a[i, :], b[idx[e], :]) for every live entry e of row i
   // (BSR: out[slot[e]] = a[i*b:(i+1)*b, :] @ b[idx[e]*b:(idx[e]+1)*b, :]^T);
   // free slots are zero.

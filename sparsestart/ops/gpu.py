@@ -266,7 +266,45 @@ def _cuda_reasons(op: str, tensors: list[Tensor]) -> list[str]:
     return reasons
 
 
+@functools.lru_cache(maxsize=None)
+def _ordered_spmm_available() -> bool:
+    """Whether the extension has the CUDA SpMM that takes a precomputed row order (older builds do not)."""
+    return library.NATIVE_AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sparsestart::_native_spmm_ordered", "CUDA")
+
+
+def row_order(ptr: Tensor) -> Tensor:
+    """Rows by decreasing number of entries, ties by row (the CUDA SpMM's row swizzle), int32."""
+    lengths = ptr[1:] - ptr[:-1]
+    return torch.sort(lengths, stable=True, descending=True).indices.to(torch.int32)
+
+
+def cached_row_order(ptr: Tensor) -> Tensor:
+    """:func:`row_order` of ``ptr``, computed once per version of the tensor (review F13).
+
+    Structure updates rewrite the index in place, which bumps the tensor's version counter,
+    so the order is recomputed after each update and reused by every product in between:
+    one sort per structure change instead of one per call. The cache lives on the tensor
+    itself (it dies with it). A stale order could only come from a write that bypasses the
+    version counter (``.data``); it would still be a permutation of the rows, which the
+    kernel needs for a correct result, and cost only load balance.
+    """
+    try:
+        version = ptr._version
+    except RuntimeError:  # inference tensors have no version counter
+        return row_order(ptr)
+    cached = getattr(ptr, "_sparsestart_row_order", None)
+    if cached is not None and cached[0] == version and cached[1].numel() == ptr.numel() - 1:
+        return cached[1]
+    order = row_order(ptr)
+    ptr._sparsestart_row_order = (version, order)
+    return order
+
+
 def _cuda_spmm(values, ptr, idx, slot, x, rows, transpose_blocks):
+    if _ordered_spmm_available() and not torch.compiler.is_compiling():
+        return torch.ops.sparsestart._native_spmm_ordered(values, ptr, idx, slot, cached_row_order(ptr), x, rows,
+                                                          transpose_blocks)
     return torch.ops.sparsestart._native_spmm(values, ptr, idx, slot, x, rows, transpose_blocks)
 
 

@@ -442,6 +442,12 @@ if NATIVE_AVAILABLE:
     def _(values, ptr, idx, slot, x, rows, transpose_blocks):
         return x.new_empty(rows, x.shape[1])
 
+    if hasattr(torch.ops.sparsestart, "_native_spmm_ordered"):  # absent from builds before it existed
+
+        @torch.library.register_fake("sparsestart::_native_spmm_ordered")
+        def _(values, ptr, idx, slot, order, x, rows, transpose_blocks):
+            return x.new_empty(rows, x.shape[1])
+
     @torch.library.register_fake("sparsestart::_native_sddmm")
     def _(ptr, idx, slot, a, b, capacity, block_size):
         return a.new_empty((capacity,) if block_size == 1 else (capacity, block_size, block_size))

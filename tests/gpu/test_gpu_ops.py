@@ -153,6 +153,27 @@ def test_opcheck_native_cuda_ops():
                           test_utils=utils)
 
 
+@pytest.mark.skipif(not gpu.cuda_extension_available(), reason="sparsestart._C built without CUDA")
+def test_cuda_spmm_with_a_given_row_order():
+    """The SpMM that takes the row order (cached per structure change, review F13) equals the one
+    that sorts per call, for the swizzle and for any other permutation of the rows."""
+    require("cuda")
+    S = torch.ops.sparsestart
+    assert hasattr(S, "_native_spmm_ordered"), "the extension lacks _native_spmm_ordered: rebuild it"
+    m = _to(random_matrix(301, 257, 0.1, dtype=torch.float32, seed=11, empty_rows=(3, 7)), DEV)
+    x = torch.randn(257, 65, device=DEV)
+    plain = S._native_spmm(m.values, m.rowptr, m.col, m.slot, x, 301, False)
+    order = gpu.row_order(m.rowptr)
+    assert torch.equal(order.cpu(), gpu.row_order(m.rowptr.cpu()))
+    assert torch.equal(S._native_spmm_ordered(m.values, m.rowptr, m.col, m.slot, order, x, 301, False), plain)
+    shuffled = torch.randperm(301, device=DEV).to(torch.int32)
+    assert torch.equal(S._native_spmm_ordered(m.values, m.rowptr, m.col, m.slot, shuffled, x, 301, False), plain)
+    with pytest.raises(ValueError, match="order must be int32"):
+        S._native_spmm_ordered(m.values, m.rowptr, m.col, m.slot, order[:-1], x, 301, False)
+    torch.library.opcheck(S._native_spmm_ordered.default, (m.values, m.rowptr, m.col, m.slot, order, x, 301, False),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_runs_on_the_current_stream_and_is_deterministic(backend):
     require(backend)

@@ -67,8 +67,10 @@ at::Tensor row_swizzle(const at::Tensor& ptr) {
   return std::get<1>(lengths.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).to(at::kInt);
 }
 
-at::Tensor native_spmm_cuda(const at::Tensor& values, const at::Tensor& ptr_in, const at::Tensor& idx_in,
-                            const at::Tensor& slot_in, const at::Tensor& x_in, int64_t rows, bool transpose_blocks) {
+// `order_in`: the row order, or an undefined tensor to compute it here (one sort per call).
+at::Tensor spmm_cuda(const at::Tensor& values, const at::Tensor& ptr_in, const at::Tensor& idx_in,
+                     const at::Tensor& slot_in, const at::Tensor& order_in, const at::Tensor& x_in, int64_t rows,
+                     bool transpose_blocks) {
   const char* op = "spmm";
   TORCH_CHECK_VALUE(values.dim() == 1, "sparsestart.spmm (cuda): runs CSR (values [C]) only, got values of shape ",
                     values.sizes(), "; BSR on CUDA runs on the triton backend");
@@ -90,7 +92,18 @@ at::Tensor native_spmm_cuda(const at::Tensor& values, const at::Tensor& ptr_in, 
   const int64_t N = x.size(1);
   auto out = at::empty({rows, N}, x.options());  // the kernel writes every element
   if (R == 0 || N == 0) return out;
-  auto order = row_swizzle(ptr);
+  at::Tensor order;
+  if (order_in.defined()) {
+    // Only a permutation of [0, R) keeps every row computed once; the caller (ops/gpu.py)
+    // derives it from this very ptr, so only its shape and type are checked here.
+    TORCH_CHECK_VALUE(order_in.dim() == 1 && order_in.numel() == R && order_in.scalar_type() == at::kInt,
+                      "sparsestart.spmm (cuda): order must be int32 [", R, "], got ", order_in.scalar_type(), " ",
+                      order_in.sizes());
+    check_device(order_in, values, "order", op);
+    order = order_in.contiguous();
+  } else {
+    order = row_swizzle(ptr);
+  }
 
   sc::SpmmArgs args{};
   args.dtype = dtype_of(x, op);
@@ -107,6 +120,17 @@ at::Tensor native_spmm_cuda(const at::Tensor& values, const at::Tensor& ptr_in, 
   const cudaError_t err = sc::launch_csr_spmm(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "sparsestart.spmm (cuda): kernel launch failed: ", cudaGetErrorString(err));
   return out;
+}
+
+at::Tensor native_spmm_cuda(const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& idx,
+                            const at::Tensor& slot, const at::Tensor& x, int64_t rows, bool transpose_blocks) {
+  return spmm_cuda(values, ptr, idx, slot, at::Tensor(), x, rows, transpose_blocks);
+}
+
+at::Tensor native_spmm_ordered_cuda(const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& idx,
+                                    const at::Tensor& slot, const at::Tensor& order, const at::Tensor& x,
+                                    int64_t rows, bool transpose_blocks) {
+  return spmm_cuda(values, ptr, idx, slot, order, x, rows, transpose_blocks);
 }
 
 at::Tensor native_sddmm_cuda(const at::Tensor& ptr_in, const at::Tensor& idx_in, const at::Tensor& slot_in,
@@ -155,6 +179,7 @@ at::Tensor native_sddmm_cuda(const at::Tensor& ptr_in, const at::Tensor& idx_in,
 
 TORCH_LIBRARY_IMPL(sparsestart, CUDA, m) {
   m.impl("_native_spmm", &native_spmm_cuda);
+  m.impl("_native_spmm_ordered", &native_spmm_ordered_cuda);
   m.impl("_native_sddmm", &native_sddmm_cuda);
 }
 
