@@ -5,6 +5,8 @@ system (``sparsestart train``) builds on the same pieces.
 """
 from __future__ import annotations
 
+import math
+import sys
 import time
 
 import torch
@@ -41,13 +43,26 @@ def run(density: float = 0.1, epochs: int = 30, seed: int = 0) -> dict:
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="train a sparse MLP on scikit-learn's digits and report size and accuracy")
-    p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept, in (0, 1] (default 0.1)")
+    p.add_argument("--epochs", type=int, default=30, help="at least 1 (default 30)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_main)
 
 
+def _check(args) -> None:
+    """ValueError naming the option, unless --density lies in (0, 1] and --epochs is at least 1."""
+    if not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):
+        raise ValueError(f"--density: {args.density!r} is outside the accepted range (0, 1]")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs: {args.epochs!r} is outside the accepted range [1, inf]")
+
+
 def _main(args) -> int:
+    try:
+        _check(args)
+    except ValueError as exc:
+        print(f"sparsestart demo: error: {exc}", file=sys.stderr)
+        return 2
     r = run(args.density, args.epochs, args.seed)
     print(r["summary"])
     t = r["summary"].total

@@ -3,8 +3,9 @@
 A checkpoint is written to a temporary file in the destination's directory,
 flushed and fsync'ed, then moved over the old file with ``os.replace`` (atomic
 on POSIX), and the directory is fsync'ed. A crash at any point leaves either
-the previous checkpoint or the new one, never a partial file. Loading never
-modifies the file.
+the previous checkpoint or the new one, never a partial file; the temporary
+file of a killed save is removed when the run next starts
+(:func:`remove_stale_temp_files`). Loading never modifies the file.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: they contain only
 tensors and plain Python containers (RNG states are converted accordingly), so
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "atomic_save", "atomic_write_text", "load_checkpoint", "rng_state", "set_rng_state",
-           "to_cpu", "move_optimizer_state_", "FORMAT", "VERSION"]
+           "to_cpu", "move_optimizer_state_", "remove_stale_temp_files", "RUN_FILES", "FORMAT", "VERSION"]
 
 FORMAT = "sparsestart-train-checkpoint"
 VERSION = 1
@@ -51,10 +53,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+_TEMP_SUFFIX = ".tmp"
+#: What tempfile.mkstemp puts between prefix and suffix: 8 characters of this alphabet.
+_TEMP_RANDOM = r"[a-z0-9_]{8}"
+#: The files a run directory holds that are written through a temporary file (:func:`_atomic_write`).
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "evaluation-final.json",
+             "evaluation-best.json")
+
+
 def _atomic_write(path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -68,6 +82,31 @@ def _atomic_write(path, write) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(directory, names=RUN_FILES) -> list[Path]:
+    """Delete the temporary files that an interrupted atomic write of ``directory/NAME`` left behind.
+
+    A process killed during a save (kill -9, power cut) cannot remove its temporary file
+    ``.NAME.XXXXXXXX.tmp``; a run calls this when it starts, before it writes anything. Only files that match
+    that pattern exactly, for the ``names`` given, are removed; anything else is left alone. Returns the paths
+    removed (a file that cannot be removed is skipped: it costs disk space only)."""
+    directory = Path(directory)
+    pattern = re.compile("|".join(rf"{re.escape(_temp_prefix(n))}{_TEMP_RANDOM}{re.escape(_TEMP_SUFFIX)}"
+                                  for n in names))
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            removed.append(p)
+    return removed
 
 
 def to_cpu(obj: Any) -> Any:

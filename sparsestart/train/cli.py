@@ -49,7 +49,9 @@ OPTIONS = [
     ("method", ["--method"], dict(metavar="NAME", help="static, imp, str, rigl, set, gradual, edgepopup (default "
                                                       "rigl if available, else static)")),
     ("method_options", ["--method-option"], dict(action="append", metavar="KEY=VALUE",
-                                                 help="method option, e.g. levels=3 for imp (repeat)")),
+                                                 help="method option (repeat), e.g. update_every=50 for rigl, "
+                                                      "final_density=0.02 or prune_fraction=0.3 for imp (which "
+                                                      "derives its number of levels from them)")),
     # optimisation
     ("optimizer", ["--optimizer"], dict(metavar="NAME", help="sgd (default) or adamw")),
     ("lr", ["--lr"], dict(type=float, help="base learning rate (default 0.1)")),

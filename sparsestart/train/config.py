@@ -3,8 +3,9 @@
 Precedence: built-in defaults < config file (``--config``) < command-line options.
 Keys in files use the long option names with ``_`` or ``-`` (``batch_size`` or
 ``batch-size``). ``dataset``, ``distribution`` and ``method`` may stay unset
-("auto"): they resolve to Fashion-MNIST if installed else digits, ERK if
-available else uniform, RigL if available else static. ``device`` "auto"
+("auto"): they resolve to Fashion-MNIST if installed (or if ``data_dir`` is
+given: it must then hold Fashion-MNIST) else digits, ERK if available else
+uniform, RigL if available else static. ``device`` "auto"
 resolves to "cuda" when CUDA is available, else "cpu" (see
 :mod:`sparsestart.train.device`); the resolved name is what a checkpoint keeps.
 """
@@ -13,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 __all__ = ["TrainConfig", "QUICK", "RUNTIME_KEYS", "RESUME_CHANGEABLE", "load_config_file", "config_from_dict", "resolve", "validate",
-           "parse_key_values", "resolve_device", "OPTIMIZERS", "SCHEDULES", "FORMATS", "PRECISIONS", "DEVICE_CHOICES", "distributions"]
+           "parse_key_values", "resolve_device", "OPTIMIZERS", "SCHEDULES", "FORMATS", "PRECISIONS", "DEVICE_CHOICES", "distributions",
+           "max_threads", "check_threads", "THREADS_PER_CORE"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -171,7 +174,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
     cfg = dataclasses.replace(cfg)
     if cfg.dataset is None:
-        cfg.dataset = "fashion-mnist" if fashion_mnist_available(cfg.data_dir) else "digits"
+        # A named --data-dir is for Fashion-MNIST (digits needs no files): used, or refused when it lacks them.
+        cfg.dataset = "fashion-mnist" if cfg.data_dir or fashion_mnist_available(None) else "digits"
     else:
         cfg.dataset = canonical_dataset_name(cfg.dataset)
     if cfg.distribution is None:
@@ -191,6 +195,32 @@ def resolve_device(device) -> str:
     from .distributed import run_device
 
     return run_device(device, "--device")
+
+
+#: --threads may be at most this many times the machine's cores (os.cpu_count()).
+THREADS_PER_CORE = 4
+
+
+def max_threads() -> int:
+    """The largest --threads accepted: :data:`THREADS_PER_CORE` x os.cpu_count().
+
+    torch starts that many OpenMP threads at once; far more than the cores only
+    slows a run down, and an absurd count (100000) crashes the process inside
+    torch (SIGSEGV) instead of failing."""
+    return THREADS_PER_CORE * (os.cpu_count() or 1)
+
+
+def check_threads(value, option: str = "--threads"):
+    """``value`` (None or an int in [1, :func:`max_threads`]); ValueError naming ``option``, the value and the range."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{option}: expected an integer, got {value!r}")
+    top = max_threads()
+    if not 1 <= value <= top:
+        raise ValueError(f"{option}: {value!r} is outside the accepted range [1, {top}] (at most {THREADS_PER_CORE} "
+                         f"threads per core; this machine has {os.cpu_count() or 1})")
+    return int(value)
 
 
 def _is_dense(cfg) -> bool:
@@ -242,7 +272,7 @@ def validate(cfg: TrainConfig, explicit: frozenset = frozenset()) -> None:
     _number(cfg, "batch_size", lo=1, integer=True)
     _number(cfg, "eval_batch_size", lo=1, integer=True)
     _number(cfg, "fgsm_eps", lo=0.0, hi=1.0)
-    _number(cfg, "threads", lo=1, integer=True, optional=True)
+    check_threads(cfg.threads)
     if cfg.warmup_epochs >= cfg.epochs:
         raise ValueError(f"--warmup-epochs {cfg.warmup_epochs} must be smaller than --epochs {cfg.epochs}")
     from .device import check_precision

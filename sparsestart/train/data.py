@@ -3,12 +3,18 @@
 Nothing is downloaded. The loaders read the standard distribution formats:
 
 fashion-mnist  idx files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` in
-               ``--data-dir`` (or its ``fashion-mnist/`` subfolder), then
-               ``$SPARSESTART_DATA`` (same two places), then the install location of
-               Debian's package ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist).
+               ``--data-dir`` (or its ``fashion-mnist/`` subfolder); without
+               ``--data-dir`` in ``$SPARSESTART_DATA`` (same two places), then in the
+               install location of Debian's package ``dataset-fashion-mnist``
+               (/usr/share/datasets/fashion-mnist).
 cifar10        python-pickle batches ``cifar-10-batches-py/data_batch_1..5, test_batch``
 cifar100       ``cifar-100-python/train, test`` (fine labels)
-               both under ``--data-dir`` or ``$SPARSESTART_DATA``.
+               both under ``--data-dir``, or without it under ``$SPARSESTART_DATA``.
+
+A directory named explicitly (``--data-dir``, the ``data_dir`` argument) is the
+only place looked: when it does not exist or lacks a file, loading fails with a
+message listing the missing files, instead of silently falling back to another
+copy of the dataset.
 digits         scikit-learn's bundled 8x8 digits (always available; the fallback),
                upsampled bilinearly to 1x28x28 so that every model of the zoo that
                takes Fashion-MNIST takes digits too and so that digits can serve as
@@ -201,21 +207,39 @@ def write_idx(path, tensor: torch.Tensor) -> None:
 
 
 def _env_dirs(data_dir) -> list[Path]:
-    dirs = []
+    """Where to look: the explicitly named ``data_dir`` alone, else ``$SPARSESTART_DATA`` (if set)."""
     if data_dir:
-        dirs.append(Path(data_dir).expanduser())
+        return [Path(data_dir).expanduser()]
     env = os.environ.get(ENV_VAR)
-    if env:
-        dirs.append(Path(env).expanduser())
-    return dirs
+    return [Path(env).expanduser()] if env else []
 
 
 def _fmnist_candidates(data_dir) -> list[Path]:
     out = []
     for base in _env_dirs(data_dir):
         out += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
-    out.append(Path(DEBIAN_FASHION_MNIST))
+    if not data_dir:  # an explicitly named directory is used or refused, never replaced by the system copy
+        out.append(Path(DEBIAN_FASHION_MNIST))
     return out
+
+
+def _missing_in_data_dir(data_dir, looked: list[Path], present) -> str:
+    """Why the explicitly named ``data_dir`` does not hold the dataset: it does not exist, or the files that
+    the most complete of the ``looked`` folders lacks (``present(folder)``: (found names, missing names))."""
+    base = Path(data_dir).expanduser()
+    if not base.exists():
+        return f"--data-dir {base} does not exist"
+    if not base.is_dir():
+        return f"--data-dir {base} is not a directory"
+    best, best_found, best_missing = None, [], None
+    for folder in looked:
+        if folder.is_dir():
+            found, missing = present(folder)
+            if best is None or len(found) > len(best_found):
+                best, best_found, best_missing = folder, found, missing
+    if best is None or not best_found:
+        return f"--data-dir {base} holds none of the files (missing {', '.join(present(base)[1])})"
+    return f"--data-dir {base}: {best} is missing {', '.join(best_missing)}"
 
 
 def _find_fmnist_file(folder: Path, stem: str) -> Optional[Path]:
@@ -250,6 +274,20 @@ def _fmnist_split(folder: Path, which: str) -> Split:
 
 def _load_fashion_mnist(data_dir) -> tuple[Split, Split, str]:
     folder, looked = _locate_fashion_mnist(data_dir)
+    if folder is None and data_dir:
+        files = ", ".join(f"{s}.gz" for s in _FMNIST_FILES.values())
+
+        def present(f):
+            stems = list(_FMNIST_FILES.values())
+            return [s for s in stems if _find_fmnist_file(f, s)], [f"{s}.gz" for s in stems
+                                                                    if not _find_fmnist_file(f, s)]
+
+        where = "\n".join(f"  {p}" for p in looked)
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST not found: {_missing_in_data_dir(data_dir, looked, present)}. Looked for the four idx "
+            f"files ({files}; uncompressed copies also work) in:\n{where}\n"
+            f"Put the missing files there, or drop --data-dir to use ${ENV_VAR} or the copy that "
+            f"`apt-get install dataset-fashion-mnist` installs into {DEBIAN_FASHION_MNIST}.")
     if folder is None:
         where = "\n".join(f"  {p}" for p in looked)
         files = ", ".join(f"{s}.gz" for s in _FMNIST_FILES.values())
@@ -336,9 +374,22 @@ def _locate_cifar(name: str, data_dir) -> tuple[Optional[Path], list[Path]]:
 def _load_cifar(name: str, data_dir) -> tuple[Split, Split, str]:
     sub, train_files, test_files, key = _CIFAR_LAYOUT[name]
     folder, looked = _locate_cifar(name, data_dir)
+    archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+    if folder is None and data_dir:
+        where = "\n".join(f"  {p}" for p in looked)
+
+        def present(f):
+            names = train_files + test_files
+            return [n for n in names if (f / n).is_file()], [n for n in names if not (f / n).is_file()]
+
+        raise DatasetNotFoundError(
+            f"{name.upper()} not found: {_missing_in_data_dir(data_dir, looked, present)}. Looked for "
+            f"{', '.join(train_files + test_files)} in:\n{where}\n"
+            f"Extract the python version of the dataset ({archive} from https://www.cs.toronto.edu/~kriz/cifar.html) "
+            f"so that DIR/{sub}/ holds those files. Nothing is downloaded; `--dataset digits` works without any "
+            f"files.")
     if folder is None:
         where = "\n".join(f"  {p}" for p in looked) or "  (nowhere: neither --data-dir nor $SPARSESTART_DATA is set)"
-        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
         raise DatasetNotFoundError(
             f"{name.upper()} not found. Looked for {', '.join(train_files + test_files)} in:\n{where}\n"
             f"Extract the python version of the dataset ({archive} from "

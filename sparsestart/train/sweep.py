@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .checkpoint import CheckpointError, atomic_write_text
+from .checkpoint import CheckpointError, atomic_write_text, remove_stale_temp_files
 from .config import RESUME_CHANGEABLE, TrainConfig, config_from_dict, distributions, resolve, validate
 
 __all__ = ["Cell", "SweepError", "SWEEP_FILE", "check_grid", "make_grid", "sweep", "register"]
@@ -261,6 +261,7 @@ def sweep(out, *, methods=None, distributions=None, densities=None, seeds=None, 
             raise SweepError(f"--out {out} holds a sweep with other training options ({'; '.join(diffs)}); use the "
                              f"same options (the grid may change), or another --out")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out, (SWEEP_FILE,))  # of a sweep killed while saving sweep.json
     spec = {"format": FORMAT, "version": 1, "grid": grid, "options": options, "explicit": sorted(explicit),
             "cells": [c.name for c in cells]}
     atomic_write_text(out / SWEEP_FILE, json.dumps(spec, indent=2, default=str) + "\n")

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import io
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,7 +44,7 @@ from .. import nn as snn
 from .. import runtime
 from . import distributed
 from .checkpoint import (FORMAT, VERSION, CheckpointError, atomic_save, atomic_write_text, load_checkpoint,
-                         move_optimizer_state_, rng_state, set_rng_state)
+                         move_optimizer_state_, remove_stale_temp_files, rng_state, set_rng_state)
 from .config import RESUME_CHANGEABLE, TrainConfig, config_from_dict, resolve, resolve_device, validate
 from .device import autocast, describe, precision_flags, torch_device
 from .data import (Dataset, NormalizedModel, adapt_images, fashion_mnist_available, load_dataset, load_digits_images,
@@ -82,10 +84,21 @@ def _is_dense(cfg: TrainConfig) -> bool:
     return float(cfg.density) == 1.0
 
 
+def _check_exclude(net: nn.Module, cfg: TrainConfig) -> None:
+    """ValueError for an --exclude pattern that matches none of the model's Linear/Conv2d layers (a typo would
+    otherwise leave every layer sparse without a word)."""
+    names = [name for name, _ in snn.maskable_layers(net)]
+    for pattern in cfg.exclude:
+        if not any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"--exclude {pattern!r} matches no Linear/Conv2d layer of {cfg.model}; its layers are: "
+                             f"{', '.join(names) or '(none)'}")
+
+
 def _sparsify(net: nn.Module, cfg: TrainConfig, data: Dataset) -> None:
     """Make the masked layers sparse (deterministic given the configuration)."""
     if _is_dense(cfg):
         return
+    _check_exclude(net, cfg)
     common = dict(format=cfg.format, block_size=cfg.block_size, seed=int(cfg.seed), exclude=list(cfg.exclude))
     opts = dict(cfg.distribution_options)
     if cfg.distribution in ("snip", "grasp") and opts.get("data") is None:
@@ -255,6 +268,8 @@ def shifted_set(cfg: TrainConfig, data: Dataset):
         if fashion_mnist_available(cfg.data_dir):
             fm = load_dataset("fashion-mnist", cfg.data_dir, test_limit=2000)
             return "fashion-mnist test (first 2000)", adapt_images(fm.test.pixels(), data.shape)
+        if cfg.data_dir:
+            return None, f"Fashion-MNIST is not in --data-dir {cfg.data_dir}"
         return None, "Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
     return None, "no --ood-dir given for a real shifted set"
 
@@ -324,6 +339,24 @@ def _jsonable(v):
     return str(v)
 
 
+def _validate_given(cfg: TrainConfig, given, where: str, changeable=()) -> None:
+    """:func:`validate` a configuration assembled from a saved one and the options ``given`` now.
+
+    A complaint about a given option reads as for a new run (``--threads: -3 is outside ...``); one about a
+    saved value says where it comes from (``where``) and, for the keys in ``changeable``, how to override it
+    (a run saved with --threads 64 on a big machine resumes on a laptop with --threads 4)."""
+    try:
+        validate(cfg)
+    except ValueError as exc:
+        msg = str(exc)
+        m = re.match(r"--([a-z][a-z0-9-]*):", msg)
+        key = m.group(1).replace("-", "_") if m else None
+        if key is not None and dict(given).get(key) is not None:
+            raise ValueError(msg) from None
+        hint = f" (give --{key.replace('_', '-')} to override the saved value)" if key in changeable else ""
+        raise ValueError(f"{where}: {msg}{hint}") from None
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """One run in ``out_dir``: a fresh one, or (``resume=True``) the one whose checkpoint is there.
@@ -361,6 +394,10 @@ class Trainer:
                 hint = "" if "device" in (overrides or {}) else \
                     f" (the run trained on {saved.device}; continue it here with --resume {self.out} --device cpu)"
                 raise ValueError(f"{exc}{hint}") from None
+            # The runtime overrides (--threads -3) and the saved configuration (an edited checkpoint) are checked
+            # as those of a new run are.
+            _validate_given(saved, overrides or {}, f"the configuration saved in {self.out / CHECKPOINT}",
+                            RESUME_CHANGEABLE)
             cfg = saved
         else:
             if cfg is None:
@@ -401,6 +438,11 @@ class Trainer:
         self.train_seconds = float(ckpt["train_seconds"]) if ckpt else 0.0
         self.out.mkdir(parents=True, exist_ok=True)
         main = distributed.is_main()  # only rank 0 writes into the run directory
+        if main:
+            stale = remove_stale_temp_files(self.out)
+            if stale:
+                self.log(f"removed {len(stale)} temporary file(s) left by an interrupted save: "
+                         f"{', '.join(p.name for p in stale)}")
         if ckpt is not None and main:
             # Rows of epochs after the checkpoint (a crash between the two writes) are dropped.
             self._rewrite_metrics()
@@ -641,6 +683,10 @@ class Trainer:
         return summary
 
 
+#: The saved settings that ``sparsestart evaluate`` may override.
+_EVALUATE_OVERRIDES = ("data_dir", "ood_dir", "test_limit", "fgsm_eps", "eval_batch_size", "threads")
+
+
 def load_for_eval(run_dir, which: str = "final", **overrides):
     """(config, dataset, model, checkpoint) of a finished or interrupted run, ready to evaluate.
 
@@ -663,6 +709,10 @@ def load_for_eval(run_dir, which: str = "final", **overrides):
             setattr(cfg, k, v)
     cfg.device = device
     cfg.precision = check_precision(cfg.precision)
+    # --fgsm-eps -1 would report an anti-adversarial step as robustness; --test-limit 0 and --eval-batch-size 0
+    # would fail deep inside the evaluation: checked as for a new run, before any data is read.
+    saved_in = run_dir / (CHECKPOINT if which == "final" else BEST)
+    _validate_given(cfg, overrides, f"the configuration saved in {saved_in}", _EVALUATE_OVERRIDES)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     data = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,

@@ -93,3 +93,15 @@ def test_densities_command_errors(capsys):
             dcli.main(argv)
         assert exc.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_densities_exclude_that_matches_no_layer_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        dcli.main(["--model", "mlp:784,300,10", "--density", "0.1", "--exclude", "nope*"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--exclude 'nope*' matches no Linear/Conv2d layer" in err and "fc1, fc2" in err, err
+    # a pattern that matches leaves that layer out of the table
+    assert dcli.main(["--model", "mlp:784,300,10", "--density", "0.1", "--exclude", "fc2"]) == 0
+    names = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if " linear " in ln]
+    assert names == ["fc1"]
