@@ -1,6 +1,8 @@
 """Tiny datasets in the real file formats, written into tmp_path (nothing is read from the machine)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -69,3 +71,15 @@ def no_system_data(monkeypatch, tmp_path):
 def fmnist_dir(tmp_path, no_system_data):
     folder, _ = write_fashion_mnist(tmp_path / "data" / "fashion-mnist")
     return tmp_path / "data"
+
+
+# Metric rows of a run, and the same without the wall-clock fields (for bit-identical comparisons).
+TIME_KEYS = ("epoch_seconds", "elapsed_seconds")
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(rs):
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rs]

@@ -20,18 +20,10 @@ from sparsestart.train import trainer as T
 from sparsestart.train.config import TrainConfig, resolve
 from sparsestart.train.data import BatchIterator, load_dataset
 from sparsestart.train.trainer import Trainer
+from tests.train.conftest import rows, untimed
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-TIME_KEYS = ("epoch_seconds", "elapsed_seconds")
-
-
-def rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(rs):
-    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rs]
 
 
 def tiny_cfg(data_dir, **kw):

@@ -12,17 +12,8 @@ from sparsestart.cli import main
 from sparsestart.train import checkpoint as C
 from sparsestart.train.config import TrainConfig
 from sparsestart.train.trainer import Trainer
-from tests.train.conftest import write_cifar10
+from tests.train.conftest import rows, untimed, write_cifar10
 
-TIME_KEYS = ("epoch_seconds", "elapsed_seconds")
-
-
-def rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def untimed(rs):
-    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rs]
 
 
 def tiny_cfg(data_dir, **kw):
