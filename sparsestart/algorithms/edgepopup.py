@@ -1,7 +1,9 @@
 """Edge-popup (Ramanujan et al. 2020) inside an ER support (Gadhikar et al. §3), with annealing.
 
 The weights are frozen at initialisation (signed constant ±sqrt(2/fan_in) by
-default, or Kaiming normal); every ER entry carries a trainable score
+default, Kaiming normal, or Kaiming normal with zero, frozen biases, the
+``--initBias kn-zero-bias`` setting of the paper's released runs); every ER
+entry carries a trainable score
 (Kaiming-uniform init). A layer computes with the top-k entries of largest
 |score|; the score gradient is straight-through: dL/ds_e = dL/dw_e · w_e ·
 sign(s_e) for every ER entry e, selected or not (the sign comes from selecting
@@ -20,8 +22,13 @@ Annealing: training is split into ``levels`` equal parts; in level j
 (0-based) every layer keeps round(r_j · nnz_ER) entries with
 r_j = (final_density / d_ER)^((j+1)/levels), d_ER the initial overall density,
 so the density shrinks geometrically and reaches ``final_density`` in the last
-level. The released code restricts the scores to the ER mask with dim-0
-positions instead of flat positions; here the support is the ER index itself.
+level. The released code (ER_SLT/resnet_new.py, ``GetSubnetER``) restricts the
+scores to the ER mask with dim-0 positions instead of flat positions, and it
+writes 0/1 only at those positions of a clone of |score|: every other position
+keeps its raw |score| as a continuous multiplier of its weight, so the released
+"edge-popup within ER" trains, in effect, a dense network with weights times
+|score|. Here the support is the ER index itself and the forward uses exactly
+the selected entries.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ from .structure import isin_sorted, rewire, top_k
 
 __all__ = ["EdgePopup"]
 
-_WEIGHT_INITS = ("signed_constant", "kaiming_normal")
+_WEIGHT_INITS = ("signed_constant", "kaiming_normal", "kaiming_normal_zero_bias")
 
 
 class _ScoreGradient(torch.autograd.Function):
@@ -71,8 +78,10 @@ class EdgePopup(SparseAlgorithm):
 
     Arguments: ``final_density`` (overall density of the last level, at most the
     ER density), ``total_steps`` (T), ``levels`` (annealing levels, default 5),
-    ``weight_init`` ("signed_constant" or "kaiming_normal", both with the dense
-    fan-in), ``score_weight_decay``/``score_lr`` (of the scores' parameter group;
+    ``weight_init`` ("signed_constant", "kaiming_normal", both with the dense
+    fan-in, or "kaiming_normal_zero_bias": Kaiming normal weights and the sparse
+    layers' biases set to zero and frozen, as the paper's released runs do with
+    ``--initBias kn-zero-bias``), ``score_weight_decay``/``score_lr`` (of the scores' parameter group;
     None: the optimizer's defaults), ``seed`` (weights and scores),
     ``record_every`` (steps between history records; structure changes
     accumulate in between; a level change records the end of the old level
@@ -145,6 +154,10 @@ class EdgePopup(SparseAlgorithm):
             w = (torch.randint(0, 2, shape, generator=self.generator) * 2 - 1).to(m.values.dtype) * std
         else:
             w = torch.randn(shape, generator=self.generator, dtype=m.values.dtype) * std
+        if self.weight_init == "kaiming_normal_zero_bias" and layer.bias is not None:
+            layer.bias.zero_()
+            layer.bias.requires_grad_(False)
+            layer.bias.grad = None
         frozen = torch.zeros_like(m.values)
         frozen[live] = w.to(frozen.device)
         er = type(m)(frozen, *(t.clone() for t in m.index_tensors()), m.shape)

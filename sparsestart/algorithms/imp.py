@@ -8,11 +8,19 @@ The trainer trains a level, then calls ``prune_and_rewind()``: the smallest-|w|
 structure, so the rewind snapshot is one copy of every layer's value slots
 (slots do not move) taken when the rewind step is reached.
 
-The released code of Gadhikar et al. leaves a 10-epoch learning-rate warm-up on,
-so its "rewind to init" is in effect a rewind to epoch 10. Here the rewind point
-is explicit: ``rewind_step=0`` is the initialisation (snapshot taken when the
-algorithm is built), ``rewind_step=k`` the values after k optimizer steps
-("late rewinding").
+A level whose target lies within ``merge_tolerance`` (default 0.5%) of the
+final budget is not a level of its own: the level before it prunes straight to
+the final density (otherwise, e.g. ERK 0.1 -> 0.064 on a small convnet, a third
+level would prune a single weight and cost a whole training phase).
+
+The rewind point is explicit: ``rewind_step=0`` is the initialisation (snapshot
+taken when the algorithm is built), ``rewind_step=k`` the values after k
+optimizer steps ("late rewinding"). The released code of Gadhikar et al.
+(STR/main.py) has a learning-rate warm-up that defaults to 10 epochs and cannot
+be switched off except through ``--warmup-epochs``; its released IMP commands
+(run_imp.py, README) pass ``--warmup-epochs 0``, so those runs rewind to the
+true initialisation. Only a run that omits the flag would, in effect, rewind to
+the end of a 10-epoch warm-up.
 """
 from __future__ import annotations
 
@@ -39,7 +47,10 @@ class IMP(SparseAlgorithm):
     every other parameter and buffer of the model — biases, normalisation
     layers — as the lottery-ticket procedure does; default True),
     ``reset_optimizer`` (clear the optimizer state at every rewind, default True),
-    ``min_keep`` (entries every layer keeps, default 1), ``on_level_end``
+    ``min_keep`` (entries every layer keeps, default 1), ``merge_tolerance``
+    (a level whose target is within this relative distance of the final
+    budget, nnz <= final * (1 + tol), is merged into the final level; default
+    0.005; 0 merges only exact ties), ``on_level_end``
     (callables ``fn(algo)`` run after every prune-and-rewind, e.g. to restart the
     learning-rate schedule of the next level).
 
@@ -52,7 +63,7 @@ class IMP(SparseAlgorithm):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, final_density: float = 0.01,
                  prune_fraction: float = 0.2, rewind_step: int = 0, *, rewind_dense: bool = True,
-                 reset_optimizer: bool = True, min_keep: int = 1,
+                 reset_optimizer: bool = True, min_keep: int = 1, merge_tolerance: float = 0.005,
                  on_level_end: Optional[Iterable[Callable[["IMP"], Any]]] = None):
         super().__init__(model, optimizer)
         self.final_density = check_density_arg("final_density", final_density)
@@ -65,6 +76,10 @@ class IMP(SparseAlgorithm):
         self.rewind_dense = bool(rewind_dense)
         self.reset_optimizer = bool(reset_optimizer)
         self.min_keep = check_positive_int("min_keep", min_keep)
+        if (isinstance(merge_tolerance, bool) or not isinstance(merge_tolerance, (int, float))
+                or not 0 <= merge_tolerance < 1):
+            raise ValueError(f"merge_tolerance must be a number in [0, 1), got {merge_tolerance!r}")
+        self.merge_tolerance = float(merge_tolerance)
         self.on_level_end: list[Callable[[IMP], Any]] = list(on_level_end or [])
         for fn in self.on_level_end:
             if not callable(fn):
@@ -83,8 +98,13 @@ class IMP(SparseAlgorithm):
         return round(self.final_density * self.numel)
 
     def level_nnz(self, level: int) -> int:
-        """Weights kept after ``level`` prune-and-rewind calls: round(nnz_0 (1 - p)^level), at least the final."""
-        return max(self.final_nnz, round(self.initial_nnz * (1 - self.prune_fraction) ** level))
+        """Weights kept after ``level`` prune-and-rewind calls: round(nnz_0 (1 - p)^level), at least the final;
+        the final itself once that is within ``merge_tolerance`` of it."""
+        final = self.final_nnz
+        if level <= 0:
+            return max(final, self.initial_nnz)
+        nnz = round(self.initial_nnz * (1 - self.prune_fraction) ** level)
+        return final if nnz <= final * (1 + self.merge_tolerance) else nnz
 
     @property
     def levels(self) -> int:

@@ -3,8 +3,26 @@
 Every sparse layer l computes with w_eff = sign(w) * relu(|w| - sigmoid(s_l)),
 where s_l is one learnable scalar per layer, trained by the same optimizer in a
 parameter group of its own (own weight decay / learning rate). The final
-sparsity emerges from ``s_init`` and weight decay: with s_init = -200 the
-threshold starts at 0 and weight decay on s_l pulls it up over training.
+sparsity emerges from ``s_init`` and weight decay: while s_l is very negative,
+sigmoid'(s_l) underflows, the loss cannot move s_l and only weight decay pulls
+it up, geometrically (s_t ~ s_0 exp(-sum_t lr_t wd / (1 - momentum)) for SGD).
+
+The initial s therefore decides *when* pruning starts. Gadhikar et al. run the
+released STR code with s_init = -200 over 160 CIFAR epochs (wd 5e-4 / 1e-3):
+the threshold first matters around epoch 17-36 there, but a run of a few
+hundred steps only moves s from -200 to about -160 and prunes nothing. So by
+default (``s_init=None``) s_init is derived from the run: the value from which
+weight decay alone, through the thresholds' own parameter group, brings s to
+``s_start`` (default -6, threshold sigmoid(-6) = 0.0025) after the fraction
+``prune_start`` (default 0.1) of ``total_steps``. The derivation replays the
+optimizer's update of a scalar with zero loss gradient (SGD with its momentum,
+dampening and Nesterov flag, or AdamW's decoupled decay; other optimizers: the
+SGD form), at the group's learning rate times ``lr_factor(t)`` when given
+(constant otherwise). For the paper's 160-epoch setting (391 steps per epoch,
+lr 0.1, momentum 0.9, wd 5e-4, constant lr) this gives about -133, close to
+its -200; for a 2-epoch run about -6. Without ``total_steps``, or with no
+weight decay on s, s_init = ``s_start``. Pass ``s_init=-200`` to reproduce the
+paper's runs exactly.
 
 Entries whose w_eff has stayed exactly zero for ``window`` consecutive steps
 are dropped from the structure (every ``compact_every`` steps), so compute and
@@ -22,7 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -31,12 +49,66 @@ from .base import SparseAlgorithm, check_density_arg, check_positive_int
 from .forward import substitute_values
 from .structure import entry_magnitude, prune, smallest_global
 
-__all__ = ["STR", "soft_threshold"]
+__all__ = ["STR", "soft_threshold", "derive_s_init"]
+
+#: s at which pruning counts as started in the derivation of the default s_init (sigmoid(-6) = 0.0025).
+S_START = -6.0
+#: Fraction of the run after which weight decay alone brings s to ``S_START`` (default s_init).
+PRUNE_START = 0.1
 
 
 def soft_threshold(values: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """sign(w) * relu(|w| - sigmoid(s)), differentiable in both."""
     return torch.sign(values) * torch.relu(values.abs() - torch.sigmoid(s))
+
+
+def _decay_factor(optimizer: torch.optim.Optimizer, group: dict, steps: int,
+                  lr_factor: Optional[Callable[[int], float]]) -> float:
+    """G with s_steps = G * s_0 when only weight decay acts on s (zero loss gradient), for ``group``'s settings.
+
+    The update of a scalar under zero loss gradient is linear in s_0, so G is the
+    result of replaying it from s_0 = 1 (float64)."""
+    lr0 = float(group.get("lr", optimizer.defaults.get("lr", 0.0)))
+    wd = float(group.get("weight_decay", 0.0) or 0.0)
+    if steps <= 0 or wd == 0.0 or lr0 == 0.0:
+        return 1.0
+    decoupled = isinstance(optimizer, torch.optim.AdamW)
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    dampening = float(group.get("dampening", 0.0) or 0.0)
+    nesterov = bool(group.get("nesterov", False))
+    s, buf = 1.0, None
+    for t in range(steps):
+        lr = lr0 * (float(lr_factor(t)) if lr_factor is not None else 1.0)
+        if decoupled:  # AdamW: s *= 1 - lr wd; Adam's own update of a zero gradient is zero
+            s *= 1.0 - lr * wd
+            continue
+        g = wd * s
+        if momentum:
+            buf = g if buf is None else momentum * buf + (1.0 - dampening) * g
+            g = g + momentum * buf if nesterov else buf
+        s -= lr * g
+        if s <= 0.0 or not math.isfinite(s):  # overshoot (lr * wd >= 1): decay reaches 0 at once
+            return 0.0
+    return s
+
+
+def derive_s_init(optimizer: torch.optim.Optimizer, total_steps: Optional[int], *, s_start: float = S_START,
+                  prune_start: float = PRUNE_START, group: Optional[dict] = None,
+                  lr_factor: Optional[Callable[[int], float]] = None) -> float:
+    """The s_init from which weight decay alone brings s to ``s_start`` after ``prune_start * total_steps`` steps.
+
+    ``group``: the thresholds' parameter group (its lr, weight decay, momentum;
+    default: the optimizer's defaults). ``lr_factor(t)``: the learning-rate
+    multiplier at step t (default: constant). Returns ``s_start`` when there is
+    no run length, no weight decay or ``prune_start`` is 0.
+    """
+    if total_steps is None or prune_start <= 0:
+        return float(s_start)
+    g = _decay_factor(optimizer, dict(optimizer.defaults) if group is None else group,
+                      round(prune_start * total_steps), lr_factor)
+    if g <= 0.0:
+        return float(s_start)
+    return float(s_start) / g
 
 
 class _SoftThresholded:
@@ -52,13 +124,18 @@ class _SoftThresholded:
 class STR(SparseAlgorithm):
     """Soft threshold reparameterisation with one learnable threshold per layer.
 
-    Arguments: ``s_init`` (initial s_l, default -200), ``s_weight_decay`` and
-    ``s_lr`` (of the thresholds' parameter group; None: the optimizer's
-    defaults), ``window`` (steps w_eff must stay zero before an entry is
-    dropped, default 100), ``compact_every`` (steps between compactions, default
-    100), ``target_density`` (optional exact final overall density, applied by
-    ``finalize()``), ``total_steps`` (when given, ``finalize()`` runs after that
-    step).
+    Arguments: ``s_init`` (initial s_l; None, the default: derived so that
+    pruning starts at the fraction ``prune_start`` of ``total_steps``, see the
+    module docstring; the paper's runs use -200), ``s_start`` (default -6) and
+    ``prune_start`` (default 0.1) of that derivation, ``lr_factor`` (optional
+    callable t -> learning-rate multiplier used by the derivation),
+    ``s_weight_decay`` and ``s_lr`` (of the thresholds' parameter group; None:
+    the optimizer's defaults), ``window`` (steps w_eff must stay zero before an
+    entry is dropped, default 100), ``compact_every`` (steps between
+    compactions, default 100), ``target_density`` (optional exact final overall
+    density, applied by ``finalize()``), ``total_steps`` (when given,
+    ``finalize()`` runs after that step). ``s_init_derived`` tells whether
+    ``s_init`` was derived.
 
     The thresholds are ``thresholds[name]`` (Parameters); they are added to the
     optimizer as a new parameter group when the algorithm is built, so build it
@@ -67,32 +144,47 @@ class STR(SparseAlgorithm):
 
     name = "str"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, s_init: float = -200.0, *,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, s_init: Optional[float] = None, *,
+                 s_start: float = S_START, prune_start: float = PRUNE_START,
+                 lr_factor: Optional[Callable[[int], float]] = None,
                  s_weight_decay: Optional[float] = None, s_lr: Optional[float] = None, window: int = 100,
                  compact_every: int = 100, target_density: Optional[float] = None,
                  total_steps: Optional[int] = None):
         super().__init__(model, optimizer)
-        if isinstance(s_init, bool) or not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
-            raise ValueError(f"s_init must be a finite number, got {s_init!r}")
+        for name, v in (("s_init", s_init), ("s_start", s_start)):
+            if v is None and name == "s_init":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if isinstance(prune_start, bool) or not isinstance(prune_start, (int, float)) or not 0 <= prune_start <= 1:
+            raise ValueError(f"prune_start must be a number in [0, 1], got {prune_start!r}")
+        if lr_factor is not None and not callable(lr_factor):
+            raise TypeError(f"lr_factor must be a callable t -> float or None, got {lr_factor!r}")
         for name, v in (("s_weight_decay", s_weight_decay), ("s_lr", s_lr)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
                 raise ValueError(f"{name} must be a non-negative number or None, got {v!r}")
         if s_weight_decay is not None and "weight_decay" not in optimizer.defaults:
             raise ValueError(f"s_weight_decay={s_weight_decay!r} was given but {type(optimizer).__name__} has no "
                              f"weight_decay option")
-        self.s_init = float(s_init)
         self.window = check_positive_int("window", window)
         self.compact_every = check_positive_int("compact_every", compact_every)
         self.target_density = None if target_density is None else check_density_arg("target_density", target_density)
         self.total_steps = None if total_steps is None else check_positive_int("total_steps", total_steps)
-        self.thresholds: dict[str, nn.Parameter] = {
-            name: nn.Parameter(torch.tensor(self.s_init, dtype=layer.values.dtype, device=layer.values.device))
-            for name, layer in self.layers.items()}
-        group: dict[str, Any] = {"params": list(self.thresholds.values())}
+        self.s_start, self.prune_start = float(s_start), float(prune_start)
+        group: dict[str, Any] = {"params": []}
         if s_weight_decay is not None:
             group["weight_decay"] = float(s_weight_decay)
         if s_lr is not None:
             group["lr"] = float(s_lr)
+        self.s_init_derived = s_init is None
+        if s_init is None:
+            s_init = derive_s_init(optimizer, self.total_steps, s_start=self.s_start, prune_start=self.prune_start,
+                                   group={**optimizer.defaults, **group}, lr_factor=lr_factor)
+        self.s_init = float(s_init)
+        self.thresholds: dict[str, nn.Parameter] = {
+            name: nn.Parameter(torch.tensor(self.s_init, dtype=layer.values.dtype, device=layer.values.device))
+            for name, layer in self.layers.items()}
+        group["params"] = list(self.thresholds.values())
         optimizer.add_param_group(group)
         # Consecutive steps each slot's w_eff has been zero (for BSR: the whole block).
         self._zero_steps = {name: torch.zeros(layer.values.shape[0], dtype=torch.long, device=layer.values.device)

@@ -25,7 +25,9 @@ The budget
     every layer keeps at least one weight. Where a rule would give p_l > 1 the
     layer becomes dense and its surplus is redistributed among the others by the
     same rule until nothing exceeds 1 (the released code of both papers misses
-    the budget there).
+    the budget there). The one deliberate exception is
+    ``balanced`` with ``exact_budget=False``, the paper's own formula, kept for
+    like-for-like comparisons with its tables.
 
 See docs/densities.md for the rules, their options and a worked example.
 """
@@ -53,7 +55,7 @@ _OPTIONS: dict[str, dict] = {
     "er": {},
     "erk": {"power": 1.0},
     "erk_plus": {"last_density": 1.0, "power": 1.0},
-    "balanced": {},
+    "balanced": {"exact_budget": True},
     "pyramidal": {},
     "snip": {"data": None, "loss_fn": None},
     "grasp": {"data": None, "loss_fn": None, "temperature": 200.0},
@@ -83,7 +85,10 @@ def allocate_densities(model: nn.Module, density: Optional[float], distribution:
         erk_plus      last Linear at ``last_density`` (1.0: dense), ERK over the rest
                       (Liu et al. 2022); a model without Linear gets plain ERK
         balanced      the same number of weights in every layer, p_l = min(1, x / N_l)
-                      (Gadhikar et al. 2023), x solved so the budget is exact
+                      (Gadhikar et al. 2023), x solved so the budget is exact;
+                      ``exact_budget=False``: the paper's formula and released code,
+                      x = d N / L, which loses the budget of saturated layers (CIFAR
+                      VGG-16 at d = 0.1 gets 0.0794 overall)
         pyramidal     p_l = q ** l (l = 1 for the first layer), q solved by bisection
         snip          ratios of SNIP (Lee et al. 2019), ``data=(x, y)`` and optional
                       ``loss_fn`` (default cross-entropy)
@@ -141,6 +146,8 @@ def allocate_densities(model: nn.Module, density: Optional[float], distribution:
     budget_w = density * sum(numel)            # real budget in weights
     targets = _targets(distribution, model, layers, numel, budget_w, density, opts)  # real weights per layer
     K = round(density * sum(numel) / unit)
+    if distribution == "balanced" and not opts["exact_budget"]:
+        K = min(K, round(sum(targets) / unit))  # the paper's rule: the saturated layers' surplus is lost
     counts = _integerize([t / unit for t in targets], units, K)
     return {n: k / u for n, k, u in zip(names, counts, units)}
 
@@ -300,6 +307,12 @@ def _targets(distribution: str, model: nn.Module, layers, numel, budget: float, 
             fixed[lins[-1]] = last_min * numel[lins[-1]]
         return _fixed_plus_scaled(numel, budget, fixed, [1.0] * L, "uniform_plus")
     if distribution == "balanced":
+        exact = opts["exact_budget"]
+        if not isinstance(exact, bool):
+            raise ValueError(f"allocate_densities: balanced option exact_budget must be a bool, got {exact!r}")
+        if not exact:  # Gadhikar et al. (2023): x = d N / L, p_l = min(1, x / N_l)
+            x = budget / L
+            return [min(float(n), x) for n in numel]
         return [p * n for p, n in zip(_scale_to_budget([1.0 / n for n in numel], numel, budget), numel)]
     if distribution == "pyramidal":
         q = pyramidal_ratio(numel, budget)

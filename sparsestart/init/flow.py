@@ -18,6 +18,19 @@ Methods
                      until it has an edge.
 
 Output units are repaired first, then the input units still dead.
+
+Two counts
+    ``FlowReport.total`` is the number of edges (weights) added, what the text
+    of Gadhikar et al. (2023, App. A.1) says Tables 6-7 report. The tables
+    print something else: their released code
+    (ER_DST/sparselearning/core.py, ``Masking.flow_preservation``) adds
+    ``(degree == 0).any().sum()`` per layer and direction, i.e. one per
+    (layer, direction) pair with at least one dead unit, at most 2 x the masked
+    layers (34 for VGG-19, 108 for their 54-layer CIFAR ResNet-50).
+    ``FlowReport.flag_count`` is that count (``LayerFlow.flags`` per layer,
+    ``FlowReport.max_flags`` its maximum); with it the tables are reproduced
+    cell by cell (docs/flow_repair.md). Both are computed from the dead units
+    before any repair, as the released code does.
 With ``keep_budget=True`` every added edge is paid for by removing a random
 existing edge of the same layer whose output unit and input unit both keep
 degree >= 1 (so no new dead unit appears); if the layer has too few such edges
@@ -79,6 +92,12 @@ class LayerFlow:
     disconnected: Optional[int] = None        # alive in the layer, no path to the output (before repair)
     disconnected_after: Optional[int] = None
 
+    @property
+    def flags(self) -> int:
+        """0-2: whether any output unit, plus whether any input unit, was dead before repair (the count
+        Gadhikar et al.'s Tables 6-7 print per layer)."""
+        return int(self.dead_outputs > 0) + int(self.dead_inputs > 0)
+
 
 @dataclass
 class FlowReport:
@@ -103,6 +122,17 @@ class FlowReport:
         return sum(lf.edges_added for lf in self.layers)
 
     @property
+    def flag_count(self) -> int:
+        """(layer, direction) pairs with at least one dead unit before repair: the count printed in
+        Gadhikar et al.'s Tables 6-7 (their code sums ``(degree == 0).any()``), at most ``max_flags``."""
+        return sum(lf.flags for lf in self.layers)
+
+    @property
+    def max_flags(self) -> int:
+        """2 x the number of sparse layers: the largest possible ``flag_count``."""
+        return 2 * len(self.layers)
+
+    @property
     def disconnected(self) -> dict[str, Optional[int]]:
         return {lf.name: lf.disconnected for lf in self.layers}
 
@@ -121,16 +151,16 @@ class FlowReport:
     def __str__(self) -> str:
         def fmt(v):
             return "-" if v is None else str(v)
-        head = (f"{'layer':<28} {'dead out':>8} {'dead in':>8} {'added':>8} {'removed':>8} {'over':>6} "
-                f"{'discon.':>8} {'after':>6}")
+        head = (f"{'layer':<28} {'dead out':>8} {'dead in':>8} {'flags':>5} {'added':>8} {'removed':>8} "
+                f"{'over':>6} {'discon.':>8} {'after':>6}")
         lines = [f"flow repair: method={self.method}, keep_budget={self.keep_budget}, "
                  f"cross-layer: {self.cross_layer}", head, "-" * len(head)]
         for lf in self.layers:
-            lines.append(f"{lf.name:<28} {lf.dead_outputs:>8} {lf.dead_inputs:>8} {lf.edges_added:>8} "
+            lines.append(f"{lf.name:<28} {lf.dead_outputs:>8} {lf.dead_inputs:>8} {lf.flags:>5} {lf.edges_added:>8} "
                          f"{lf.edges_removed:>8} {lf.over_budget:>6} {fmt(lf.disconnected):>8} "
                          f"{fmt(lf.disconnected_after):>6}")
         lines.append(f"{'total':<28} {sum(l.dead_outputs for l in self.layers):>8} "
-                     f"{sum(l.dead_inputs for l in self.layers):>8} {self.total:>8} "
+                     f"{sum(l.dead_inputs for l in self.layers):>8} {self.flag_count:>5} {self.total:>8} "
                      f"{sum(self.edges_removed.values()):>8} {sum(l.over_budget for l in self.layers):>6} "
                      f"{self.total_disconnected:>8} {self.total_disconnected_after:>6}")
         return "\n".join(lines)

@@ -229,3 +229,94 @@ def test_edgepopup_weight_init(weight_init):
     s = algo.scores["0"].detach()[er.slot[:er.nnz].long()]
     assert float(s.abs().max()) <= 1 / math.sqrt(200)
     assert not model[0].values.requires_grad
+
+
+def test_str_default_s_init_is_derived_so_that_a_short_run_prunes():
+    """The paper's s_init = -200 is a delay line for 160-epoch runs: in a short run weight decay moves s
+    to about -190 and nothing is pruned. The default derives s_init from the run length and weight decay
+    (weight decay alone brings s to s_start = -6 after prune_start = 10% of total_steps)."""
+    steps = 60
+    opt_kw = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    model, opt, algo = build("str", mlp, dict(total_steps=steps), opt_kw)
+    assert algo.s_init_derived
+    # 6 steps at lr 0.1, wd 5e-4, momentum 0.9 barely move s: s_init is just below -6.
+    assert -6.1 < algo.s_init < -6.0
+    d0 = algo.density
+    train(model, opt, algo, batches(model, steps))
+    assert algo.finalized and algo.density < d0
+    # The old default prunes nothing in the same run.
+    model, opt, algo = build("str", mlp, dict(s_init=-200.0, total_steps=steps), opt_kw)
+    assert not algo.s_init_derived
+    train(model, opt, algo, batches(model, steps))
+    assert algo.finalized and algo.density == d0
+    # With the derived default target_density still ends exactly on target.
+    model, opt, algo = build("str", mlp, dict(total_steps=steps, target_density=0.2), opt_kw)
+    train(model, opt, algo, batches(model, steps))
+    assert algo.nnz == round(0.2 * algo.numel)
+
+
+def test_str_derived_s_init_reaches_s_start_at_the_chosen_fraction():
+    from sparsestart.algorithms.soft_threshold import derive_s_init
+
+    # Zero loss gradient (no data): replaying SGD on the thresholds alone brings s to s_start at f * T.
+    w = nn.Parameter(torch.zeros(1, dtype=F64))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    s0 = derive_s_init(opt, 1000, s_start=-6.0, prune_start=0.3)
+    s = nn.Parameter(torch.tensor(s0, dtype=F64))
+    opt = torch.optim.SGD([s], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(300):
+        s.grad = torch.zeros_like(s)
+        opt.step()
+    assert float(s.detach()) == pytest.approx(-6.0, rel=1e-9)
+    # The paper's setting (160 epochs x 391 steps, wd 5e-4, constant lr) lands near its -200.
+    assert -150 < derive_s_init(torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=5e-4), 160 * 391) < -120
+    # A decaying schedule moves s less, so s_init is closer to s_start.
+    cos = derive_s_init(torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=5e-4), 1000, prune_start=0.5,
+                        lr_factor=lambda t: 0.5 * (1 + math.cos(math.pi * t / 1000)))
+    const = derive_s_init(torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=5e-4), 1000, prune_start=0.5)
+    assert const < cos < -6.0
+    # AdamW: decoupled decay, s *= 1 - lr wd per step.
+    adamw = derive_s_init(torch.optim.AdamW([w], lr=0.01, weight_decay=0.1), 1000, prune_start=0.5)
+    assert adamw == pytest.approx(-6.0 / (1 - 0.001) ** 500)
+    # No run length, no weight decay, or prune_start = 0: s_start itself.
+    assert derive_s_init(opt, None) == -6.0
+    assert derive_s_init(torch.optim.SGD([w], lr=0.1), 1000) == -6.0
+    assert derive_s_init(opt, 1000, prune_start=0.0) == -6.0
+    # The thresholds' own weight decay is what counts.
+    model, opt, algo = build("str", mlp, dict(total_steps=1000, s_weight_decay=0.0), dict(weight_decay=5e-4))
+    assert algo.s_init == -6.0
+    for bad in (dict(prune_start=1.5), dict(s_start=float("nan")), dict(lr_factor=3)):
+        with pytest.raises((ValueError, TypeError)):
+            build("str", mlp, dict(total_steps=10, **bad))
+
+
+def test_edgepopup_paper_init_kaiming_normal_zero_frozen_bias():
+    """The paper's released runs use --initBias kn-zero-bias: Kaiming normal weights, biases zero and frozen."""
+    model = nn.Sequential(SparseLinear(200, 50, density=0.5, seed=0), nn.ReLU(), SparseLinear(50, 3, density=0.5,
+                                                                                             seed=1))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.bias.fill_(0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    algo = algorithms.EdgePopup(model, opt, final_density=0.1, total_steps=4,
+                                weight_init="kaiming_normal_zero_bias", seed=0)
+    er = algo.er["0"]
+    w = er.values.detach()[er.slot[:er.nnz].long()]
+    assert float(w.std()) == pytest.approx(math.sqrt(2 / 200), rel=0.05)
+    for m in (model[0], model[2]):
+        assert not m.bias.requires_grad and bool((m.bias == 0).all())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x, y = torch.randn(8, 200, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        algo.step()
+    for m in (model[0], model[2]):
+        assert bool((m.bias == 0).all())
+    assert any(float(s.grad.abs().sum()) > 0 for s in algo.scores.values())
+    # The other inits leave the biases alone.
+    model2 = nn.Sequential(SparseLinear(20, 5, density=0.5, seed=0))
+    algorithms.EdgePopup(model2, torch.optim.SGD(model2.parameters(), lr=0.1), final_density=0.1, total_steps=4,
+                         weight_init="kaiming_normal", seed=0)
+    assert model2[0].bias.requires_grad

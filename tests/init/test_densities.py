@@ -367,7 +367,7 @@ def test_errors_name_argument_value_and_allowed():
     with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
         allocate_densities(model, 0.1, exclude="*")
     with pytest.raises(TypeError, match="takes no option 'power'; its options are none"):
-        allocate_densities(model, 0.1, "balanced", power=2)
+        allocate_densities(model, 0.1, "pyramidal", power=2)
     with pytest.raises(ValueError, match="last_density must lie in \\(0, 1\\], got 2"):
         allocate_densities(model, 0.1, "erk_plus", last_density=2)
     with pytest.raises(ValueError, match="needs input_shape"):
@@ -413,3 +413,43 @@ def test_sparsify_passes_options_and_exclude():
     sparsestart.sparsify(model, 0.1, "snip", data=(x, y), exclude=["5"], seed=0)
     assert type(model[5]) is nn.Linear
     assert [model[1].density, model[3].density] == pytest.approx([expected["1"], expected["3"]], abs=1e-12)
+
+
+def test_balanced_paper_rule_loses_the_budget_of_saturated_layers(meta_models):
+    """Gadhikar et al.'s own formula (and released code): x = d N / L, p_l = min(1, x / N_l).
+
+    On the CIFAR VGG-16 (13 convs + Linear(512, 10), N = 14,715,584) the first three convs and the
+    classifier saturate, and what they cannot hold is lost: 0.0794 overall at d = 0.1, 0.0090 at 0.01.
+    The default (exact_budget=True) solves for x and meets the budget."""
+    model = meta_models["vgg16"]
+    numel = {n: m.weight.numel() for n, m in maskable_layers(model)}
+    N, L = sum(numel.values()), len(numel)
+    assert (N, L) == (14_715_584, 14)
+    for d, overall in ((0.1, 0.07941), (0.01, 0.009037)):
+        paper = allocate_densities(model, d, "balanced", exact_budget=False)
+        x = d * N / L
+        for n, p in paper.items():
+            assert round(p * numel[n]) == min(numel[n], round(x)) or abs(p * numel[n] - min(numel[n], x)) <= 1
+        got = sum(round(p * numel[n]) for n, p in paper.items()) / N
+        assert got == pytest.approx(overall, abs=2e-5)
+        assert got < d
+        exact = allocate_densities(model, d, "balanced")
+        assert exact == allocate_densities(model, d, "balanced", exact_budget=True)
+        _check_allocation(model, exact, d)
+        # The two differ only in x: the same layers saturate at d = 0.1, the free ones are denser when exact.
+        free = [n for n in exact if exact[n] < 1.0]
+        assert all(exact[n] > paper[n] for n in free)
+    # Where nothing saturates the two rules agree.
+    assert allocate_densities(model, 0.001, "balanced", exact_budget=False) == \
+        allocate_densities(model, 0.001, "balanced")
+    with pytest.raises(ValueError, match="exact_budget"):
+        allocate_densities(model, 0.1, "balanced", exact_budget="no")
+
+
+def test_sparsify_balanced_paper_rule():
+    # MLP 16-256-256-256-2 at d = 0.1: x = dN/4 = 3392 weights per layer, the 512-weight classifier saturates.
+    model = sparsestart.sparsify(shapes.mlp((16, 256, 256, 256, 2)), 0.1, "balanced", exact_budget=False, seed=0)
+    layers = [m for m in model.modules() if isinstance(m, SparseLayer)]
+    assert [m.nnz for m in layers] == [3392, 3392, 3392, 512]
+    exact = sparsestart.sparsify(shapes.mlp((16, 256, 256, 256, 2)), 0.1, "balanced", seed=0)
+    assert sum(m.nnz for m in exact.modules() if isinstance(m, SparseLayer)) == round(0.1 * 135_680)

@@ -216,3 +216,32 @@ def test_dead_units_grow_with_sparsity():
         counts.append(repair_flow(model, seed=0, input_shape=(3, 8, 8)).total)
     assert counts[0] == 0 and counts[1] > 50
     assert math.isfinite(counts[1])
+
+
+def test_flag_count_is_the_papers_per_layer_direction_count():
+    """Gadhikar et al.'s Tables 6-7 print sum over layers of (indeg == 0).any() + (outdeg == 0).any()
+    (their code), not edges: at most 2 x the masked layers."""
+    model = _sparse_mlp(density=0.005)
+    dead = {n: _dead(m) for n, m in _sparse_layers(model)}
+    report = repair_flow(model, "random_addition", keep_budget=False, seed=0)
+    expected = sum(int(o > 0) + int(i > 0) for o, i in dead.values())
+    assert report.flag_count == expected
+    assert report.max_flags == 2 * len(dead) == 6
+    assert 0 < report.flag_count <= report.max_flags
+    for lf in report.layers:
+        o, i = dead[lf.name]
+        assert lf.flags == int(o > 0) + int(i > 0)
+        assert (lf.dead_outputs, lf.dead_inputs) == (o, i)
+    # The edges added are a different, much larger count.
+    assert report.total > 10 * report.flag_count
+    assert "flags" in str(report)
+    # A network without dead units has no flag.
+    healthy = repair_flow(_sparse_mlp(density=0.5), seed=0)
+    assert healthy.flag_count == 0 == healthy.total
+
+
+def test_flag_count_reaches_its_maximum_when_every_layer_is_starved():
+    # One weight per layer: every layer has dead outputs and dead inputs.
+    model = _sparse_mlp(density=1e-5)
+    report = repair_flow(model, seed=0)
+    assert report.flag_count == report.max_flags == 6
