@@ -59,6 +59,8 @@ OPTIONS = [
     ("nesterov", ["--nesterov"], dict(action=argparse.BooleanOptionalAction)),
     ("weight_decay", ["--weight-decay"], dict(type=float, metavar="WD", help="default 5e-4")),
     ("schedule", ["--schedule"], dict(metavar="NAME", help="cosine (default), step (x0.1 at 50%%, 75%%), constant")),
+    ("lr_min", ["--lr-min"], dict(type=float, metavar="LR", help="where the cosine schedule ends (default 0; "
+                                                                  "the paper's IMP runs anneal to 0.01)")),
     ("warmup_epochs", ["--warmup-epochs"], dict(type=float, metavar="E")),
     ("epochs", ["--epochs"], dict(type=int, metavar="N", help="default 2")),
     ("batch_size", ["--batch-size"], dict(type=int, metavar="N", help="default 128")),

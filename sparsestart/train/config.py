@@ -62,6 +62,7 @@ class TrainConfig:
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.1
+    lr_min: float = 0.0  # the cosine schedule's floor (the paper's IMP anneals to 0.01, not 0)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -265,6 +266,9 @@ def validate(cfg: TrainConfig, explicit: frozenset = frozenset()) -> None:
     _number(cfg, "train_limit", lo=1, integer=True, optional=True)
     _number(cfg, "test_limit", lo=1, integer=True, optional=True)
     _number(cfg, "lr", lo=0.0, lo_open=True)
+    _number(cfg, "lr_min", lo=0.0)
+    if float(cfg.lr_min) > float(cfg.lr):
+        raise ValueError(f"--lr-min {cfg.lr_min} must not exceed --lr {cfg.lr}")
     _number(cfg, "momentum", lo=0.0, hi=1.0, hi_open=True)
     _number(cfg, "weight_decay", lo=0.0)
     _number(cfg, "warmup_epochs", lo=0.0)

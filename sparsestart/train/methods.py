@@ -86,11 +86,12 @@ def _accepted(cls, name: str) -> bool:
 
 
 def make_algorithm(method: str, model: nn.Module, optimizer, total_steps: int, options: Optional[dict] = None, *,
-                   seed: Optional[int] = None):
+                   seed: Optional[int] = None, lr_factor=None):
     """Build the method's algorithm for ``model``.
 
-    ``total_steps`` and ``seed`` are passed when the algorithm's constructor
-    takes them and ``options`` does not set them. A model without sparse layers
+    ``total_steps``, ``seed`` and ``lr_factor`` (the learning-rate multiplier per
+    step) are passed when the algorithm's constructor takes them and ``options``
+    does not set them. A model without sparse layers
     (the dense baseline) gets the local no-op static algorithm.
     """
     from ..nn import SparseLayer
@@ -108,4 +109,6 @@ def make_algorithm(method: str, model: nn.Module, optimizer, total_steps: int, o
         options.setdefault("total_steps", total_steps)
     if cls is not None and seed is not None and _accepted(cls, "seed"):
         options.setdefault("seed", seed)
+    if cls is not None and lr_factor is not None and _accepted(cls, "lr_factor"):
+        options.setdefault("lr_factor", lr_factor)
     return lib.get(method, model, optimizer, **options)

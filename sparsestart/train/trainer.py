@@ -126,8 +126,10 @@ class LRFactor:
     or constant.
     """
 
-    def __init__(self, kind: str, steps_per_level: int, warmup_steps: int = 0):
+    def __init__(self, kind: str, steps_per_level: int, warmup_steps: int = 0, min_factor: float = 0.0):
         self.kind, self.steps_per_level, self.warmup_steps = kind, max(1, int(steps_per_level)), int(warmup_steps)
+        # The cosine's floor as a fraction of the base rate (lr_min / lr).
+        self.min_factor = float(min_factor)
 
     def __call__(self, step: int) -> float:
         s = step % self.steps_per_level
@@ -135,7 +137,7 @@ class LRFactor:
             return (s + 1) / self.warmup_steps
         t = (s - self.warmup_steps) / max(1, self.steps_per_level - self.warmup_steps)
         if self.kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * t))
+            return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
         if self.kind == "step":
             return 0.1 ** ((t >= 0.5) + (t >= 0.75))
         return 1.0
@@ -212,13 +214,15 @@ def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None
     steps_per_epoch = -(-len(data.train) // int(cfg.batch_size))
     # For IMP, --epochs is per level and the schedule restarts every level; otherwise one phase.
     steps_per_phase = steps_per_epoch * int(cfg.epochs)
+    warmup = round(float(cfg.warmup_epochs) * steps_per_epoch)
+    lr_factor = LRFactor(cfg.schedule, steps_per_phase, warmup, float(cfg.lr_min) / float(cfg.lr))
     try:
+        # lr_factor: STR derives its default s_init from the rate weight decay will really act at.
         algorithm = make_algorithm(cfg.method, net, optimizer, steps_per_phase, cfg.method_options,
-                                   seed=int(cfg.seed))
+                                   seed=int(cfg.seed), lr_factor=lr_factor)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"--method {cfg.method}: {exc}") from None
-    warmup = round(float(cfg.warmup_epochs) * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg.schedule, steps_per_phase, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     # A CPU generator on every device: the same batches and augmentations wherever the run trains or resumes.
     generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
     run = RunState(cfg, data, model, optimizer, scheduler, algorithm, generator, steps_per_epoch, device)

@@ -266,3 +266,43 @@ def test_tensorboard_without_the_package_is_a_clear_error(fmnist_dir, tmp_path, 
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(fmnist_dir), "--tensorboard",
                  "--out", str(tmp_path / "tb")]) == 2
     assert "pip install tensorboard" in capsys.readouterr().err and not (tmp_path / "tb").exists()
+
+
+def test_cosine_schedule_ends_at_lr_min():
+    from sparsestart.train.trainer import LRFactor
+
+    f = LRFactor("cosine", 100, 0, min_factor=0.1)
+    assert f(0) == pytest.approx(1.0) and f(50) == pytest.approx(0.55) and f(99) == pytest.approx(0.1, abs=1e-3)
+    assert LRFactor("cosine", 100)(99) < 1e-3  # default: anneal to 0, as before
+
+
+def test_lr_min_is_validated_and_reaches_the_schedule(tmp_path):
+    from sparsestart.train.config import validate
+
+    with pytest.raises(ValueError, match="--lr-min 0.5 must not exceed --lr 0.1"):
+        validate(TrainConfig(dataset="digits", lr=0.1, lr_min=0.5))
+    with pytest.raises(ValueError, match="lr.min"):
+        validate(TrainConfig(dataset="digits", lr_min=-0.01))
+
+
+def test_str_gets_the_runs_learning_rate_schedule(tmp_path, monkeypatch):
+    """STR derives its default s_init from the learning rate weight decay acts at (the run's schedule)."""
+    import functools
+
+    from sparsestart.algorithms import soft_threshold
+    from sparsestart.train import trainer as trainer_mod
+
+    seen = {}
+    original = soft_threshold.STR.__init__
+
+    @functools.wraps(original)  # keeps STR's signature, which make_algorithm inspects
+    def spy(self, *args, **kwargs):
+        seen["lr_factor"] = kwargs.get("lr_factor")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(soft_threshold.STR, "__init__", spy)
+    cfg = TrainConfig(dataset="digits", model="mlp", model_options={"hidden": [16]}, density=0.5, method="str",
+                      epochs=1, lr=0.1, lr_min=0.01, progress=False, final_eval=False, device="cpu", threads=1)
+    Trainer(cfg, tmp_path / "str")
+    assert isinstance(seen["lr_factor"], trainer_mod.LRFactor)
+    assert seen["lr_factor"].min_factor == pytest.approx(0.1)
