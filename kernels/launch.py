@@ -152,7 +152,8 @@ _bsr_sddmm = _autotune(_jit(bsr.bsr_sddmm_kernel, ("R", "N_BUCKET", "LOG2_R")), 
                        default=_cfg(4, 2, BLOCK_N=32))
 _csr_spmm = _autotune(_jit(csr.csr_spmm_kernel, ("N_BUCKET", "R_BUCKET")), _CSR_SPMM_CONFIGS,
                       key=["N_BUCKET", "R_BUCKET"], default=_cfg(4, 3, BLOCK_E=32, BLOCK_N=64))
-_csr_sddmm = _autotune(_jit(csr.csr_sddmm_kernel, ("N_BUCKET",)), _CSR_SDDMM_CONFIGS, key=["N_BUCKET"],
+_csr_sddmm = _autotune(_jit(csr.csr_sddmm_kernel, ("R", "N_BUCKET", "LOG2_R")), _CSR_SDDMM_CONFIGS,
+                       key=["N_BUCKET", "LOG2_R"],
                        default=_cfg(4, 2, BLOCK_E=16, BLOCK_N=128))
 
 
@@ -262,7 +263,11 @@ def sddmm(ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, a: torch.Ten
         return out
     with _device_guard(a):
         if block_size == 1:
-            _csr_sddmm[(R,)](ptr, idx, slot, a, b, out, N, _bucket(N), ACC=_TL_ACC[a.dtype])
+            def grid(meta):  # entry chunks over the capacity: no host sync on nnz
+                return (triton.cdiv(capacity, meta["BLOCK_E"]),)
+
+            _csr_sddmm[grid](ptr, idx, slot, a, b, out, R, N, _bucket(N), max(R - 1, 1).bit_length(),
+                             ACC=_TL_ACC[a.dtype])
         else:
             _bsr_sddmm[(capacity,)](ptr, idx, slot, a, b, out, R, N, _bucket(N), max(R - 1, 1).bit_length(),
                                     B=block_size, PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype),

@@ -90,6 +90,7 @@ CASES = [
     (128, 128, 5, 0.75, 64, (), (1,), 1),
     (37, 29, 9, 0.3, 1, (0, 5), (3,), 3),   # CSR, odd shapes, empty rows and columns
     (13, 11, 17, 0.0, 1, (), (), 2),        # CSR nnz = 0
+    (97, 31, 40, 0.1, 1, (0, 50, 95, 96), (), 5),  # CSR: SDDMM entry chunks cross rows; empty first/last rows
     (1, 1, 1, 1.0, 1, (), (), 0),
 ]
 IDS = [f"{c[0]}x{c[1]}xN{c[2]}-d{c[3]}-b{c[4]}" for c in CASES]
