@@ -9,6 +9,7 @@ Buffers (layouts of csrc/ops.cpp; B = block size, a constexpr in {16, 32, 64}):
   out    [R*B, N]   spmm output, every element written (empty block rows get zeros)
   a      [R*B, N], b [Q*B, N]   sddmm operands, contiguous
   dv     [C, B, B]  sddmm output, pre-zeroed; only live slots are written
+                    (split over N: [S, C, B, B] fp32 partial sums, summed by the launcher)
 
 These are plain functions: ``kernels/launch.py`` wraps them with ``triton.jit``
 (compiled, or interpreted when TRITON_INTERPRET=1) and with an autotuner, so one
@@ -61,18 +62,22 @@ def bsr_spmm_kernel(values, ptr, idx, slot, x, out, N, N_BUCKET, R_BUCKET,
     tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=n_mask[None, :])
 
 
-def bsr_sddmm_kernel(ptr, idx, slot, a, b, dv, R, N, N_BUCKET, LOG2_R,
+def bsr_sddmm_kernel(ptr, idx, slot, a, b, dv, R, N, N_BUCKET, LOG2_R, N_PER_SPLIT,
                      B: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                      ACC: tl.constexpr):
     """dv[slot[e]] = a[r*B:(r+1)*B, :] @ b[idx[e]*B:(idx[e]+1)*B, :]^T for each live entry e.
 
-    One program per entry position e in [0, C): programs past nnz = ptr[R] do
-    nothing, so the grid needs no host synchronisation, and the work is spread
-    over nnz programs even when there are few block rows. The block row of e is
-    found by binary search in ptr (LOG2_R + 1 steps of a scalar load; cheap
-    next to the B x B x N product).
+    Grid (C, S): one program per entry position e in [0, C) and split of N. Programs
+    past nnz = ptr[R] do nothing, so the grid needs no host synchronisation, and the
+    work is spread over nnz programs even when there are few block rows. The block row
+    of e is found by binary search in ptr (LOG2_R + 1 steps of a scalar load; cheap next
+    to the B x B x N product). With S > 1 (few entries, long N: convolution weight
+    gradients, review F15) split k reduces columns [k*N_PER_SPLIT, (k+1)*N_PER_SPLIT)
+    into dv[k] (fp32 partials the launcher sums in a fixed order: deterministic).
     """
     e = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    C = tl.num_programs(0).to(tl.int64)
     nnz = tl.load(ptr + R).to(tl.int64)
     if e < nnz:
         # invariant: ptr[lo] <= e < ptr[hi]
@@ -91,8 +96,10 @@ def bsr_sddmm_kernel(ptr, idx, slot, a, b, dv, R, N, N_BUCKET, LOG2_R,
         a_rows = a + (r * B + offs_b)[:, None] * N
         b_rows = b + (c * B + offs_b)[:, None] * N
         acc = tl.zeros([B, B], dtype=ACC)
-        for n0 in range(0, N, BLOCK_N):
-            n_mask = (n0 + offs_n) < N
+        n_lo = split * N_PER_SPLIT
+        n_hi = tl.minimum(n_lo + N_PER_SPLIT, N)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            n_mask = (n0 + offs_n) < n_hi
             at = tl.load(a_rows + (n0 + offs_n)[None, :], mask=n_mask[None, :], other=0.0)
             bt = tl.load(b_rows + (n0 + offs_n)[None, :], mask=n_mask[None, :], other=0.0)
             if UPCAST:
@@ -100,4 +107,4 @@ def bsr_sddmm_kernel(ptr, idx, slot, a, b, dv, R, N, N_BUCKET, LOG2_R,
                 bt = bt.to(tl.float32)
             acc = tl.dot(at, tl.trans(bt), acc, input_precision=PREC)
         offs_blk = offs_b[:, None] * B + offs_b[None, :]
-        tl.store(dv + s * (B * B) + offs_blk, acc.to(dv.dtype.element_ty))
+        tl.store(dv + (split * C + s) * (B * B) + offs_blk, acc.to(dv.dtype.element_ty))

@@ -22,6 +22,7 @@ Importing this module imports triton (>= 3.0; ``triton.knobs`` is used when pres
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -147,7 +148,7 @@ def _prune_bsr_sddmm(configs, named_args, **kwargs):
 _bsr_spmm = _autotune(_jit(bsr.bsr_spmm_kernel, ("N_BUCKET", "R_BUCKET")), _BSR_SPMM_CONFIGS,
                       key=["N_BUCKET", "R_BUCKET", "B", "TRANS", "PREC"], prune=_prune_bsr,
                       default=_cfg(4, 3, BLOCK_N=64))
-_bsr_sddmm = _autotune(_jit(bsr.bsr_sddmm_kernel, ("R", "N_BUCKET", "LOG2_R")), _BSR_SDDMM_CONFIGS,
+_bsr_sddmm = _autotune(_jit(bsr.bsr_sddmm_kernel, ("R", "N_BUCKET", "LOG2_R", "N_PER_SPLIT")), _BSR_SDDMM_CONFIGS,
                        key=["N_BUCKET", "LOG2_R", "B", "PREC"], prune=_prune_bsr_sddmm,
                        default=_cfg(4, 2, BLOCK_N=32))
 _csr_spmm = _autotune(_jit(csr.csr_spmm_kernel, ("N_BUCKET", "R_BUCKET")), _CSR_SPMM_CONFIGS,
@@ -241,6 +242,32 @@ def spmm(values: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, slot: torch
     return out
 
 
+# SDDMM programs wanted per multiprocessor before N is split (a few waves keep every SM busy).
+_SDDMM_PROGRAMS_PER_SM = 4
+# Columns each split reduces at least (shorter splits would spend more on the partial sums).
+_SDDMM_MIN_SPLIT_N = 1024
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: no split unless a test asks for one
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sddmm_splits(capacity: int, N: int, device: torch.device) -> int:
+    """How many parts the BSR SDDMM splits N into: 1 unless the entries alone leave the GPU idle
+    (few blocks, long N: convolution weight gradients, review F15)."""
+    want = _SDDMM_PROGRAMS_PER_SM * _multiprocessors(device)
+    if capacity >= want or N < 2 * _SDDMM_MIN_SPLIT_N:
+        return 1
+    return max(1, min(-(-want // max(capacity, 1)), N // _SDDMM_MIN_SPLIT_N))
+
+
 def sddmm(ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
           capacity: int, block_size: int) -> torch.Tensor:
     """out[slot[e]] = a[row of e] . b[idx[e]] (BSR: the block of dot products); free slots zero."""
@@ -269,7 +296,14 @@ def sddmm(ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, a: torch.Ten
             _csr_sddmm[grid](ptr, idx, slot, a, b, out, R, N, _bucket(N), max(R - 1, 1).bit_length(),
                              ACC=_TL_ACC[a.dtype])
         else:
-            _bsr_sddmm[(capacity,)](ptr, idx, slot, a, b, out, R, N, _bucket(N), max(R - 1, 1).bit_length(),
-                                    B=block_size, PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype),
-                                    ACC=_TL_ACC[a.dtype])
+            splits = sddmm_splits(capacity, N, a.device)
+            n_per_split = triton.cdiv(N, splits)
+            # Split over N: fp32 partial sums per split, added in split order (deterministic).
+            target = out if splits == 1 else a.new_zeros((splits,) + shape, dtype=torch.float32
+                                                          if a.dtype != torch.float64 else a.dtype)
+            _bsr_sddmm[(capacity, splits)](ptr, idx, slot, a, b, target, R, N, _bucket(N),
+                                           max(R - 1, 1).bit_length(), n_per_split, B=block_size,
+                                           PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype), ACC=_TL_ACC[a.dtype])
+            if splits > 1:
+                out = target.sum(0).to(a.dtype)
     return out

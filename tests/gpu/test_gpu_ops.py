@@ -73,6 +73,7 @@ CASES = [
     (128, 128, 5, 0.75, 64, (), (1,), 1),
     (256, 512, 300, 0.2, 16, (), (), 4),
     (16, 32, 1, 0.0, 16, (), (), 1),
+    (64, 64, 4099, 0.5, 16, (1,), (), 1),        # few blocks, long odd N: the triton SDDMM splits N
 ]
 IDS = [f"{c[0]}x{c[1]}xN{c[2]}-d{c[3]}-b{c[4]}" for c in CASES]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -330,3 +330,36 @@ def test_single_config_switch_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False False [1, 1, 1, 1]"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [70, 97])
+def test_bsr_sddmm_split_over_n(interpreter, monkeypatch, dtype, N):
+    """Few blocks and a long N: the SDDMM splits N and sums fp32 partials (review F15); forced here
+    with small limits. Splits of unequal length and a short last BLOCK_N tile included."""
+    launch = _launch()
+    monkeypatch.setattr(launch, "_SDDMM_MIN_SPLIT_N", 16)
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 64)
+    m = random_matrix(48, 32, 0.5, block_size=16, dtype=dtype, capacity_extra=1, empty_rows=(1,), seed=5)
+    assert launch.sddmm_splits(m.capacity, N, torch.device("cpu")) >= 3
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, N, generator=g).to(dtype)
+    dy = torch.randn(48, N, generator=g).to(dtype)
+    dv = ops.sampled_matmul(m, dy, x)
+    assert dv.dtype == dtype and dv.shape == m.values.shape
+    mask = m.mask()
+    dense_dv = type(m)(dv, *m.index_tensors(), m.shape).to_dense()
+    x64, dy64 = x.double(), dy.double()
+    _check(dense_dv, (dy64 @ x64.T) * mask, (dy64.abs() @ x64.abs().T) * mask, dtype)
+    assert bool((dv[m.slot[m.nnz:].long()] == 0).all())
+
+
+def test_sddmm_splits_only_when_the_entries_leave_the_gpu_idle(monkeypatch):
+    launch = _launch()
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 132)
+    dev = torch.device("cpu")
+    assert launch.sddmm_splits(10_000, 1 << 20, dev) == 1       # enough entries
+    assert launch.sddmm_splits(8, 1000, dev) == 1               # N too short to split
+    assert launch.sddmm_splits(8, 1 << 16, dev) == 64           # 4 x 132 programs wanted, N / 1024 allows 64
+    assert launch.sddmm_splits(100, 1 << 20, dev) == 6          # ceil(528 / 100)
