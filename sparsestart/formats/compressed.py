@@ -24,6 +24,7 @@ stay in their slots, freed and newly used slots are zeroed.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -38,6 +39,17 @@ _INT32_MAX = 2**31 - 1
 def index_dtype_for(*extents: int) -> torch.dtype:
     """int32 unless some extent (dimension or capacity) needs int64."""
     return torch.int32 if max(extents, default=0) < _INT32_MAX else torch.int64
+
+
+def _check_capacity(capacity) -> int:
+    """``capacity`` as an int: any integer (Python, numpy, 0-d integer tensor); a float, even 100.0,
+    is refused rather than truncated."""
+    if isinstance(capacity, bool) or (isinstance(capacity, torch.Tensor) and capacity.dtype == torch.bool):
+        raise TypeError(f"capacity must be an int, got {capacity!r}")
+    try:
+        return operator.index(capacity)
+    except TypeError:
+        raise TypeError(f"capacity must be an int (number of value slots), got {capacity!r}") from None
 
 
 def _rows_of(rowptr: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -152,7 +164,7 @@ class SparseMatrix:
         M, K = cls._check_shape(shape, block_size)
         R, Q = M // block_size, K // block_size
         nnz = rows.numel()
-        C = nnz if capacity is None else int(capacity)
+        C = nnz if capacity is None else _check_capacity(capacity)
         if C < nnz:
             raise ValueError(f"capacity must be >= nnz ({nnz}), got {capacity}")
         device = device if device is not None else rows.device

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..init.sampling import check_density
-from .modules import SparseConv2d, SparseLayer, SparseLinear
+from .modules import SparseConv2d, SparseLayer, SparseLinear, _real_number
 
 __all__ = ["sparsify", "densify", "summary", "maskable_layers", "Summary"]
 
@@ -85,8 +85,10 @@ def sparsify(model: nn.Module, density: Union[float, dict], distribution: str = 
                              f"unknown: {sorted(unknown)}, missing: {missing}")
         densities = {}
         for n, d in density.items():
-            densities[n] = check_density(d, f"density[{n!r}]")
+            densities[n] = check_density(_real_number(d, f"density[{n!r}]"), f"density[{n!r}]")
     else:
+        if density is not None:  # None: the 'custom' distribution's own densities
+            density = _real_number(density, "density")  # numpy scalars and 0-d tensors are numbers too
         densities = allocate_densities(model, density, distribution, exclude=exclude, block_size=unit, **options)
     for i, (name, m) in enumerate(layers):
         sparse_cls = _DENSE_TO_SPARSE[type(m)]

@@ -9,6 +9,7 @@ structure update made through it (drop/grow) is seen by the layer at once.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -51,6 +52,36 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
         return None
     dtype = torch.get_autocast_dtype(device_type)
     return None if x.dtype in (dtype, torch.float64) or not x.is_floating_point() else dtype
+
+
+def _real_number(v, name: str):
+    """``v`` as a Python float when it is a real number of another kind (a numpy scalar, a 0-d real
+    tensor), else ``v`` itself for check_density to judge; TypeError for what is not a real number."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be a real number in (0, 1], got {v!r}")
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 0 or v.dtype == torch.bool or v.is_complex():
+            raise TypeError(f"{name} must be a real number in (0, 1], got a tensor of shape {tuple(v.shape)} "
+                            f"and dtype {v.dtype}")
+        if v.is_meta:
+            raise TypeError(f"{name} must be a real number in (0, 1], got a meta tensor (it has no value)")
+        return float(v.item())
+    if isinstance(v, (int, float)):
+        return v
+    if isinstance(v, numbers.Real):  # numpy scalars, fractions, decimals
+        return float(v)
+    raise TypeError(f"{name} must be a real number in (0, 1], got {v!r}")
+
+
+def _refuse_meta(device) -> None:
+    """Construction samples the sparse structure, which needs real tensors: refuse the meta device
+    (given, or the default device, e.g. inside ``with torch.device("meta")``) before any sampling."""
+    dev = torch.get_default_device() if device is None else torch.device(device)
+    if dev.type == "meta":
+        raise NotImplementedError(
+            "sparse layers cannot be built on the meta device: construction samples the sparse structure "
+            "(which entries exist), and a meta tensor holds no index. Build the layer on 'cpu' (sampling "
+            "costs O(nnz) memory, never the dense size) and move it with .to(device)")
 
 
 def _generator(seed: Optional[int], device) -> Optional[torch.Generator]:
@@ -114,7 +145,8 @@ class SparseLayer(nn.Module):
     def _init_structure(self, density, format: str, block_size, capacity, exact: bool, seed,
                         init_fan_in: str, device, dtype) -> None:
         """Sample an ER structure of the given density and torch-default initial values."""
-        density = check_density(density)
+        _refuse_meta(device)
+        density = check_density(_real_number(density, "density"))
         fmt, b = _check_format(format, block_size)
         M, K = self.matrix_shape
         cls = CSR if fmt == "csr" else BSR
@@ -215,31 +247,56 @@ class SparseLayer(nn.Module):
     # ---------------------------------------------------------- serialisation
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        names = ("values",) + _INDEX_NAMES
-        incoming = {n: state_dict.get(prefix + n) for n in names}
-        if all(t is not None for t in incoming.values()):
-            # Check the incoming structure before anything of this layer changes.
-            vals = incoming["values"]
-            if vals.dim() != self.values.dim() or vals.shape[1:] != self.values.shape[1:]:
-                error_msgs.append(
-                    f"{prefix}values: shape {tuple(vals.shape)} does not match this layer's format "
-                    f"({self.format}, values {tuple(self.values.shape)})")
+        incoming = {n: state_dict[prefix + n] for n in ("values",) + _INDEX_NAMES if prefix + n in state_dict}
+        if any(n in incoming for n in _INDEX_NAMES):
+            # Any index key (a full state_dict or, with strict=False, any subset) changes the structure
+            # the kernels will trust: check the structure this load would leave, the loaded tensors
+            # over the kept ones, before anything of this layer changes (the ops do not bounds-check).
+            error = self._check_loaded_structure(incoming, local_metadata.get("assign_to_params_buffers", False))
+            if error is not None:
+                what = ("the saved sparse structure" if len(incoming) == 1 + len(_INDEX_NAMES) else
+                        f"the sparse structure after loading {sorted(incoming)} over this layer's other tensors")
+                error_msgs.append(f"{prefix[:-1] or type(self).__name__}: {what} is invalid: {error}; "
+                                  f"nothing of this layer was changed")
                 return
-            cls = CSR if vals.dim() == 1 else BSR
-            try:
-                cls(vals, *(incoming[n] for n in _INDEX_NAMES), self.matrix_shape).validate()
-            except ValueError as exc:
-                error_msgs.append(f"{prefix}: the saved sparse structure is invalid: {exc}")
-                return
-            # A saved structure may have another capacity or index dtype: adopt it.
-            if vals.shape != self.values.shape:
-                self.values = nn.Parameter(self.values.new_empty(vals.shape), requires_grad=self.values.requires_grad)
+            # A saved structure may have another capacity or index dtype: adopt it. The values
+            # Parameter is resized in place (through .data), not replaced, so an optimizer built before
+            # the load keeps updating this layer's weights (a new Parameter would leave it stepping a
+            # detached tensor: training would silently do nothing). Loading the optimizer's own
+            # state_dict afterwards (the usual checkpoint order) brings state of the new shape; state
+            # of the old shape left in it makes the next step fail on a size mismatch, not go wrong.
+            vals = incoming.get("values")
+            if vals is not None and vals.shape != self.values.shape:
+                self.values.data = self.values.data.new_empty(vals.shape)
+                self.values.grad = None  # a gradient of the old structure
             for n in _INDEX_NAMES:
-                cur, new = getattr(self, n), incoming[n]
-                if cur.shape != new.shape or cur.dtype != new.dtype:
+                cur, new = getattr(self, n), incoming.get(n)
+                if new is not None and (cur.shape != new.shape or cur.dtype != new.dtype):
                     self._buffers[n] = torch.empty(new.shape, dtype=new.dtype, device=cur.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _check_loaded_structure(self, incoming: dict, assign: bool) -> Optional[str]:
+        """Why the structure made of ``incoming`` (values and index tensors from a state_dict) over this
+        layer's other tensors is invalid, or None when it is valid."""
+        for n, t in incoming.items():
+            if not isinstance(t, torch.Tensor):
+                return f"{n} is a {type(t).__name__}, not a tensor"
+        vals = incoming.get("values", self.values)
+        if vals.dim() != self.values.dim() or vals.shape[1:] != self.values.shape[1:]:
+            return (f"values: shape {tuple(vals.shape)} does not match this layer's format "
+                    f"({self.format}, values {tuple(self.values.shape)})")
+        # Without assign=True the loaded tensors are copied onto this layer's device: check them there.
+        dev = None if assign else self.values.device
+        merged = {n: incoming[n] if n in incoming else getattr(self, n) for n in ("values",) + _INDEX_NAMES}
+        if dev is not None:
+            merged = {n: t.to(dev) for n, t in merged.items()}
+        cls = CSR if vals.dim() == 1 else BSR
+        try:
+            cls(merged["values"], *(merged[n] for n in _INDEX_NAMES), self.matrix_shape).validate()
+        except (ValueError, TypeError, RuntimeError, IndexError) as exc:
+            return str(exc)
+        return None
 
 
 def _check_format(format: str, block_size) -> tuple[str, int]:
@@ -259,6 +316,7 @@ def _check_format(format: str, block_size) -> tuple[str, int]:
 def _weight_to_matrix(module: SparseLayer, weight: torch.Tensor, mask: Optional[torch.Tensor], density,
                       format: str, block_size, capacity, exact: bool, seed) -> SparseMatrix:
     """The compressed matrix holding ``weight`` at the positions of ``mask`` (or of an ER sample)."""
+    _refuse_meta(weight.device)
     fmt, b = _check_format(format, block_size)
     M, K = module.matrix_shape
     cls = CSR if fmt == "csr" else BSR
@@ -273,7 +331,7 @@ def _weight_to_matrix(module: SparseLayer, weight: torch.Tensor, mask: Optional[
         return cls.from_dense(w2, mask.reshape(M, K).to(w2.device), block_size=b, capacity=capacity)
     if density is None:
         return cls.from_dense(w2, None if b == 1 else _nonzero_blocks(w2, b), block_size=b, capacity=capacity)
-    density = check_density(density)
+    density = check_density(_real_number(density, "density"))
     cls._check_shape((M, K), b)
     rows, cols = er_indices((M // b, K // b), density, exact=exact, generator=_generator(seed, w2.device))
     bm = torch.zeros(M // b, K // b, dtype=torch.bool, device=w2.device)
@@ -408,6 +466,8 @@ class SparseConv2d(SparseLayer):
             self.padding = padding
         else:
             self.padding = _pair(padding, "padding")
+            if min(self.padding) < 0:
+                raise ValueError(f"padding must be non-negative (as in torch.nn.Conv2d), got {padding!r}")
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1:
             raise ValueError(f"kernel_size, stride and dilation must be positive, got {self.kernel_size}, "
                              f"{self.stride}, {self.dilation}")

@@ -243,8 +243,9 @@ def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None
 def _load_model(model: nn.Module, state: dict, optimizer=None) -> None:
     """load_state_dict (strict); sparse layers adopt the saved structure and capacity.
 
-    A layer whose saved capacity differs gets a new ``values`` Parameter; the
-    optimizer's parameter groups are pointed at it so that its state loads.
+    A layer whose saved capacity differs resizes its ``values`` Parameter in place
+    (SparseLayer._load_from_state_dict), so the optimizer keeps stepping it; should a
+    load ever replace a Parameter object, the optimizer's groups are pointed at the new one.
     """
     before = dict(model.named_parameters())
     try:

@@ -149,7 +149,7 @@ def test_bad_density(bad):
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="density must be a number"):
+    with pytest.raises(TypeError, match="density must be a real number"):
         SparseLinear(4, 3, density="0.5")
     with pytest.raises(NotImplementedError, match="groups=1"):
         SparseConv2d(4, 4, 3, groups=2, density=0.5)
