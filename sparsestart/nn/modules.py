@@ -219,6 +219,26 @@ class SparseLayer(nn.Module):
     def density(self) -> float:
         return self.sparse_weight.density
 
+    def _choice_density(self) -> float:
+        """:attr:`density` for choices made on every call, read once per structure version.
+
+        Reading nnz reads ``rowptr[-1]``: on a GPU that is a host synchronisation, and
+        SparseConv2d's algorithm choice ran it in every forward (the first H200 run's VGG
+        steps spent as much host as device time). Structure updates rewrite rowptr in place,
+        which bumps its version counter, or replace it (another tensor). A value made stale by
+        a write that bypasses the counter could only change the choice of algorithm, never a
+        result: every algorithm computes the same convolution.
+        """
+        ptr = self.rowptr
+        if torch.compiler.is_compiling() or ptr.is_inference():
+            return self.density
+        key = (id(ptr), ptr._version)
+        cached = self.__dict__.get("_choice_density_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.density)
+            self.__dict__["_choice_density_cache"] = cached
+        return cached[1]
+
     def mask(self) -> torch.Tensor:
         """Dense bool mask in the shape of the torch weight."""
         return self.sparse_weight.mask().reshape(self.weight_shape)
@@ -543,7 +563,8 @@ class SparseConv2d(SparseLayer):
                              f"this layer has stride {self.stride} and format {self.format!r}")
         if choice != "auto":
             return choice
-        if self.density >= DENSE_COMPUTE_DENSITY and self.fan_in >= DENSE_COMPUTE_MIN_FAN_IN:
+        density = self._choice_density()
+        if density >= DENSE_COMPUTE_DENSITY and self.fan_in >= DENSE_COMPUTE_MIN_FAN_IN:
             return "dense"
         if direct_ok:
             # The direct kernel runs along flattened padded rows (Ho x padded width per output
@@ -551,7 +572,7 @@ class SparseConv2d(SparseLayer):
             # im2col + spmm vectorises over batch x positions instead but pays a fixed unfolding
             # cost, which only pays off above a few percent density.
             ho, _ = self._output_size(x.shape[2] + pad[2] + pad[3], x.shape[3], (0, 0))
-            if ho * (x.shape[3] + pad[0] + pad[1]) >= DIRECT_MIN_PLANE or self.density < UNFOLD_MIN_DENSITY:
+            if ho * (x.shape[3] + pad[0] + pad[1]) >= DIRECT_MIN_PLANE or density < UNFOLD_MIN_DENSITY:
                 return "direct"
         return "unfold"
 

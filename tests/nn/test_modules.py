@@ -303,3 +303,23 @@ def test_set_capacity_keeps_entries_and_values(fmt):
         layer.set_capacity(nnz - 1)
     with pytest.raises(ValueError, match="capacity"):
         layer.set_capacity(float(nnz + 1))
+
+
+def test_conv_algorithm_choice_reads_the_density_once_per_structure_version(monkeypatch):
+    """The "auto" choice runs every forward; reading nnz (rowptr[-1]) would be a host
+    synchronisation per layer and call on a GPU, so it is read once per structure version."""
+    from sparsestart.nn import SparseConv2d
+    from sparsestart.nn import modules as modules_mod
+
+    layer = SparseConv2d(8, 16, 3, padding=1, density=0.3, seed=0)
+    reads = []
+    real = modules_mod.SparseLayer.density.fget
+    monkeypatch.setattr(modules_mod.SparseLayer, "density", property(lambda self: reads.append(1) or real(self)))
+    x = torch.randn(2, 8, 6, 6)
+    layer(x)
+    layer(x)
+    assert len(reads) == 1
+    with torch.no_grad():
+        layer.rowptr.add_(0)  # any in-place write to the index, as structure updates do, bumps its version
+    layer(x)
+    assert len(reads) == 2
