@@ -8,6 +8,7 @@ defaults of :class:`~sparsestart.train.config.TrainConfig`. Without any option,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -157,10 +158,11 @@ def gather_options(args) -> tuple[dict, set]:
 
 def _train_main(args) -> int:
     from .checkpoint import CheckpointError
-    from .config import QUICK, config_from_dict, resolve
+    from .config import QUICK, QUICK_FALLBACK, config_from_dict, resolve
     from .data import DatasetNotFoundError
     from .trainer import Trainer
 
+    fallback = False
     try:
         values, explicit = gather_options(args)
         if args.stop_after is not None and args.stop_after < 1:
@@ -179,6 +181,14 @@ def _train_main(args) -> int:
                 print("sparsestart train: no options given, running the short demonstration "
                       f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}); see `sparsestart train --help`")
             cfg = resolve(config_from_dict({**base, **values}))
+            if quick and cfg.dataset == "digits":
+                # digits is ~10 steps an epoch: the short demonstration trains it longer (QUICK_FALLBACK).
+                extra = {k: v for k, v in QUICK_FALLBACK.items() if k not in values}
+                cfg = dataclasses.replace(cfg, **extra)
+                base.update(extra)
+                if "dataset" not in values:
+                    fallback = True
+                    print(_fallback_notice(cfg))
             if quick and cfg.method in ("rigl", "set", "gradual") and "update_every" not in cfg.method_options:
                 # The algorithms' default (every 100 steps) would hardly update within the short demonstration.
                 cfg.method_options = {**cfg.method_options, "update_every": 10}
@@ -199,7 +209,30 @@ def _train_main(args) -> int:
         print(f"\ninterrupted; the last completed epoch is saved. Continue with: sparsestart train --resume "
               f"{trainer.out}", file=sys.stderr)
         return 130
+    if fallback:
+        print("  dataset   scikit-learn's digits, the FALLBACK (Fashion-MNIST is not installed): `sudo apt-get "
+              "install dataset-fashion-mnist` or `make setup` gets the real data")
     return 0
+
+
+def _fallback_notice(cfg) -> str:
+    """What the short demonstration prints when it falls back to digits: why, what runs instead, how to get the data."""
+    import os
+
+    from . import data
+
+    looked = [f"${data.ENV_VAR}={os.environ[data.ENV_VAR]}"] if os.environ.get(data.ENV_VAR) else []
+    if data._system_data_enabled():
+        looked.append(data.DEBIAN_FASHION_MNIST)
+        where = f"not found in {' or '.join(looked)}"
+    else:
+        where = (f"{'not found in ' + looked[0] + '; ' if looked else ''}the system copy in "
+                 f"{data.DEBIAN_FASHION_MNIST} is hidden by ${data.SYSTEM_DATA_ENV}={os.environ.get(data.SYSTEM_DATA_ENV)}")
+    return (f"sparsestart train: FALLBACK: Fashion-MNIST is not installed ({where}), so the "
+            f"demonstration trains on scikit-learn's bundled digits (1,797 8x8 images, upsampled to 28x28) for "
+            f"{cfg.epochs} epochs instead.\n"
+            f"  To run it on the real data: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make setup` "
+            f"tries this), or put the four Fashion-MNIST idx files into DIR and set ${data.ENV_VAR}=DIR.")
 
 
 def _where(trainer) -> str:

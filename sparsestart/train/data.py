@@ -6,7 +6,7 @@ fashion-mnist  idx files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` i
                ``--data-dir`` (or its ``fashion-mnist/`` subfolder); without
                ``--data-dir`` in ``$SPARSESTART_DATA`` (same two places), then in the
                install location of Debian's package ``dataset-fashion-mnist``
-               (/usr/share/datasets/fashion-mnist).
+               (/usr/share/datasets/fashion-mnist; ``$SPARSESTART_SYSTEM_DATA=0`` skips it).
 cifar10        python-pickle batches ``cifar-10-batches-py/data_batch_1..5, test_batch``
 cifar100       ``cifar-100-python/train, test`` (fine labels)
                both under ``--data-dir``, or without it under ``$SPARSESTART_DATA``.
@@ -61,6 +61,9 @@ __all__ = [
 #: Install location of Debian's package dataset-fashion-mnist (documented by the package).
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "SPARSESTART_DATA"
+#: Set to "0" (or "no", "off", "false") to ignore the system-wide Debian copy, as on a machine without the package
+#: (what ``make setup``'s fallback path looks like; the tests and the documentation use it).
+SYSTEM_DATA_ENV = "SPARSESTART_SYSTEM_DATA"
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "digits")
 _ALIASES = {
@@ -214,11 +217,16 @@ def _env_dirs(data_dir) -> list[Path]:
     return [Path(env).expanduser()] if env else []
 
 
+def _system_data_enabled() -> bool:
+    """False when ``$SPARSESTART_SYSTEM_DATA`` says to ignore the Debian install (0, no, off, false)."""
+    return os.environ.get(SYSTEM_DATA_ENV, "1").strip().lower() not in ("0", "no", "off", "false")
+
+
 def _fmnist_candidates(data_dir) -> list[Path]:
     out = []
     for base in _env_dirs(data_dir):
         out += [base, base / "fashion-mnist", base / "FashionMNIST" / "raw"]
-    if not data_dir:  # an explicitly named directory is used or refused, never replaced by the system copy
+    if not data_dir and _system_data_enabled():  # an explicitly named directory is never replaced by the system copy
         out.append(Path(DEBIAN_FASHION_MNIST))
     return out
 

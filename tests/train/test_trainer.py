@@ -202,7 +202,7 @@ def test_config_files_yaml_and_toml(fmnist_dir, tmp_path, capsys):
 
 def test_no_arguments_runs_the_quick_demonstration(monkeypatch, no_system_data, capsys):
     from sparsestart.train import trainer as T
-    from sparsestart.train.config import QUICK
+    from sparsestart.train.config import QUICK_FALLBACK
 
     seen = {}
 
@@ -217,7 +217,7 @@ def test_no_arguments_runs_the_quick_demonstration(monkeypatch, no_system_data, 
     assert main(["train"]) == 2
     cfg = seen["cfg"]
     assert cfg.dataset == "digits"  # Fashion-MNIST hidden by no_system_data
-    assert cfg.model == "convnet_small" and cfg.density == 0.1 and cfg.epochs == QUICK["epochs"]
+    assert cfg.model == "convnet_small" and cfg.density == 0.1 and cfg.epochs == QUICK_FALLBACK["epochs"]
     assert cfg.distribution == ("erk" if "erk" in sparsestart.init.DISTRIBUTIONS else "uniform")
     assert "short demonstration" in capsys.readouterr().out
 
