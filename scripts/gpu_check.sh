@@ -158,7 +158,7 @@ if want train; then
   DATA=(--dataset digits)
   if [[ -n "${DATA_DIR:-}" ]]; then DATA=(--dataset fashion-mnist --data-dir "$DATA_DIR"); fi
   if [[ $DRY == 1 ]]; then
-    step train 300 "$PY" -m sparsestart.train "${DATA[@]}" --device cpu --epochs 1 --train-limit 512 \
+    step train 300 "$PY" -m sparsestart.train "${DATA[@]}" --device cpu --epochs 5 \
       --test-limit 256 --out "$OUT/train-run"
   else
     step train "${LIMIT_TRAIN:-300}" "$PY" -m sparsestart.train "${DATA[@]}" --device cuda --epochs 1 --out "$OUT/train-run"
