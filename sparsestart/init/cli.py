@@ -13,13 +13,13 @@ Fig. 7 of Gadhikar et al. (2023).
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..nn.convert import check_exclude
 from .densities import DISTRIBUTIONS, allocate_densities
 
 __all__ = ["register", "main", "build_model"]
@@ -84,19 +84,9 @@ def _densities(model_spec: str, args, distribution: str) -> tuple[dict[str, floa
     needs_weights = distribution == "synflow"
     model = build_model(model_spec, num_classes=args.num_classes, in_channels=args.in_channels,
                         input_size=args.input_size, device="cpu" if needs_weights else "meta")
-    _check_exclude(model, args.exclude or ())
+    check_exclude(model, args.exclude or ())
     opts = {"rounds": args.rounds} if distribution == "synflow" else {}
     return allocate_densities(model, args.density, distribution, exclude=args.exclude or (), **opts), model
-
-
-def _check_exclude(model: nn.Module, patterns) -> None:
-    """ValueError for an --exclude pattern that matches none of the model's Linear/Conv2d layers (a typo would
-    otherwise change nothing without a word)."""
-    names = [name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    for pattern in patterns:
-        if not any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise ValueError(f"--exclude {pattern!r} matches no Linear/Conv2d layer; the layers are: "
-                             f"{', '.join(names) or '(none)'}")
 
 
 def format_table(densities: dict[str, float], model: nn.Module, distribution: str, density: float) -> str:

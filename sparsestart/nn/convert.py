@@ -32,6 +32,19 @@ def maskable_layers(model: nn.Module, exclude: Union[str, Iterable[str]] = ()) -
             if type(m) in _DENSE_TO_SPARSE and not _excluded(name, patterns)]
 
 
+def check_exclude(model: nn.Module, exclude: Union[str, Iterable[str]], option: str = "--exclude",
+                  model_name: str = "") -> None:
+    """ValueError for an ``exclude`` pattern that matches none of the model's Linear/Conv2d layers
+    (a typo would otherwise leave every layer sparse without a word)."""
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    names = [name for name, _ in maskable_layers(model)]
+    for pattern in patterns:
+        if not any(_excluded(name, (pattern,)) for name in names):
+            of = f" of {model_name}" if model_name else ""
+            raise ValueError(f"{option} {pattern!r} matches no Linear/Conv2d layer{of}; its layers are: "
+                             f"{', '.join(names) or '(none)'}")
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fnmatch
 import io
 import json
 import math
@@ -84,21 +83,11 @@ def _is_dense(cfg: TrainConfig) -> bool:
     return float(cfg.density) == 1.0
 
 
-def _check_exclude(net: nn.Module, cfg: TrainConfig) -> None:
-    """ValueError for an --exclude pattern that matches none of the model's Linear/Conv2d layers (a typo would
-    otherwise leave every layer sparse without a word)."""
-    names = [name for name, _ in snn.maskable_layers(net)]
-    for pattern in cfg.exclude:
-        if not any(name == pattern or fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise ValueError(f"--exclude {pattern!r} matches no Linear/Conv2d layer of {cfg.model}; its layers are: "
-                             f"{', '.join(names) or '(none)'}")
-
-
 def _sparsify(net: nn.Module, cfg: TrainConfig, data: Dataset) -> None:
     """Make the masked layers sparse (deterministic given the configuration)."""
     if _is_dense(cfg):
         return
-    _check_exclude(net, cfg)
+    snn.check_exclude(net, cfg.exclude, model_name=cfg.model)
     common = dict(format=cfg.format, block_size=cfg.block_size, seed=int(cfg.seed), exclude=list(cfg.exclude))
     opts = dict(cfg.distribution_options)
     if cfg.distribution in ("snip", "grasp") and opts.get("data") is None:
