@@ -8,9 +8,10 @@
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .config import QUICK, TrainConfig
 from .data import DATASETS, Dataset, DatasetNotFoundError, Split, load_dataset
+from .evaluate import evaluate_run, load_for_eval
 from .metrics import accuracy, ece, evaluate_model, fgsm_accuracy, nll, ood_auroc
-from .trainer import Trainer, evaluate_run, train
+from .trainer import Trainer, train
 
-__all__ = ["train", "Trainer", "TrainConfig", "QUICK", "evaluate_run", "load_dataset", "Dataset", "Split", "DATASETS",
+__all__ = ["train", "Trainer", "TrainConfig", "QUICK", "evaluate_run", "load_for_eval", "load_dataset", "Dataset", "Split", "DATASETS",
            "DatasetNotFoundError", "CheckpointError", "atomic_save", "load_checkpoint", "accuracy", "nll", "ece",
            "ood_auroc", "fgsm_accuracy", "evaluate_model"]

@@ -247,7 +247,7 @@ def _where(trainer) -> str:
 def _evaluate_main(args) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetNotFoundError
-    from .trainer import evaluate_run
+    from .evaluate import evaluate_run
 
     try:
         res = evaluate_run(args.run_dir, args.which, data_dir=args.data_dir, ood_dir=args.ood_dir,

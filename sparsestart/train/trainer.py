@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import math
-import random
 import re
 import time
 from pathlib import Path
@@ -43,211 +42,22 @@ from .. import nn as snn
 from .. import runtime
 from . import distributed
 from .checkpoint import (FORMAT, VERSION, CheckpointError, atomic_save, atomic_write_text, load_checkpoint,
-                         move_optimizer_state_, remove_stale_temp_files, rng_state, set_rng_state)
+                         remove_stale_temp_files, rng_state)
 from .config import RESUME_CHANGEABLE, TrainConfig, config_from_dict, resolve, resolve_device, validate
-from .device import autocast, describe, precision_flags, torch_device
-from .data import (Dataset, NormalizedModel, adapt_images, fashion_mnist_available, load_dataset, load_digits_images,
-                   load_image_dir, BatchIterator)
-from .methods import make_algorithm
+from .data import (BatchIterator, Dataset, adapt_images, fashion_mnist_available, load_dataset, load_digits_images,
+                   load_image_dir)
+from .device import describe, precision_flags
+from .run import LRFactor, RunState, build_net, build_run  # noqa: F401  (LRFactor, build_net: public here too)
+from .verdict import verdict as verdict_lines
 from .metrics import _Pixels, basic_metrics, evaluate_model, forward_flops, predict_logits
 
-__all__ = ["Trainer", "RunState", "build_net", "build_run", "shifted_set", "LRFactor", "train", "load_for_eval",
-           "evaluate_run", "verdict"]
+# Building a run (model, optimizer, schedule, method) lives in run.py, re-evaluating a saved run in
+# evaluate.py, the closing verdict in verdict.py.
+__all__ = ["Trainer", "RunState", "build_net", "build_run", "shifted_set", "LRFactor", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 _TIME_KEYS = ("epoch_seconds", "elapsed_seconds")
-
-
-# ---------------------------------------------------------------------------------------------- building blocks
-def build_net(cfg: TrainConfig, data: Dataset) -> nn.Module:
-    """The zoo model for the dataset's image shape and classes (``model_options`` passed through)."""
-    from ..models import get
-
-    name = cfg.model.strip().lower().replace("-", "")
-    c, h, w = data.shape
-    opts = dict(cfg.model_options)
-    try:
-        if name == "mlp":
-            hidden = list(opts.pop("hidden", [300, 100]))
-            sizes = opts.pop("sizes", None) or [c * h * w, *hidden, data.num_classes]
-            return get("mlp", sizes=sizes, **opts)
-        if h != w:
-            raise ValueError(f"images are {h}x{w}; the convolutional models take square images")
-        return get(name, in_channels=c, num_classes=data.num_classes, input_size=h, **opts)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"--model {cfg.model} on {data.name} {c}x{h}x{w}: {exc}") from None
-
-
-def _is_dense(cfg: TrainConfig) -> bool:
-    return float(cfg.density) == 1.0
-
-
-def _sparsify(net: nn.Module, cfg: TrainConfig, data: Dataset) -> None:
-    """Make the masked layers sparse (deterministic given the configuration)."""
-    if _is_dense(cfg):
-        return
-    snn.check_exclude(net, cfg.exclude, model_name=cfg.model)
-    common = dict(format=cfg.format, block_size=cfg.block_size, seed=int(cfg.seed), exclude=list(cfg.exclude))
-    opts = dict(cfg.distribution_options)
-    if cfg.distribution in ("snip", "grasp") and opts.get("data") is None:
-        g = torch.Generator().manual_seed(int(cfg.seed) + 17)
-        n = min(len(data.train), max(int(cfg.batch_size), 10 * data.num_classes))
-        idx = torch.randperm(len(data.train), generator=g)[:n]
-        mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-        std = torch.tensor(data.std).view(1, -1, 1, 1)
-        on = data.train.images.device  # the net is sparsified on the CPU, wherever the data is held
-        opts["data"] = ((data.train.pixels(idx.to(on)).cpu() - mean) / std, data.train.labels[idx.to(on)].cpu())
-    if cfg.distribution == "synflow" and opts.get("input_shape") is None:
-        opts["input_shape"] = tuple(data.shape)
-    try:
-        snn.sparsify(net, float(cfg.density), cfg.distribution, flow=cfg.flow, **common, **opts)
-    except (TypeError, ValueError, NotImplementedError) as exc:
-        raise ValueError(f"cannot sparsify {cfg.model} with density={cfg.density}, distribution={cfg.distribution}, "
-                         f"format={cfg.format}: {exc}") from None
-
-
-class LRFactor:
-    """Multiplier of the base learning rate after ``step`` optimizer steps.
-
-    The schedule restarts every ``steps_per_level`` steps (IMP levels; one level
-    otherwise): linear warm-up, then cosine to 0, step decay x0.1 at 50% and 75%,
-    or constant.
-    """
-
-    def __init__(self, kind: str, steps_per_level: int, warmup_steps: int = 0, min_factor: float = 0.0):
-        self.kind, self.steps_per_level, self.warmup_steps = kind, max(1, int(steps_per_level)), int(warmup_steps)
-        # The cosine's floor as a fraction of the base rate (lr_min / lr).
-        self.min_factor = float(min_factor)
-
-    def __call__(self, step: int) -> float:
-        s = step % self.steps_per_level
-        if s < self.warmup_steps:
-            return (s + 1) / self.warmup_steps
-        t = (s - self.warmup_steps) / max(1, self.steps_per_level - self.warmup_steps)
-        if self.kind == "cosine":
-            return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
-        if self.kind == "step":
-            return 0.1 ** ((t >= 0.5) + (t >= 0.75))
-        return 1.0
-
-
-def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=bool(cfg.nesterov))
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _phases(cfg: TrainConfig, algorithm) -> int:
-    """Training phases of ``cfg.epochs`` epochs each: IMP trains levels + 1 of them (prune-and-rewind between)."""
-    if cfg.method != "imp":
-        return 1
-    return int(getattr(algorithm, "levels", 0)) + 1
-
-
-class RunState:
-    """Everything a run consists of: data, model, optimizer, schedule, method, data generator."""
-
-    def __init__(self, cfg: TrainConfig, data: Dataset, model: NormalizedModel, optimizer, scheduler, algorithm,
-                 generator: torch.Generator, steps_per_epoch: int, device: Optional[torch.device] = None):
-        self.cfg, self.data, self.model, self.optimizer = cfg, data, model, optimizer
-        self.scheduler, self.algorithm, self.generator = scheduler, algorithm, generator
-        self.steps_per_epoch = steps_per_epoch
-        self.device = torch.device("cpu") if device is None else torch.device(device)
-
-    def autocast(self):
-        """The autocast context of the forward pass and loss (bf16), or a context that does nothing."""
-        return autocast(self.cfg.precision, self.device)
-
-    @property
-    def phases(self) -> int:
-        return _phases(self.cfg, self.algorithm)
-
-    @property
-    def total_epochs(self) -> int:
-        return int(self.cfg.epochs) * self.phases
-
-    @property
-    def net(self) -> nn.Module:
-        return self.model.net
-
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None, device=None) -> RunState:
-    """Build a run from scratch, or rebuild it and load ``checkpoint`` (model, optimizer, schedule, method, RNGs).
-
-    Raises CheckpointError when the checkpoint does not fit the configuration.
-    The run is rebuilt exactly as it started (same seed, same initial structure,
-    so the method's constructor sees what it saw then), and the saved state is
-    loaded on top. ``device`` (default: ``cfg.device``): the net is built and
-    sparsified on the CPU, then it and the data move there before the optimizer
-    and the method are created; the checkpoint's tensors (saved on the CPU) are
-    loaded onto it.
-    """
-    device = torch_device(cfg.device) if device is None else torch.device(device)
-    _seed_everything(int(cfg.seed))
-    net = build_net(cfg, data)
-    _sparsify(net, cfg, data)
-    model = NormalizedModel(net, data.mean, data.std).to(device)
-    data = data.to(device)
-    optimizer = _make_optimizer(cfg, model)
-    steps_per_epoch = -(-len(data.train) // int(cfg.batch_size))
-    # For IMP, --epochs is per level and the schedule restarts every level; otherwise one phase.
-    steps_per_phase = steps_per_epoch * int(cfg.epochs)
-    warmup = round(float(cfg.warmup_epochs) * steps_per_epoch)
-    lr_factor = LRFactor(cfg.schedule, steps_per_phase, warmup, float(cfg.lr_min) / float(cfg.lr))
-    try:
-        # lr_factor: STR derives its default s_init from the rate weight decay will really act at.
-        algorithm = make_algorithm(cfg.method, net, optimizer, steps_per_phase, cfg.method_options,
-                                   seed=int(cfg.seed), lr_factor=lr_factor)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"--method {cfg.method}: {exc}") from None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    # A CPU generator on every device: the same batches and augmentations wherever the run trains or resumes.
-    generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    run = RunState(cfg, data, model, optimizer, scheduler, algorithm, generator, steps_per_epoch, device)
-    if checkpoint is not None:
-        _load_model(model, checkpoint["model"], optimizer)
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            move_optimizer_state_(optimizer)  # onto each parameter's device (the checkpoint holds CPU tensors)
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            algorithm.load_state_dict(checkpoint["algorithm"])
-            generator.set_state(checkpoint["data_rng"])
-            set_rng_state(checkpoint["rng"], device)
-        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise CheckpointError(f"the checkpoint does not match the run: {type(exc).__name__}: {exc}") from None
-    return run
-
-
-def _load_model(model: nn.Module, state: dict, optimizer=None) -> None:
-    """load_state_dict (strict); sparse layers adopt the saved structure and capacity.
-
-    A layer whose saved capacity differs resizes its ``values`` Parameter in place
-    (SparseLayer._load_from_state_dict), so the optimizer keeps stepping it; should a
-    load ever replace a Parameter object, the optimizer's groups are pointed at the new one.
-    """
-    before = dict(model.named_parameters())
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        msg = " ".join(str(exc).split())
-        raise CheckpointError(f"the saved model does not match the model built from the run's configuration "
-                              f"(--model/--dataset/--density/--format): {msg[:600]}") from None
-    after = dict(model.named_parameters())
-    swap = {id(p): after[n] for n, p in before.items() if n in after and after[n] is not p}
-    if swap and optimizer is not None:
-        for group in optimizer.param_groups:
-            group["params"] = [swap.get(id(p), p) for p in group["params"]]
 
 
 def shifted_set(cfg: TrainConfig, data: Dataset):
@@ -674,132 +484,9 @@ class Trainer:
         self.log(f"done: test accuracy {t.get('accuracy', float('nan')):.4f} (best val epoch {self.best['epoch']}: "
                  f"test {best_row.get('test_accuracy', float('nan')):.4f}), {self.train_seconds:.1f} s training, "
                  f"{summary['wall_time_seconds']:.1f} s total -> {self.out / 'summary.json'}")
-        for line in verdict(summary):
+        for line in verdict_lines(summary):
             self.log(line)
         return summary
-
-
-def verdict(summary: dict) -> list[str]:
-    """A few readable lines that end a run: test accuracy sparse vs dense, stored bytes, speed.
-
-    The dense accuracy and training time come from the stored reference of the same job
-    (:func:`~sparsestart.train.config.dense_reference`, a measured ``--density 1.0`` run) when the run is
-    the short demonstration; otherwise the lines say how to get them. Sizes and multiply-adds are the run's own."""
-    from .config import dense_reference
-
-    cfg = config_from_dict(summary["config"])
-    acc = summary["final"]["test"].get("accuracy", float("nan"))
-    mem, fl = summary["memory"], summary["flops"]
-    sparse_b, dense_b = mem["model_bytes"], mem["model_dense_bytes"]
-    fwd, dense_fwd = fl["forward_per_sample"], fl["dense_forward_per_sample"]
-    if float(cfg.density) == 1.0:
-        return [f"verdict: dense baseline, test accuracy {acc:.4f}, {dense_b:,} bytes of parameters and buffers, "
-                f"{summary['train_seconds']:.1f} s training; compare a sparse run with --density 0.1"]
-    ref = dense_reference(cfg)
-    on_cpu = str(summary.get("device", "cpu")).startswith("cpu")
-    lines = [f"verdict: {cfg.model} at density {summary['density']:.3f} ({cfg.distribution}, {cfg.method}) on "
-             f"{summary['dataset'].get('name', cfg.dataset)}, against the same model dense:"]
-    if ref is not None:
-        diff = 100 * (acc - ref["test_accuracy"])
-        lines.append(f"  accuracy  {acc:.4f} sparse vs {ref['test_accuracy']:.4f} dense ({diff:+.1f} points; dense "
-                     f"from a stored reference run, `{ref['command']}`, {ref['measured']})")
-        if ref.get("note"):
-            lines.append(f"            ({ref['note']})")
-    else:
-        lines.append(f"  accuracy  {acc:.4f} sparse; no stored dense reference for these settings: run the same "
-                     f"command with --density 1.0 to compare")
-    lines.append(f"  size      {sparse_b:,} bytes stored sparse vs {dense_b:,} dense "
-                 f"({dense_b / sparse_b if sparse_b else float('nan'):.2f}x smaller; a nonzero costs 4 value + "
-                 f"16 index bytes, so storage wins below density 0.2)")
-    speed = f"  speed     {dense_fwd / fwd if fwd else float('nan'):.1f}x fewer multiply-adds per sample " \
-            f"({fwd:,} vs {dense_fwd:,})"
-    if ref is not None and on_cpu and ref.get("train_seconds"):
-        t = summary["train_seconds"]
-        speed += (f"; training {t:.1f} s sparse vs {ref['train_seconds']:.1f} s dense ({ref['train_seconds'] / t:.2f}x, "
-                  f"dense timed on the reference machine, this run on {summary.get('threads', '?')} thread(s))")
-    else:
-        speed += f"; training {summary['train_seconds']:.1f} s"
-    lines.append(speed)
-    return lines
-
-
-#: The saved settings that ``sparsestart evaluate`` may override.
-_EVALUATE_OVERRIDES = ("data_dir", "ood_dir", "test_limit", "fgsm_eps", "eval_batch_size", "threads")
-
-
-def load_for_eval(run_dir, which: str = "final", **overrides):
-    """(config, dataset, model, checkpoint) of a finished or interrupted run, ready to evaluate.
-
-    ``which``: "final" (checkpoint.pt, the last completed epoch) or "best"
-    (best.pt, the epoch of the best validation accuracy). ``overrides`` may set
-    data_dir, ood_dir, test_limit, fgsm_eps, eval_batch_size, threads, device
-    (default auto: CUDA when available, wherever the run trained) and precision
-    (default: the run's). The model and the data are on that device.
-    """
-    from .device import check_precision
-
-    run_dir = Path(run_dir)
-    if which not in ("final", "best"):
-        raise ValueError(f"which must be 'final' or 'best', got {which!r}")
-    device = resolve_device(overrides.pop("device", None) or "auto")
-    ckpt = load_checkpoint(run_dir / (CHECKPOINT if which == "final" else BEST))
-    cfg = config_from_dict(ckpt["config"], where=str(run_dir))
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(cfg, k, v)
-    cfg.device = device
-    cfg.precision = check_precision(cfg.precision)
-    # --fgsm-eps -1 would report an anti-adversarial step as robustness; --test-limit 0 and --eval-batch-size 0
-    # would fail deep inside the evaluation: checked as for a new run, before any data is read.
-    saved_in = run_dir / (CHECKPOINT if which == "final" else BEST)
-    _validate_given(cfg, overrides, f"the configuration saved in {saved_in}", _EVALUATE_OVERRIDES)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    data = load_dataset(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                        train_limit=cfg.train_limit, test_limit=cfg.test_limit, augment=cfg.augment)
-    saved = ckpt.get("dataset", {})
-    if saved and (list(saved.get("shape", [])) != list(data.shape) or saved.get("num_classes") != data.num_classes):
-        raise CheckpointError(f"{run_dir}: the model was trained on {saved.get('name')} {saved.get('shape')} with "
-                              f"{saved.get('num_classes')} classes; the data found now is {data.name} "
-                              f"{list(data.shape)} with {data.num_classes}")
-    _seed_everything(int(cfg.seed))
-    net = build_net(cfg, data)
-    _sparsify(net, cfg, data)
-    dev = torch_device(cfg.device)
-    model = NormalizedModel(net, data.mean, data.std).to(dev)
-    data = data.to(dev)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    steps = -(-len(data.train) // int(cfg.batch_size)) * int(cfg.epochs)
-    algorithm = make_algorithm(cfg.method, net, optimizer, steps, cfg.method_options, seed=int(cfg.seed))
-    _load_model(model, ckpt["model"], optimizer)
-    try:
-        algorithm.load_state_dict(ckpt["algorithm"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"{run_dir}: the saved method state does not fit: {exc}") from None
-    model.eval()
-    return cfg, data, model, ckpt
-
-
-def evaluate_run(run_dir, which: str = "final", *, log: Callable[[str], None] = print, **overrides) -> dict:
-    """Re-evaluate a saved run (accuracy, NLL, ECE, OoD AUROC, FGSM) on its test split.
-
-    ``overrides``: see :func:`load_for_eval` (``device``, ``precision`` among them)."""
-    cfg, data, model, ckpt = load_for_eval(run_dir, which, **overrides)
-    t0 = time.perf_counter()
-    try:
-        shifted = shifted_set(cfg, data)
-    except (FileNotFoundError, ValueError) as exc:
-        shifted = (None, f"shifted set unavailable: {exc}")
-    dev = next(iter(model.buffers())).device  # the Normalize buffers: there even for a model without parameters
-    amp = (lambda: autocast(cfg.precision, dev))
-    with precision_flags(cfg.precision), _on_device(dev):
-        res = evaluate_model(model, data.test, mean=data.mean, std=data.std, shifted=shifted, fgsm_eps=cfg.fgsm_eps,
-                             batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=lambda m: log(f"  evaluating {m}"),
-                             autocast=amp)
-        val = basic_metrics(predict_logits(model, _Pixels(data.val), cfg.eval_batch_size, autocast=amp),
-                            data.val.labels)
-    return _jsonable({"run": str(run_dir), "which": which, "epoch": ckpt["epoch"], "dataset": data.describe(),
-                      "val": val, "test": res, **describe(dev, cfg.precision), "seconds": time.perf_counter() - t0})
 
 
 def train(out_dir, cfg: Optional[TrainConfig] = None, *, stop_after: Optional[int] = None, **overrides) -> Optional[dict]:

@@ -283,8 +283,10 @@ def test_resume_loads_onto_the_run_device_and_moves_optimizer_state(fmnist_dir, 
     cfg = tiny_cfg(fmnist_dir, optimizer="adamw")
     Trainer(cfg, tmp_path / "r").fit(stop_after=1)
     moved, loaded = [], []
-    real_move, real_load = T.move_optimizer_state_, T.load_checkpoint
-    monkeypatch.setattr(T, "move_optimizer_state_", lambda o: (moved.append(o), real_move(o)))
+    from sparsestart.train import run as R  # where the run is built and its checkpoint loaded
+
+    real_move, real_load = R.move_optimizer_state_, T.load_checkpoint
+    monkeypatch.setattr(R, "move_optimizer_state_", lambda o: (moved.append(o), real_move(o)))
     monkeypatch.setattr(T, "load_checkpoint", lambda path, **kw: (loaded.append(kw), real_load(path, **kw))[1])
     t = Trainer(None, tmp_path / "r", resume=True)
     assert loaded == [{}] and moved == [t.run.optimizer]  # CPU tensors in; state next to its parameters

@@ -12,7 +12,8 @@ import pytest
 from sparsestart.cli import main
 from sparsestart.train import data as data_mod
 from sparsestart.train.config import QUICK, QUICK_FALLBACK, config_from_dict, dense_reference, resolve
-from sparsestart.train.trainer import Trainer, verdict
+from sparsestart.train.trainer import Trainer
+from sparsestart.train.verdict import verdict
 from tests.train.conftest import write_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,211 @@
+"""What a training run is made of, built from its configuration: the model (sparsified on the
+CPU, then moved), the optimizer, the learning-rate schedule, the sparse method and the batch
+generator (:class:`RunState`, :func:`build_run`), and loading a checkpoint into them."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import nn as snn
+from .checkpoint import CheckpointError, move_optimizer_state_, set_rng_state
+from .config import TrainConfig
+from .data import Dataset, NormalizedModel
+from .device import autocast, torch_device
+from .methods import make_algorithm
+
+__all__ = ["RunState", "build_net", "build_run", "LRFactor"]
+
+
+def build_net(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    """The zoo model for the dataset's image shape and classes (``model_options`` passed through)."""
+    from ..models import get
+
+    name = cfg.model.strip().lower().replace("-", "")
+    c, h, w = data.shape
+    opts = dict(cfg.model_options)
+    try:
+        if name == "mlp":
+            hidden = list(opts.pop("hidden", [300, 100]))
+            sizes = opts.pop("sizes", None) or [c * h * w, *hidden, data.num_classes]
+            return get("mlp", sizes=sizes, **opts)
+        if h != w:
+            raise ValueError(f"images are {h}x{w}; the convolutional models take square images")
+        return get(name, in_channels=c, num_classes=data.num_classes, input_size=h, **opts)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--model {cfg.model} on {data.name} {c}x{h}x{w}: {exc}") from None
+
+
+def _is_dense(cfg: TrainConfig) -> bool:
+    return float(cfg.density) == 1.0
+
+
+def _sparsify(net: nn.Module, cfg: TrainConfig, data: Dataset) -> None:
+    """Make the masked layers sparse (deterministic given the configuration)."""
+    if _is_dense(cfg):
+        return
+    snn.check_exclude(net, cfg.exclude, model_name=cfg.model)
+    common = dict(format=cfg.format, block_size=cfg.block_size, seed=int(cfg.seed), exclude=list(cfg.exclude))
+    opts = dict(cfg.distribution_options)
+    if cfg.distribution in ("snip", "grasp") and opts.get("data") is None:
+        g = torch.Generator().manual_seed(int(cfg.seed) + 17)
+        n = min(len(data.train), max(int(cfg.batch_size), 10 * data.num_classes))
+        idx = torch.randperm(len(data.train), generator=g)[:n]
+        mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+        std = torch.tensor(data.std).view(1, -1, 1, 1)
+        on = data.train.images.device  # the net is sparsified on the CPU, wherever the data is held
+        opts["data"] = ((data.train.pixels(idx.to(on)).cpu() - mean) / std, data.train.labels[idx.to(on)].cpu())
+    if cfg.distribution == "synflow" and opts.get("input_shape") is None:
+        opts["input_shape"] = tuple(data.shape)
+    try:
+        snn.sparsify(net, float(cfg.density), cfg.distribution, flow=cfg.flow, **common, **opts)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise ValueError(f"cannot sparsify {cfg.model} with density={cfg.density}, distribution={cfg.distribution}, "
+                         f"format={cfg.format}: {exc}") from None
+
+
+class LRFactor:
+    """Multiplier of the base learning rate after ``step`` optimizer steps.
+
+    The schedule restarts every ``steps_per_level`` steps (IMP levels; one level
+    otherwise): linear warm-up, then cosine to 0, step decay x0.1 at 50% and 75%,
+    or constant.
+    """
+
+    def __init__(self, kind: str, steps_per_level: int, warmup_steps: int = 0, min_factor: float = 0.0):
+        self.kind, self.steps_per_level, self.warmup_steps = kind, max(1, int(steps_per_level)), int(warmup_steps)
+        # The cosine's floor as a fraction of the base rate (lr_min / lr).
+        self.min_factor = float(min_factor)
+
+    def __call__(self, step: int) -> float:
+        s = step % self.steps_per_level
+        if s < self.warmup_steps:
+            return (s + 1) / self.warmup_steps
+        t = (s - self.warmup_steps) / max(1, self.steps_per_level - self.warmup_steps)
+        if self.kind == "cosine":
+            return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+        if self.kind == "step":
+            return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+        return 1.0
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=bool(cfg.nesterov))
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _phases(cfg: TrainConfig, algorithm) -> int:
+    """Training phases of ``cfg.epochs`` epochs each: IMP trains levels + 1 of them (prune-and-rewind between)."""
+    if cfg.method != "imp":
+        return 1
+    return int(getattr(algorithm, "levels", 0)) + 1
+
+
+class RunState:
+    """Everything a run consists of: data, model, optimizer, schedule, method, data generator."""
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, model: NormalizedModel, optimizer, scheduler, algorithm,
+                 generator: torch.Generator, steps_per_epoch: int, device: Optional[torch.device] = None):
+        self.cfg, self.data, self.model, self.optimizer = cfg, data, model, optimizer
+        self.scheduler, self.algorithm, self.generator = scheduler, algorithm, generator
+        self.steps_per_epoch = steps_per_epoch
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+
+    def autocast(self):
+        """The autocast context of the forward pass and loss (bf16), or a context that does nothing."""
+        return autocast(self.cfg.precision, self.device)
+
+    @property
+    def phases(self) -> int:
+        return _phases(self.cfg, self.algorithm)
+
+    @property
+    def total_epochs(self) -> int:
+        return int(self.cfg.epochs) * self.phases
+
+    @property
+    def net(self) -> nn.Module:
+        return self.model.net
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None, device=None) -> RunState:
+    """Build a run from scratch, or rebuild it and load ``checkpoint`` (model, optimizer, schedule, method, RNGs).
+
+    Raises CheckpointError when the checkpoint does not fit the configuration.
+    The run is rebuilt exactly as it started (same seed, same initial structure,
+    so the method's constructor sees what it saw then), and the saved state is
+    loaded on top. ``device`` (default: ``cfg.device``): the net is built and
+    sparsified on the CPU, then it and the data move there before the optimizer
+    and the method are created; the checkpoint's tensors (saved on the CPU) are
+    loaded onto it.
+    """
+    device = torch_device(cfg.device) if device is None else torch.device(device)
+    _seed_everything(int(cfg.seed))
+    net = build_net(cfg, data)
+    _sparsify(net, cfg, data)
+    model = NormalizedModel(net, data.mean, data.std).to(device)
+    data = data.to(device)
+    optimizer = _make_optimizer(cfg, model)
+    steps_per_epoch = -(-len(data.train) // int(cfg.batch_size))
+    # For IMP, --epochs is per level and the schedule restarts every level; otherwise one phase.
+    steps_per_phase = steps_per_epoch * int(cfg.epochs)
+    warmup = round(float(cfg.warmup_epochs) * steps_per_epoch)
+    lr_factor = LRFactor(cfg.schedule, steps_per_phase, warmup, float(cfg.lr_min) / float(cfg.lr))
+    try:
+        # lr_factor: STR derives its default s_init from the rate weight decay will really act at.
+        algorithm = make_algorithm(cfg.method, net, optimizer, steps_per_phase, cfg.method_options,
+                                   seed=int(cfg.seed), lr_factor=lr_factor)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--method {cfg.method}: {exc}") from None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    # A CPU generator on every device: the same batches and augmentations wherever the run trains or resumes.
+    generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
+    run = RunState(cfg, data, model, optimizer, scheduler, algorithm, generator, steps_per_epoch, device)
+    if checkpoint is not None:
+        _load_model(model, checkpoint["model"], optimizer)
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            move_optimizer_state_(optimizer)  # onto each parameter's device (the checkpoint holds CPU tensors)
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            algorithm.load_state_dict(checkpoint["algorithm"])
+            generator.set_state(checkpoint["data_rng"])
+            set_rng_state(checkpoint["rng"], device)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"the checkpoint does not match the run: {type(exc).__name__}: {exc}") from None
+    return run
+
+
+def _load_model(model: nn.Module, state: dict, optimizer=None) -> None:
+    """load_state_dict (strict); sparse layers adopt the saved structure and capacity.
+
+    A layer whose saved capacity differs resizes its ``values`` Parameter in place
+    (SparseLayer._load_from_state_dict), so the optimizer keeps stepping it; should a
+    load ever replace a Parameter object, the optimizer's groups are pointed at the new one.
+    """
+    before = dict(model.named_parameters())
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        msg = " ".join(str(exc).split())
+        raise CheckpointError(f"the saved model does not match the model built from the run's configuration "
+                              f"(--model/--dataset/--density/--format): {msg[:600]}") from None
+    after = dict(model.named_parameters())
+    swap = {id(p): after[n] for n, p in before.items() if n in after and after[n] is not p}
+    if swap and optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [swap.get(id(p), p) for p in group["params"]]
