@@ -65,7 +65,7 @@ from torch import nn
 from . import algorithms as cpu_algorithms
 from . import common
 from .gpu_common import (  # noqa: F401  (configure, PRECISIONS: callers reach them through this module)
-    _BUILT, _check_errors, autocast, batch, build_models, check_models, configure, format_name, gpu_settings,
+    ROOT, _BUILT, _check_errors, autocast, batch, build_models, check_models, configure, format_name, gpu_settings,
     interleaved, LR, machine_info, make_step, mask_pairs, model_configs, MOMENTUM, OVERHEAD_CALLS,
     OVERHEAD_ROUNDS, parse_format, peak_step_memory, per_call, PRECISIONS, Results, run_case, setup_device,
     sgd, slug, sparsify_model, step_memory, SUITES, time_call, WEIGHT_DECAY)
@@ -406,6 +406,14 @@ CASES = {"layers": layer_cases, "training": training_cases, "algorithms": algori
 
 
 # ---------------------------------------------------------------------------------- run
+def _shown(path: Path) -> str:
+    """A path as logs show it: relative to the repository when inside it (logs get committed)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def result_path(args, name: str) -> Path:
     return Path(args.out_dir) / f"{args.name or 'gpu-' + slug(name)}.json"
 
@@ -439,7 +447,7 @@ def run(args, command: str, log=print) -> dict:
     results = Results(path, meta, kept, log=log)
     log(f"sparsestart GPU benchmarks on {name} ({device}), torch {meta['torch']}, CUDA {meta['cuda']}, "
         f"triton {meta['triton']}, cuda extension {meta.get('cuda_extension')}, autotune {args.autotune}; "
-        f"writing {path}")
+        f"writing {_shown(path)}")
     plan = [(s, CASES[s](args, device)) for s in args.suites]
     results.total = sum(len(c) for _, c in plan)
     budget_end = time.time() + args.time_budget if args.time_budget is not None else None
@@ -457,5 +465,5 @@ def run(args, command: str, log=print) -> dict:
     _BUILT.clear()
     results.flush()
     errors = sum(len(results.data[s]["errors"]) for s in args.suites)
-    log(f"wrote {path} ({results.total} cases, {errors} failed or skipped, {meta['seconds']:.0f} s)")
+    log(f"wrote {_shown(path)} ({results.total} cases, {errors} failed or skipped, {meta['seconds']:.0f} s)")
     return results.data
