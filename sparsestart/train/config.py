@@ -107,16 +107,16 @@ QUICK_FALLBACK = dict(epochs=10)
 DENSE_REFERENCES = {
     "fashion-mnist": dict(
         job=dict(QUICK, dataset="fashion-mnist"),
-        test_accuracy=0.7965, train_seconds=14.3,
+        test_accuracy=0.7965, train_seconds=17.9,
         command="sparsestart train --quick --density 1.0",
-        measured="2026-12-04, AMD EPYC, 2 threads, CPU fp32",
+        measured="2026-12-04, AMD EPYC, 2 threads, CPU fp32, bench/results/main-job/fmnist-dense.json",
         note="one short epoch favours the sparse model at lr 0.1; two full epochs give 91.3% sparse vs 91.3% dense, "
              "docs/training.md"),
     "digits": dict(
         job=dict(QUICK, **QUICK_FALLBACK, dataset="digits"),
-        test_accuracy=0.9777, train_seconds=12.3,
+        test_accuracy=0.9777, train_seconds=14.5,
         command="SPARSESTART_SYSTEM_DATA=0 sparsestart train --quick --density 1.0",
-        measured="2026-12-04, AMD EPYC, 2 threads, CPU fp32"),
+        measured="2026-12-04, AMD EPYC, 2 threads, CPU fp32, bench/results/main-job/digits-dense.json"),
 }
 
 #: Keys that may differ between a run and a dense reference: the sparsity itself, and what never changes results.
