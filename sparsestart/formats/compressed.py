@@ -58,6 +58,28 @@ def _rows_of(rowptr: torch.Tensor, nnz: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=rowptr.device), counts, output_size=nnz)
 
 
+
+def per_version(t: torch.Tensor, name: str, compute):
+    """``compute(t)``, cached on the tensor ``t`` until ``t`` changes.
+
+    For values derived from an index tensor that hot paths need on every call (the CUDA
+    SpMM's row order, a layer's density for its algorithm choice): reading them from a
+    GPU tensor costs a sort or a host synchronisation. Structure updates rewrite the index
+    in place, which bumps the tensor's version counter, or replace it; either way the value
+    is computed again. The cache lives on the tensor, so it dies with it. A write that
+    bypasses the counter (through ``.data``) would leave a stale value: callers use this
+    only for values that steer speed, never results. Not cached under torch.compile or
+    for inference tensors (they have no version counter).
+    """
+    if torch.compiler.is_compiling() or t.is_inference():
+        return compute(t)
+    attr = "_sparsestart_" + name
+    cached = getattr(t, attr, None)
+    if cached is None or cached[0] != t._version:
+        cached = (t._version, compute(t))
+        setattr(t, attr, cached)
+    return cached[1]
+
 class SparseMatrix:
     """Common implementation of :class:`CSR` (``block_size == 1``) and :class:`BSR`.
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..formats import BSR, CSR, SparseMatrix
+from ..formats.compressed import per_version
 from ..init.sampling import check_density, er_indices
 
 __all__ = ["SparseLayer", "SparseLinear", "SparseConv2d"]
@@ -224,20 +225,10 @@ class SparseLayer(nn.Module):
 
         Reading nnz reads ``rowptr[-1]``: on a GPU that is a host synchronisation, and
         SparseConv2d's algorithm choice ran it in every forward (the first H200 run's VGG
-        steps spent as much host as device time). Structure updates rewrite rowptr in place,
-        which bumps its version counter, or replace it (another tensor). A value made stale by
-        a write that bypasses the counter could only change the choice of algorithm, never a
-        result: every algorithm computes the same convolution.
+        steps spent as much host as device time). A stale value could only change the choice
+        of algorithm, never a result: every algorithm computes the same convolution.
         """
-        ptr = self.rowptr
-        if torch.compiler.is_compiling() or ptr.is_inference():
-            return self.density
-        key = (id(ptr), ptr._version)
-        cached = self.__dict__.get("_choice_density_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self.density)
-            self.__dict__["_choice_density_cache"] = cached
-        return cached[1]
+        return per_version(self.rowptr, "layer_density", lambda _: self.density)
 
     def mask(self) -> torch.Tensor:
         """Dense bool mask in the shape of the torch weight."""

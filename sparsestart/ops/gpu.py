@@ -40,6 +40,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..formats.compressed import per_version
+
 from . import library, reference, registry
 
 __all__ = ["triton_available", "triton_unavailable_reason", "cuda_extension_available", "TRITON_PRIORITY",
@@ -280,25 +282,10 @@ def row_order(ptr: Tensor) -> Tensor:
 
 
 def cached_row_order(ptr: Tensor) -> Tensor:
-    """:func:`row_order` of ``ptr``, computed once per version of the tensor (review F13).
-
-    Structure updates rewrite the index in place, which bumps the tensor's version counter,
-    so the order is recomputed after each update and reused by every product in between:
-    one sort per structure change instead of one per call. The cache lives on the tensor
-    itself (it dies with it). A stale order could only come from a write that bypasses the
-    version counter (``.data``); it would still be a permutation of the rows, which the
-    kernel needs for a correct result, and cost only load balance.
-    """
-    try:
-        version = ptr._version
-    except RuntimeError:  # inference tensors have no version counter
-        return row_order(ptr)
-    cached = getattr(ptr, "_sparsestart_row_order", None)
-    if cached is not None and cached[0] == version and cached[1].numel() == ptr.numel() - 1:
-        return cached[1]
-    order = row_order(ptr)
-    ptr._sparsestart_row_order = (version, order)
-    return order
+    """:func:`row_order` of ``ptr``, computed once per structure change (review F13): one sort per
+    update instead of one per product. A stale order (see :func:`~sparsestart.formats.compressed.per_version`)
+    would still be a permutation of the rows, all the kernel needs for a correct result."""
+    return per_version(ptr, "row_order", row_order)
 
 
 def _cuda_spmm(values, ptr, idx, slot, x, rows, transpose_blocks):
