@@ -1,8 +1,22 @@
 // Argument checks shared by the CPU wrappers of _native_spmm and _native_sddmm.
 //
 // Buffers read: only shapes and dtypes, plus ptr[0] and ptr[R] (two scalars),
-// never the index contents -- a full validation is O(nnz) and is the job of
-// SparseMatrix.validate(); the kernels trust that idx < K / b and slot < C.
+// never the index contents. The kernels trust the index: ptr non-decreasing with
+// ptr[R] <= C, 0 <= idx < K / b (or M / b), 0 <= slot < C; a bad entry reads (or,
+// for the gradients, writes) out of bounds.
+//
+// The contract that makes this safe lives one level up. The public ops
+// (torch.ops.sparsestart.spmm, spmm_t, sddmm, conv2d, conv2d_input_grad,
+// conv2d_weight_grad; sparsestart/ops/library.py) validate the index contents in
+// their real impl before calling any backend, with the check behind
+// SparseMatrix.validate() (sparsestart/formats/validation.py: O(nnz), one host
+// synchronisation on a GPU), and cache the verdict on rowptr keyed by the version
+// counter, data pointer and identity of all six index tensors: a layer pays a
+// lookup per call, and any in-place write, structure update or new tensor is
+// validated again. Known hole: a write that bypasses the version counter (through
+// `.data`, a NumPy view, DLPack) keeps the old verdict; after such a write the
+// user must call layer.validate() (SparseMatrix.validate()). The _native_* ops are
+// internal and unchecked: call them only with a validated index.
 #pragma once
 
 #include <ATen/ATen.h>

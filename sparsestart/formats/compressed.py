@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .. import _native
+from .validation import validate_index
 
 __all__ = ["SparseMatrix", "CSR", "BSR", "index_dtype_for"]
 
@@ -363,49 +364,10 @@ class SparseMatrix:
         return dense if b == 1 else dense.permute(0, 2, 1, 3).reshape(self.shape)
 
     def validate(self) -> None:
-        """Check every invariant of the structure; raise ValueError naming the broken one."""
-        R, Q = self.grid
-        C = self.capacity
-        idt = self.rowptr.dtype
-        for name in ("rowptr", "col", "slot", "colptr", "row", "slot_t"):
-            t = getattr(self, name)
-            if t.dtype not in (torch.int32, torch.int64) or t.dtype != idt:
-                raise ValueError(f"{name} has dtype {t.dtype}; all index tensors must share int32 or int64")
-            if t.dim() != 1:
-                raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-            if t.device != self.values.device:
-                raise ValueError(f"{name} is on {t.device} but values on {self.values.device}")
-        want = {"rowptr": R + 1, "colptr": Q + 1, "col": C, "slot": C, "row": C, "slot_t": C}
-        for name, n in want.items():
-            if getattr(self, name).numel() != n:
-                raise ValueError(f"{name} has {getattr(self, name).numel()} entries, expected {n}")
-        for name, ptr in (("rowptr", self.rowptr), ("colptr", self.colptr)):
-            if int(ptr[0]) != 0 or bool((ptr[1:] < ptr[:-1]).any()):
-                raise ValueError(f"{name} must start at 0 and be non-decreasing")
-        nnz = self.nnz
-        if int(self.colptr[-1]) != nnz:
-            raise ValueError(f"rowptr counts {nnz} entries but colptr {int(self.colptr[-1])}")
-        if nnz > C:
-            raise ValueError(f"nnz {nnz} exceeds capacity {C}")
-        for name, s in (("slot", self.slot), ("slot_t", self.slot_t)):
-            if not torch.equal(torch.sort(s.long()).values, torch.arange(C, device=s.device)):
-                raise ValueError(f"{name} must be a permutation of 0..{C - 1} (live slots then free slots)")
-        if not torch.equal(torch.sort(self.slot[nnz:]).values, torch.sort(self.slot_t[nnz:]).values):
-            raise ValueError("slot and slot_t disagree on the free slots")
-        rows, cols, slots = self.coo()
-        _check_coordinates(rows, cols, R, Q, "row", "col")
-        key = rows * max(Q, 1) + cols
-        if nnz > 1 and not bool((key[1:] > key[:-1]).all()):
-            raise ValueError("columns must be strictly increasing within each row (sorted, no duplicates)")
-        # The CSC view must hold the same (row, col, slot) triples in column order.
-        ccols = _rows_of(self.colptr, nnz)
-        crows, cslots = self.row[:nnz].long(), self.slot_t[:nnz].long()
-        tkey = ccols * max(R, 1) + crows
-        if nnz > 1 and not bool((tkey[1:] > tkey[:-1]).all()):
-            raise ValueError("rows must be strictly increasing within each column of the CSC view")
-        order = torch.argsort(crows * max(Q, 1) + ccols)
-        if not (torch.equal(crows[order], rows) and torch.equal(ccols[order], cols) and torch.equal(cslots[order], slots)):
-            raise ValueError("the CSC view (colptr, row, slot_t) does not describe the same entries as the CSR index")
+        """Check every invariant of the structure; raise ValueError naming the broken one (the tensor,
+        the position and value, what is allowed). The same check guards the public ops, see
+        :func:`sparsestart.formats.validation.validate_index`."""
+        validate_index(self.index_tensors(), self.grid, self.capacity, device=self.values.device)
 
     # ------------------------------------------------------- structure updates
     def _write_index(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor,

@@ -16,12 +16,41 @@ takes the whole index so its autograd formula can call the other two (spmm's
 input gradient walks the CSC view). Each op has a fake impl for torch.compile and
 opcheck; the real impl checks the operands and hands the work to the native
 kernel of the backend the registry chooses.
+
+Index contents. The native kernels read ``x[col]``, ``values[slot]`` and the ranges
+``rowptr[r]:rowptr[r+1]`` without bounds checks, so a bad index would read (or, for the
+gradients, write) out of bounds. The real impl of every public op therefore validates the
+index contents (:func:`sparsestart.formats.validation.validate_index`, the check behind
+``SparseMatrix.validate()``: pointers from 0, non-decreasing, nnz <= capacity; slot and
+slot_t permutations; col/row in range and strictly increasing per row/column; both views
+holding the same entries) and raises ValueError naming the op, the tensor, the position,
+the bad value and what is allowed. The verdict is cached on ``rowptr`` per structure
+version: the key is the version counter and data pointer of all six index tensors (plus
+their identity), so a layer whose structure the library maintains pays only a look-up of
+those attributes per call (microseconds; bench/index_validation.py), while any in-place
+write (``layer.col[3] = 7``, a structure update, ``load_state_dict``) or a different tensor
+triggers a new O(nnz) validation, with one host synchronisation on a GPU, before the
+kernel runs. Not checked: under torch.compile tracing, fake and meta tensors (they hold no
+data; a compiled graph runs this real impl, so the check happens at run time), and an index
+first seen during a CUDA graph capture (a host synchronisation is not allowed there: run
+the step once eagerly before capturing, as CUDA graphs need anyway). Inference tensors have
+no version counter: their index is validated on every call.
+
+Known hole: a write that bypasses the version counter -- through ``.data`` (``layer.col.data[3]
+= 7``), through a NumPy view, DLPack or another aliasing that does not share the counter --
+leaves the cached verdict in place, and the kernels then trust a bad index. After writing
+into an index that way, call ``layer.validate()`` (``SparseMatrix.validate()``) yourself, or
+bump the counter (write through the tensor itself, e.g. ``layer.col[3] = 7``).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
+from ..formats.validation import validate_index
 from . import reference, registry
 
 __all__ = ["spmm", "spmm_t", "sddmm", "conv2d", "conv2d_input_grad", "conv2d_weight_grad", "NATIVE_AVAILABLE"]
@@ -56,6 +85,42 @@ def _check_index(op: str, values: Tensor | None, index: tuple[Tensor, ...]) -> N
             )
         if values.dtype not in _FLOAT_TYPES:
             raise TypeError(f"sparsestart.{op}: values must be a floating dtype, got {values.dtype}")
+
+
+# Off only for bench/index_validation.py, which measures what the cached check costs per call.
+_VALIDATE_INDEX = True
+_VERDICT = "_sparsestart_index_ok"
+
+
+def _check_contents(op: str, index: tuple[Tensor, ...], capacity: int) -> None:
+    """Validate the index contents the native kernels will trust, once per structure version (see
+    the module docstring); run by the real impls only, after the shape and dtype checks."""
+    if not _VALIDATE_INDEX:
+        return
+    rowptr, col, slot, colptr, row, slot_t = index
+    try:
+        key = (capacity, rowptr._version, col._version, slot._version, colptr._version, row._version,
+               slot_t._version, rowptr.data_ptr(), col.data_ptr(), slot.data_ptr(), colptr.data_ptr(),
+               row.data_ptr(), slot_t.data_ptr())
+    except RuntimeError:  # inference tensors have no version counter; tensors without storage
+        key = None
+    if key is not None:
+        cached = getattr(rowptr, _VERDICT, None)
+        # The weak references tell a tensor freed and reallocated at the same address apart.
+        if cached is not None and cached[0] == key and all(r() is t for r, t in zip(cached[1], index[1:])):
+            return
+    if _unvalidatable(rowptr):
+        return
+    validate_index(index, capacity=capacity, where=f"sparsestart.{op}: ")
+    if key is not None:
+        setattr(rowptr, _VERDICT, (key, tuple(weakref.ref(t) for t in index[1:])))
+
+
+def _unvalidatable(t: Tensor) -> bool:
+    """Whether ``t``'s data cannot be read here: traced, fake, meta, or in a CUDA graph capture."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, FakeTensor):
+        return True
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _index_dtype_error(op: str, index: tuple[Tensor, ...]) -> None:
@@ -93,6 +158,7 @@ def spmm(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tens
          slot_t: Tensor, x: Tensor) -> Tensor:
     index = (rowptr, col, slot, colptr, row, slot_t)
     M, K, _ = _check_spmm("spmm", values, index, x, transpose=False)
+    _check_contents("spmm", index, values.shape[0])
     return _native_spmm(values, rowptr, col, slot, x, M, False)
 
 
@@ -107,6 +173,7 @@ def spmm_t(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Te
            slot_t: Tensor, dy: Tensor) -> Tensor:
     index = (rowptr, col, slot, colptr, row, slot_t)
     _, K, _ = _check_spmm("spmm_t", values, index, dy, transpose=True)
+    _check_contents("spmm_t", index, values.shape[0])
     return _native_spmm(values, colptr, row, slot_t, dy, K, True)
 
 
@@ -131,6 +198,7 @@ def _check_spmm(op, values, index, dense, transpose):
 def sddmm(rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
           dy: Tensor, x: Tensor, capacity: int, block_size: int) -> Tensor:
     _check_sddmm(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, block_size)
+    _check_contents("sddmm", (rowptr, col, slot, colptr, row, slot_t), capacity)
     return _native_sddmm(rowptr, col, slot, dy, x, capacity, block_size)
 
 
@@ -214,6 +282,12 @@ def _check_conv(op, values, index, t, kernel_size, padding, dilation, t_name, ch
     if len(kernel_size) != 2 or len(padding) != 2 or len(dilation) != 2:
         raise ValueError(f"sparsestart.{op}: kernel_size, padding and dilation need two entries each, got "
                          f"{kernel_size}, {padding}, {dilation}")
+    kk = kernel_size[0] * kernel_size[1]
+    if kk < 1 or (index[3].shape[0] - 1) % kk:
+        # The kernels split a column into (channel, kernel offset): a remainder would address a channel
+        # past the input's (conv2d reads there, conv2d_input_grad writes there).
+        raise ValueError(f"sparsestart.{op}: colptr has {index[3].shape[0]} entries; the weight's columns "
+                         f"({index[3].shape[0] - 1}) must be in_channels * kh * kw for kernel_size {kernel_size}")
     if t.dim() != 4:
         raise ValueError(f"sparsestart.{op}: {t_name} must be 4-D NCHW, got shape {tuple(t.shape)}")
     if t.shape[1] != channels_of_t:
@@ -235,6 +309,7 @@ def conv2d(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Te
     index = (rowptr, col, slot, colptr, row, slot_t)
     kk = kernel_size[0] * kernel_size[1]
     _check_conv("conv2d", values, index, x, kernel_size, padding, dilation, "x", (colptr.shape[0] - 1) // kk)
+    _check_contents("conv2d", index, values.shape[0])
     return _run("conv2d", [values, rowptr, x], values.contiguous(), rowptr, col, slot, x.contiguous(),
                 kernel_size, padding, dilation)
 
@@ -254,6 +329,7 @@ def conv2d_input_grad(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor,
                       dilation: list[int]) -> Tensor:
     index = (rowptr, col, slot, colptr, row, slot_t)
     _check_conv("conv2d_input_grad", values, index, dy, kernel_size, padding, dilation, "dy", rowptr.shape[0] - 1)
+    _check_contents("conv2d_input_grad", index, values.shape[0])
     return _run("conv2d_input_grad", [values, colptr, dy], values.contiguous(), colptr, row, slot_t,
                 dy.contiguous(), kernel_size, padding, dilation)
 
@@ -272,6 +348,7 @@ def conv2d_weight_grad(rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor
                        dy: Tensor, x: Tensor, capacity: int, kernel_size: list[int], padding: list[int],
                        dilation: list[int]) -> Tensor:
     _check_conv_weight_grad(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, kernel_size, padding, dilation)
+    _check_contents("conv2d_weight_grad", (rowptr, col, slot, colptr, row, slot_t), capacity)
     return _run("conv2d_weight_grad", [dy, rowptr, x], rowptr, col, slot, dy.contiguous(), x.contiguous(), capacity,
                 kernel_size, padding, dilation)
 
