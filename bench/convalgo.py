@@ -2,7 +2,7 @@
 algorithm against the dense nn.Conv2d, per layer, at the layer's own ERK density and input.
 
 SparseConv2d.conv_algorithm="auto" picks "dense", "direct" or "unfold" per call from density,
-fan-in and output-plane size (thresholds in sparsestart/nn/modules.py). This suite measures all
+fan-in and output-plane size (thresholds in sparsestart/nn/conv.py). This suite measures all
 of them on the layers that motivated the thresholds: VGG-11-BN at 3x32x32 (maps 32x32 .. 2x2),
 batch 64, sparsify(..., distribution) at the training densities. Each layer sees the input it
 gets in the model's forward pass. Forward+backward (input requiring grad, fixed output

@@ -4,16 +4,21 @@ Public API (every submodule is reachable as ``sparsestart.<name>``; ``models``, 
 ``selection``, ``demo``, ``cli`` and ``kernels`` are imported on first access): ``sparsify``, ``densify``,
 ``summary``, ``nn.SparseLinear``, ``nn.SparseConv2d``, ``formats.CSR``/``BSR``, ``ops`` (the op contract and backends),
 ``init`` (densities, ER sampling, flow repair), ``algorithms`` (static, IMP, STR, RigL/SET, gradual, edge-popup),
-``runtime`` (``retain_freed_memory``: keep freed memory in the process, as ``sparsestart train`` does).
+``runtime`` (``retain_freed_memory``: keep freed memory in the process, as ``sparsestart train`` does),
+``info()`` (versions, build, kernels, backends and datasets of this installation: ``sparsestart info``).
 """
 from __future__ import annotations
 
 import importlib as _importlib
 
-from . import formats, init, nn, ops  # noqa: F401  (ops registers torch.ops.sparsestart.*)
+# nn before init: nn's conversion (sparsify) builds on init, whose densities and flow repair build on nn's
+# layers and model walk; loaded the other way round, init would meet a half-loaded nn.convert.
+from . import formats, nn, init, ops  # noqa: F401  (ops registers torch.ops.sparsestart.*)
 from . import algorithms  # noqa: E402  (builds on nn and formats)
 from . import runtime  # noqa: F401  (nothing is applied on import)
 from .nn import densify, sparsify, summary
+# The name `info` is the function: bound after the submodule's import has set it to the module.
+from .info import info  # noqa: E402  (imports nothing heavy until called)
 
 __version__ = "0.1.0"
 
@@ -23,7 +28,7 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = ("models", "theory", "train", "selection", "demo", "cli", "kernels")
 
 # kernels stays out of __all__: ``from sparsestart import *`` must not need triton.
-__all__ = ["sparsify", "densify", "summary", "formats", "init", "nn", "ops", "algorithms", "runtime",
+__all__ = ["sparsify", "densify", "summary", "info", "formats", "init", "nn", "ops", "algorithms", "runtime",
            *(m for m in _LAZY_SUBMODULES if m != "kernels"), "__version__"]
 
 

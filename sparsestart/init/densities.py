@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.walk import infer_input_shape, maskable_layers
 from ..selection import top_k_mask
 from .sampling import check_density
 
@@ -160,8 +161,6 @@ def layer_budget(model: nn.Module, density: float, *, exclude: Union[str, Iterab
 
 # ---------------------------------------------------------------------------- helpers
 def _masked_layers(model: nn.Module, exclude) -> list[tuple[str, nn.Module]]:
-    from ..nn.convert import maskable_layers  # nn imports init: import lazily
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"allocate_densities: model must be a torch.nn.Module, got {type(model).__name__}")
     layers = maskable_layers(model, exclude)
@@ -449,17 +448,6 @@ def _data_scores_kept(distribution: str, model, layers, K: int, opts) -> list[in
                       for w, h in zip(weights, hg)]
             keep = top_k_mask(-torch.cat(scores).nan_to_num(0.0), K)
     return _layer_counts(keep, numel)
-
-
-def infer_input_shape(model: nn.Module) -> Optional[tuple[int, ...]]:
-    """Per-sample input shape of a sparsestart.models model (None when unknown)."""
-    sizes = getattr(model, "sizes", None)
-    if isinstance(sizes, tuple) and sizes and isinstance(sizes[0], int):
-        return (sizes[0],)
-    c, s = getattr(model, "in_channels", None), getattr(model, "input_size", None)
-    if isinstance(c, int) and isinstance(s, int) and not isinstance(model, (nn.Conv2d, nn.Linear)):
-        return (c, s, s)
-    return None
 
 
 def _synflow_kept(model: nn.Module, layers, density: float, opts) -> list[int]:

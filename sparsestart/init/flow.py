@@ -72,6 +72,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn.modules import SparseLayer
+from ..nn.walk import infer_input_shape, is_maskable
 from .sampling import sample_without_replacement
 
 __all__ = ["repair_flow", "FlowReport", "LayerFlow", "METHODS"]
@@ -179,8 +181,6 @@ def repair_flow(model: nn.Module, method: str = "random_addition", keep_budget: 
     init         values of new entries: "match" (drawn from the layer's values, random
                  sign) or "zeros"
     """
-    from ..nn.modules import SparseLayer  # nn imports init: import lazily
-
     if method not in METHODS:
         raise ValueError(f"repair_flow: method must be one of {list(METHODS)}, got {method!r}")
     if not isinstance(keep_budget, bool):
@@ -373,14 +373,11 @@ def _tensors(obj):
 
 def _trace(model: nn.Module, input_shape) -> tuple[Optional[dict], str]:
     """{layer name: (successor name, ratio)} for analysable pairs, and a description."""
-    from ..nn.modules import SparseLayer
-    from .densities import infer_input_shape
-
     shape = input_shape if input_shape is not None else infer_input_shape(model)
     if shape is None:
         return None, "skipped (no input_shape given and none could be inferred)"
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, SparseLayer) or type(m) in (nn.Linear, nn.Conv2d)}
+              if isinstance(m, SparseLayer) or is_maskable(m)}
     fns: dict[str, tuple] = {}
     handles = []
     for n, m in layers.items():
@@ -442,8 +439,6 @@ def _trace(model: nn.Module, input_shape) -> tuple[Optional[dict], str]:
 def _unit_edges(m) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(output unit, input unit) of every edge of a sparse layer, on the CPU (the analysis runs once
     there, whatever the model's device), or None for a dense layer."""
-    from ..nn.modules import SparseLayer
-
     if not isinstance(m, SparseLayer):
         return None
     kk = math.prod(m.weight_shape[2:]) if len(m.weight_shape) > 2 else 1
@@ -465,8 +460,6 @@ def _unit_edges(m) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
 
 def _disconnected(model: nn.Module, graph: dict) -> dict[str, Optional[int]]:
     """Per layer: output units with in-degree >= 1 and >= 1 outgoing edge but no path to the output."""
-    from ..nn.modules import SparseLayer
-
     succ, layers = graph["succ"], graph["layers"]
     conn: dict[str, torch.Tensor] = {}
 

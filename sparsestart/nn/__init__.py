@@ -1,6 +1,7 @@
 """Sparse layers and whole-model conversion."""
-from .convert import Summary, check_exclude, densify, maskable_layers, sparsify, summary
+from .convert import LARGE_LAYER_NUMEL, Summary, defer_large_weights, densify, sparsify, summary
 from .modules import SparseConv2d, SparseLayer, SparseLinear
+from .walk import check_exclude, maskable_layers
 
 __all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "sparsify", "densify", "summary", "maskable_layers", "check_exclude",
-           "Summary"]
+           "Summary", "defer_large_weights", "LARGE_LAYER_NUMEL"]

@@ -18,7 +18,7 @@ from .data import Dataset, NormalizedModel
 from .device import autocast, torch_device
 from .methods import make_algorithm
 
-__all__ = ["RunState", "build_net", "build_run", "LRFactor"]
+__all__ = ["RunState", "build_net", "build_model", "build_run", "LRFactor"]
 
 
 def build_net(cfg: TrainConfig, data: Dataset) -> nn.Module:
@@ -66,6 +66,40 @@ def _sparsify(net: nn.Module, cfg: TrainConfig, data: Dataset) -> None:
     except (TypeError, ValueError, NotImplementedError) as exc:
         raise ValueError(f"cannot sparsify {cfg.model} with density={cfg.density}, distribution={cfg.distribution}, "
                          f"format={cfg.format}: {exc}") from None
+
+
+def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    """The run's net as it starts: the zoo model (:func:`build_net`), sparsified (deterministic given the
+    configuration and the global seed).
+
+    A sparse run never allocates a Linear/Conv2d weight of more than
+    :data:`~sparsestart.nn.LARGE_LAYER_NUMEL` elements densely (a density-0.001 MLP with a 1.5M-unit
+    hidden layer would need 4.7 GB for it): the model is built inside
+    :func:`~sparsestart.nn.defer_large_weights` and sparsify builds those layers sparse directly, their
+    kept values drawn from the same distribution as the dense init. Smaller layers are built, and draw
+    from the RNG, exactly as without it, so a model without such a layer comes out bit for bit as before.
+    snip, grasp and synflow score the dense weights, so they get every layer dense first.
+    """
+    if _is_dense(cfg) or cfg.distribution in ("snip", "grasp", "synflow"):
+        net = build_net(cfg, data)
+    else:
+        with snn.defer_large_weights():
+            net = build_net(cfg, data)
+    _sparsify(net, cfg, data)
+    _materialize(net)
+    return net
+
+
+def _materialize(net: nn.Module) -> None:
+    """Allocate and initialise what was deferred but stayed dense (a large layer named by --exclude)."""
+    for name, m in net.named_modules():
+        local = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        if any(t.is_meta for t in local):
+            if not hasattr(m, "reset_parameters"):
+                raise ValueError(f"layer {name!r} ({type(m).__name__}) was left on the meta device and has no "
+                                 f"reset_parameters to initialise it")
+            m.to_empty(device="cpu", recurse=False)
+            m.reset_parameters()
 
 
 class LRFactor:
@@ -156,8 +190,7 @@ def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None
     """
     device = torch_device(cfg.device) if device is None else torch.device(device)
     _seed_everything(int(cfg.seed))
-    net = build_net(cfg, data)
-    _sparsify(net, cfg, data)
+    net = build_model(cfg, data)
     model = NormalizedModel(net, data.mean, data.std).to(device)
     data = data.to(device)
     optimizer = _make_optimizer(cfg, model)

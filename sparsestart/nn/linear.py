@@ -1,0 +1,99 @@
+"""SparseLinear: a drop-in torch.nn.Linear that stores only its nonzeros."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .build import _generator, _weight_to_matrix
+from .layer import SparseLayer
+
+__all__ = ["SparseLinear"]
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast gives x's matmuls, or None when autocast is off on x's device type or
+    leaves x alone (float64, or already in the autocast dtype)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if x.dtype in (dtype, torch.float64) or not x.is_floating_point() else dtype
+
+
+
+class SparseLinear(SparseLayer):
+    """y = x W^T + b with a sparse W of shape (out_features, in_features).
+
+    Arguments as :class:`torch.nn.Linear`, plus:
+      density     fraction of weights kept, in (0, 1]; an ER structure with exactly
+                  round(density * numel) entries (blocks for BSR) is sampled
+      format      "csr" (unstructured) or "bsr" (square blocks of ``block_size``)
+      capacity    number of value slots (>= nnz) to leave room for regrowth
+      exact       False: keep each weight independently with probability density
+      seed        seed of the structure and initial values (None: torch's global RNG)
+      init_fan_in "dense" (torch's init) or "kept" (scale by each unit's kept fan-in)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float,
+                 format: str = "csr", block_size: Optional[int] = None, capacity: Optional[int] = None,
+                 exact: bool = True, seed: Optional[int] = None, init_fan_in: str = "dense", device=None,
+                 dtype=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        self._init_structure(density, format, block_size, capacity, exact, seed, init_fan_in, device, dtype)
+        self._init_bias(out_features, bias, device, dtype, _generator(None if seed is None else seed + 1, device))
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: input's last dimension must be in_features={self.in_features}, "
+                             f"got input of shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        # Feature-major in, feature-major out: one transpose each way. The input is made
+        # contiguous here, before the op, so autograd saves the feature-major copy and the
+        # backward's sddmm does not transpose it a second time (a no-op when x comes from a
+        # previous sparse layer: its output is already a transposed view of a feature-major tensor).
+        xt = x.reshape(-1, self.in_features).t()
+        dtype = _autocast_dtype(xt)
+        # Under autocast the op would cast x itself; casting here makes it one copy with the transpose.
+        xt = xt.contiguous() if dtype is None else xt.to(dtype, memory_format=torch.contiguous_format)
+        y = self._matmul(xt).t()
+        bias = self.bias
+        if bias is not None:
+            y = self._add_bias(y, bias)
+        return y.reshape(*lead, self.out_features)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, mask: Optional[torch.Tensor] = None, density: Optional[float] = None, *,
+                   format: str = "csr", block_size: Optional[int] = None, capacity: Optional[int] = None,
+                   exact: bool = True, seed: Optional[int] = None) -> "SparseLinear":
+        """Keep ``module``'s weights at ``mask`` (bool, weight-shaped), or at an ER sample of ``density``,
+        or, with neither, at its nonzero weights. The bias is copied."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be a torch.nn.Linear, got {type(module).__name__}")
+        self = cls.__new__(cls)
+        SparseLayer.__init__(self)
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.weight_shape = tuple(module.weight.shape)
+        self._set_structure(_weight_to_matrix(self, module.weight, mask, density, format, block_size, capacity,
+                                              exact, seed))
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        return self
+
+    def to_dense(self) -> nn.Linear:
+        """A torch.nn.Linear whose weight is the masked dense weight."""
+        return self._filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                      device=self.values.device, dtype=self.values.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                + self._sparsity_repr())

@@ -1,0 +1,89 @@
+"""torch.compile(fullgraph=True) of models made of sparse layers.
+
+SparseConv2d's conv_algorithm="auto" chooses its algorithm from the layer's density, which
+is read from the index (rowptr[-1]); traced, that read is a data-dependent value and the
+choice a data-dependent branch, which fullgraph cannot compile. The choice must be made
+from a value known outside the traced region, and the compiled model must compute what
+the eager one does. Compiling on a CPU is slow: "aot_eager" (dynamo + AOTAutograd, the
+stages that trace the layers) and dynamo's counting backend keep this file to seconds.
+"""
+import torch
+import torch._dynamo
+from torch import nn
+
+from sparsestart.nn import SparseConv2d, SparseLinear
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        SparseConv2d(8, 8, 3, padding=1, density=0.6, seed=0),     # fan-in 72, dense enough: "dense"
+        nn.ReLU(),
+        SparseConv2d(8, 8, 3, padding=1, density=0.1, seed=1),     # sparse, 6x6 planes: "direct"
+        nn.ReLU(),
+        SparseConv2d(8, 4, 3, stride=2, density=0.3, seed=2),      # strided: "unfold"
+        nn.Flatten(),
+        SparseLinear(4 * 2 * 2, 3, density=0.5, seed=3),
+    )
+
+
+def _auto_choices(model: nn.Sequential, x: torch.Tensor) -> list:
+    """The algorithm each SparseConv2d chooses for the activations it gets in model(x)."""
+    choices = []
+    for layer in model:
+        if isinstance(layer, SparseConv2d):
+            choices.append(layer._algorithm(x, layer._explicit_padding()))
+        x = layer(x)
+    return choices
+
+
+def test_compile_fullgraph_matches_eager_forward_and_backward():
+    torch._dynamo.reset()
+    model = _model()
+    x = torch.randn(2, 8, 6, 6)
+    # the model covers every "auto" choice and SparseLinear, so every branch is traced
+    assert _auto_choices(model, x) == ["dense", "direct", "unfold"]
+
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    grads_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()
+    for p, g in zip(model.parameters(), grads_eager):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_choice_follows_a_loaded_structure_without_recompiling_per_call():
+    """The compiled graph holds one algorithm; a new structure (here loaded, of another density
+    but the same capacity, so no tensor shape changes) must reach it, and an unchanged one must
+    not recompile on every call."""
+    torch._dynamo.reset()
+    capacity = 8 * 8 * 9
+    layer = SparseConv2d(8, 8, 3, padding=1, density=0.6, capacity=capacity, seed=0)
+    sparser = SparseConv2d(8, 8, 3, padding=1, density=0.05, capacity=capacity, seed=1)
+    x = torch.randn(2, 8, 6, 6)
+    pad = layer._explicit_padding()
+    assert layer._algorithm(x, pad) == "dense" and sparser._algorithm(x, pad) == "direct"
+
+    graphs = []  # the code of each graph dynamo compiles
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    compiled = torch.compile(layer, fullgraph=True, backend=recording_backend)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+    compiled(x)
+    assert len(graphs) == 1 and "conv2d" in graphs[0] and "sparsestart.conv2d" not in graphs[0]
+
+    layer.load_state_dict(sparser.state_dict())
+    expected = sparser(x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 2 and "sparsestart.conv2d" in graphs[1]  # recompiled once, for "direct"
+    compiled(x)
+    assert len(graphs) == 2
