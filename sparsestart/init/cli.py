@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -132,16 +135,43 @@ def plot(results: dict[str, dict[str, float]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def plot_path(plot_arg: str, model: str, density: float) -> Path:
+    """The file ``--plot`` writes: the path itself; in an existing directory (or a path ending in '/') a file named
+    after the model and density; with ``.png`` added when it has no extension (what savefig would do silently).
+    Checked (matplotlib present, a format it writes, a writable place; its folder created) before any work."""
+    from ..train.paths import check_output_file  # noqa: PLC0415
+
+    try:
+        import matplotlib  # noqa: PLC0415, F401
+        from matplotlib.figure import Figure  # noqa: PLC0415
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
+    path = Path(plot_arg).expanduser()
+    if path.is_dir() or plot_arg.endswith(("/", os.sep)):
+        path = path / f"densities-{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}-d{density:g}.png"
+    elif not path.suffix:
+        path = path.with_name(path.name + ".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"--plot {plot_arg}: matplotlib cannot write {path.suffix!r} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return check_output_file(path, "--plot", create_parent=True)
+
+
 def _run(args) -> int:
+    target = plot_path(args.plot, args.model, args.density) if args.plot else None
     dens, model = _densities(args.model, args, args.distribution)
     print(format_table(dens, model, args.distribution, args.density))
-    if args.plot:
+    if target is not None:
         compare = list(dict.fromkeys([*(args.compare or _DEFAULT_COMPARE), args.distribution]))
         results = {}
         for dist in compare:
             results[dist] = dens if dist == args.distribution else _densities(args.model, args, dist)[0]
-        plot(results, args.plot, f"{args.model}, density {args.density}")
-        print(f"plot saved to {args.plot}")
+        try:
+            plot(results, str(target), f"{args.model}, density {args.density}")
+        except OSError as exc:  # checked above; a disk that fills up in between
+            raise ValueError(f"--plot {target}: cannot write the plot ({exc.strerror or exc})") from None
+        print(f"plot saved to {target}")
     return 0
 
 
@@ -160,7 +190,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="zoo name (vgg16, resnet18, lenet5, ...) or an MLP spec 'mlp:784,300,100,10'")
     p.add_argument("--density", type=_density_arg, required=True, help="overall density of the masked layers")
     p.add_argument("--distribution", default="erk", choices=_DATA_FREE, help="layer-wise rule (default erk)")
-    p.add_argument("--plot", metavar="PNG", help="save a bar plot comparing --compare rules")
+    p.add_argument("--plot", metavar="PNG", help="save a bar plot comparing --compare rules (a directory: "
+                                                "densities-<model>-d<density>.png in it; no extension: .png)")
     p.add_argument("--compare", nargs="+", choices=_DATA_FREE, metavar="RULE",
                    help=f"rules in the plot (default {' '.join(_DEFAULT_COMPARE)}, plus --distribution)")
     p.add_argument("--exclude", nargs="*", metavar="NAME", help="layers (names or glob patterns) left dense")

@@ -160,6 +160,7 @@ def _train_main(args) -> int:
     from .checkpoint import CheckpointError
     from .config import QUICK, QUICK_FALLBACK, config_from_dict, resolve
     from .data import DatasetNotFoundError
+    from .paths import DiskFullError, RunLockedError
     from .trainer import Trainer
 
     fallback = False
@@ -201,10 +202,18 @@ def _train_main(args) -> int:
             print(f"training {cfg.model} on {d.name} ({len(d.train)} train / {len(d.val)} val / {len(d.test)} test, "
                   f"from {d.source}), {sparsity}, method {cfg.method}, {cfg.optimizer} lr {cfg.lr:g}, "
                   f"{cfg.epochs} epoch(s) on {_where(trainer)} -> {out}")
-    except (ValueError, TypeError, DatasetNotFoundError, CheckpointError) as exc:
+    except (ValueError, TypeError, DatasetNotFoundError, CheckpointError, RunLockedError) as exc:
         return error("train", exc)
+    except DiskFullError as exc:
+        error("train", exc)
+        return 1
     try:
         trainer.fit(stop_after=args.stop_after)
+    except (CheckpointError, RunLockedError) as exc:  # another process wrote or holds the run directory
+        return error("train", exc)
+    except DiskFullError as exc:  # the message says which epoch is saved and how to continue
+        error("train", exc)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last completed epoch is saved. Continue with: sparsestart train --resume "
               f"{trainer.out}", file=sys.stderr)
@@ -245,21 +254,27 @@ def _where(trainer) -> str:
 
 
 def _evaluate_main(args) -> int:
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, atomic_write_text
     from .data import DatasetNotFoundError
     from .evaluate import evaluate_run
+    from .paths import DiskFullError, check_output_file
 
     try:
+        # Checked before the evaluation, which may take long: its result used to be lost to a read-only --output.
+        out = check_output_file(Path(args.output) if args.output else
+                                Path(args.run_dir) / f"evaluation-{args.which}.json",
+                                "--output" if args.output else "the default --output")
         res = evaluate_run(args.run_dir, args.which, data_dir=args.data_dir, ood_dir=args.ood_dir,
                            test_limit=args.test_limit, fgsm_eps=args.fgsm_eps, eval_batch_size=args.eval_batch_size,
                            threads=args.threads, device=args.device, precision=args.precision,
                            log=lambda m: print(m, file=sys.stderr))
     except (ValueError, TypeError, DatasetNotFoundError, CheckpointError) as exc:
         return error("evaluate", exc)
-    from .checkpoint import atomic_write_text
-
     text = json.dumps(res, indent=2)
-    out = Path(args.output) if args.output else Path(args.run_dir) / f"evaluation-{args.which}.json"
-    atomic_write_text(out, text + "\n")
-    print(text)
+    print(text)  # first: a failure to save below does not lose the result
+    try:
+        atomic_write_text(out, text + "\n")
+    except DiskFullError as exc:
+        error("evaluate", f"{exc}; the result is printed above")
+        return 1
     return 0

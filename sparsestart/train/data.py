@@ -43,6 +43,7 @@ import math
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -174,7 +175,7 @@ def _open_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: a corrupt deflate stream
         raise ValueError(f"{path}: cannot read ({type(exc).__name__}: {exc}); the file is corrupt or truncated")
 
 
@@ -194,6 +195,8 @@ def read_idx(path) -> torch.Tensor:
     if len(data) - header != math.prod(dims):
         raise ValueError(f"{path}: idx header announces shape {dims} ({math.prod(dims)} bytes) but the file holds "
                          f"{len(data) - header} bytes; the file is truncated or corrupt")
+    if math.prod(dims) == 0:  # torch.frombuffer refuses an empty buffer ("both buffer length (0) and count ...")
+        return torch.empty(dims, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims).clone()
 
 
@@ -270,13 +273,24 @@ def fashion_mnist_available(data_dir=None) -> bool:
 
 
 def _fmnist_split(folder: Path, which: str) -> Split:
-    images = read_idx(_find_fmnist_file(folder, _FMNIST_FILES[(which, "images")]))
-    labels = read_idx(_find_fmnist_file(folder, _FMNIST_FILES[(which, "labels")]))
-    if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{folder}: Fashion-MNIST {which} files disagree: images {tuple(images.shape)}, "
-                         f"labels {tuple(labels.shape)} (expected [N, 28, 28] and [N])")
-    if labels.numel() and int(labels.max()) >= 10:
-        raise ValueError(f"{folder}: Fashion-MNIST {which} labels must be 0..9, found {int(labels.max())}")
+    """The ``which`` split; a file that cannot be one is named with what is wrong with it."""
+    images_file = _find_fmnist_file(folder, _FMNIST_FILES[(which, "images")])
+    labels_file = _find_fmnist_file(folder, _FMNIST_FILES[(which, "labels")])
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.dim() != 3:
+        raise ValueError(f"{images_file}: Fashion-MNIST images must be an idx array [N, 28, 28], the file holds "
+                         f"shape {tuple(images.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"{labels_file}: Fashion-MNIST labels must be an idx array [N], the file holds shape "
+                         f"{tuple(labels.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{images_file}: holds 0 images (header shape {tuple(images.shape)}); the file is empty or "
+                         f"was cut when written")
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images_file} holds {images.shape[0]} images but {labels_file} holds {labels.shape[0]} "
+                         f"labels; one of them is truncated or from another dataset")
+    if int(labels.max()) >= 10:
+        raise ValueError(f"{labels_file}: Fashion-MNIST labels must be 0..9, found {int(labels.max())}")
     return Split(images.unsqueeze(1), labels.long())
 
 

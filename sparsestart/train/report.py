@@ -546,10 +546,17 @@ def register(sub) -> None:
 
 def _main(args) -> int:
     from .cli import error
+    from .paths import DiskFullError, check_output_dir
 
     try:
+        if args.out or len(args.dirs) == 1:  # checked before the runs are read: one line, not a traceback
+            check_output_dir(args.out or args.dirs[0], "--out" if args.out else "--out (not given: the report goes "
+                                                                               "into DIR)")
         res = write_report(args.dirs, args.out, log=lambda m: print(m))
     except ValueError as exc:
         return error("report", exc)
+    except DiskFullError as exc:
+        error("report", exc)
+        return 1
     print(res["table"])
     return 0

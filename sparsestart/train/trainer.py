@@ -8,6 +8,7 @@ Run directory layout (``--out DIR``)::
     metrics.csv     the same rows as CSV
     summary.json    written when the run finishes (config, metrics, layers, FLOPs, memory, time)
     tensorboard/    with --tensorboard
+    .sparsestart.lock  while a process writes the run: a second one is refused (paths.RunLock)
 
 On CPU a run resumed from ``checkpoint.pt`` produces the same metrics, bit for
 bit, as an uninterrupted run: the checkpoint holds the model (values and
@@ -30,8 +31,10 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,6 +50,7 @@ from .config import RESUME_CHANGEABLE, TrainConfig, config_from_dict, resolve, r
 from .data import (BatchIterator, Dataset, adapt_images, fashion_mnist_available, load_dataset, load_digits_images,
                    load_image_dir)
 from .device import describe, precision_flags
+from .paths import DiskFullError, RunLock, check_output_dir, disk_full_cause
 from .run import LRFactor, RunState, build_net, build_run  # noqa: F401  (LRFactor, build_net: public here too)
 from .verdict import verdict as verdict_lines
 from .metrics import _Pixels, basic_metrics, evaluate_model, forward_flops, predict_logits
@@ -180,7 +184,9 @@ class Trainer:
         self.log = distributed.main_only(log)
         self.session_start = time.perf_counter()
         ckpt = None
+        self._disk_mark = None  # what CHECKPOINT on disk was when this trainer read it (None: absent)
         if resume:
+            self._disk_mark = self._checkpoint_mark()
             ckpt = load_checkpoint(self.out / CHECKPOINT)
             saved = config_from_dict(ckpt["config"], where=f"{self.out / CHECKPOINT}")
             diffs = []
@@ -212,6 +218,15 @@ class Trainer:
                 raise ValueError(f"--out {self.out} already holds a run ({CHECKPOINT}); continue it with "
                                  f"--resume {self.out}, or choose another --out")
         self.cfg = cfg
+        self._what = f"{'--resume' if resume else '--out'} {self.out}"
+        # Before the data and the model: a run directory that cannot be written fails now, not after an epoch.
+        check_output_dir(self.out, "--resume" if resume else "--out")
+        # Identifies the run in every file it saves (checkpoint.pt, best.pt, summary.json): ``evaluate --which best``
+        # compares it to tell this run's best.pt from one copied in from another run. A random id rather than a
+        # hash of the configuration: two runs of one configuration (on a GPU, where runs are not bit-identical, or
+        # with another sparsestart version) are different runs with different best models.
+        self.run_id = str((ckpt or {}).get("run_id") or uuid.uuid4().hex)
+        self._saved_epoch = int(ckpt["epoch"]) if ckpt else None  # of the checkpoint on disk, for error messages
         self.writer = None
         if cfg.tensorboard:
             try:
@@ -242,6 +257,22 @@ class Trainer:
         self.train_seconds = float(ckpt["train_seconds"]) if ckpt else 0.0
         self.out.mkdir(parents=True, exist_ok=True)
         main = distributed.is_main()  # only rank 0 writes into the run directory
+        self._lock = RunLock(self.out)
+        if main:
+            self._lock.acquire(self._what)
+            if ckpt is None and (self.out / CHECKPOINT).exists():  # written by another process since the check above
+                self._lock.release()
+                raise ValueError(f"--out {self.out} already holds a run ({CHECKPOINT}); continue it with "
+                                 f"--resume {self.out}, or choose another --out")
+            self._check_unchanged()
+        try:
+            self._start_writing(ckpt, main)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start_writing(self, ckpt, main: bool) -> None:
+        cfg = self.cfg
         if main:
             stale = remove_stale_temp_files(self.out)
             if stale:
@@ -257,6 +288,45 @@ class Trainer:
         self.parallel = distributed.DistributedRun(self.run, self._state)
 
     # ------------------------------------------------------------------ helpers
+    def _checkpoint_mark(self):
+        """(inode, size, mtime) of the checkpoint file, None when there is none: an atomic save replaces the
+        inode, so a checkpoint written by another process shows as a different mark."""
+        try:
+            st = os.stat(self.out / CHECKPOINT)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _check_unchanged(self) -> None:
+        if self._checkpoint_mark() != self._disk_mark:
+            self._lock.release()
+            raise CheckpointError(f"{self._what}: {self.out / CHECKPOINT} was written by another process after this "
+                                  f"one read the run; nothing was written; start again with --resume {self.out}")
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the run directory's lock (rank 0) while the block writes into it; released afterwards, so that the
+        run can be resumed in this process once it returns."""
+        if not self.parallel.is_main:
+            yield
+            return
+        if not self._lock.held:  # held from __init__ on the first call; a later call takes it again
+            self._lock.acquire(self._what)
+            self._check_unchanged()
+        try:
+            yield
+        except Exception as exc:
+            full = disk_full_cause(exc)
+            if full is None:
+                raise
+            saved = f"the last completed epoch ({self._saved_epoch}) is saved at {self.out / CHECKPOINT}; free " \
+                    f"some space and continue with: sparsestart train --resume {self.out}" \
+                if self._saved_epoch else "no epoch was saved yet; free some space and start the run again"
+            path = getattr(full, "filename", None) or getattr(exc, "filename", None) or self.out
+            raise DiskFullError(f"no space left on device while saving {path}; {saved}", path) from exc
+        finally:
+            self._lock.release()
+
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self.session_start)
 
@@ -280,16 +350,27 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(_jsonable(row)) + "\n")
         self._write_csv()
-        if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
-                    self.writer.add_scalar(k, v, row["epoch"])
-            self.writer.flush()
+
+    def _log_tensorboard(self, row: dict, stats: dict) -> None:
+        """One point per epoch (x = epoch): every number of the metrics row under its metrics.jsonl name (losses,
+        accuracies, lr at the epoch's start, density, ...), ``density/<layer>`` of each sparse layer and
+        ``train_step_seconds``, the mean wall time of the epoch's training steps."""
+        if self.writer is None:
+            return
+        epoch = row["epoch"]
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
+                self.writer.add_scalar(k, v, epoch)
+        for name, density in stats["layer_density"].items():
+            self.writer.add_scalar(f"density/{name}", density, epoch)
+        if stats["steps"]:
+            self.writer.add_scalar("train_step_seconds", stats["seconds"] / stats["steps"], epoch)
+        self.writer.flush()
 
     def _state(self) -> dict:
         r = self.run
         return {
-            "format": FORMAT, "version": VERSION, "kind": "checkpoint",
+            "format": FORMAT, "version": VERSION, "kind": "checkpoint", "run_id": self.run_id,
             "config": self.cfg.to_dict(), "dataset": r.data.describe(),
             "epoch": self.epoch, "step": self.step,
             "model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
@@ -301,7 +382,8 @@ class Trainer:
 
     def _save_best(self) -> None:
         r = self.run
-        atomic_save({"format": FORMAT, "version": VERSION, "kind": "best", "config": self.cfg.to_dict(),
+        atomic_save({"format": FORMAT, "version": VERSION, "kind": "best", "run_id": self.run_id,
+                     "config": self.cfg.to_dict(),
                      "dataset": r.data.describe(), "epoch": self.epoch, "model": r.model.state_dict(),
                      "algorithm": r.algorithm.state_dict()},
                     self.out / BEST)
@@ -312,6 +394,7 @@ class Trainer:
 
         r, cfg, par = self.run, self.cfg, self.parallel
         r.model.train()
+        t_start, step_start = time.perf_counter(), self.step  # for the step time TensorBoard shows
         it = BatchIterator(r.data.train, cfg.batch_size, r.generator, augment=r.data.augment)
         # Sums kept on the device (float64: the same arithmetic as Python floats), read once per epoch, so that a
         # GPU step never waits for the host; the progress bar reads them every 10 steps when it is shown.
@@ -342,13 +425,17 @@ class Trainer:
         finally:
             bar.close()
         loss_sum, correct, seen = par.end_epoch(float(loss_sum), int(correct), seen)  # over all ranks
-        return dict(train_loss=loss_sum / max(seen, 1), train_accuracy=correct / max(seen, 1), samples=seen)
+        return dict(train_loss=loss_sum / max(seen, 1), train_accuracy=correct / max(seen, 1), samples=seen,
+                    seconds=time.perf_counter() - t_start, steps=self.step - step_start,
+                    # taken now: IMP prunes at the end of a level, after the evaluation that row["density"] is from
+                    layer_density={name: m.nnz / math.prod(m.weight_shape) for name, m in r.net.named_modules()
+                                   if isinstance(m, snn.SparseLayer)})
 
     def fit(self, stop_after: Optional[int] = None) -> Optional[dict]:
         """Train the remaining epochs (at most ``stop_after`` of them); the summary dict when the run is done
         (distributed: on rank 0, None on the other ranks). The TF32 switches of ``cfg.precision`` are set
         meanwhile and restored afterwards."""
-        with precision_flags(self.cfg.precision), _on_device(self.run.device):
+        with self._writing(), precision_flags(self.cfg.precision), _on_device(self.run.device):
             return self._fit(stop_after)
 
     def _fit(self, stop_after: Optional[int]) -> Optional[dict]:
@@ -385,9 +472,11 @@ class Trainer:
             if main:
                 row["elapsed_seconds"] = self._elapsed()
                 self._append_metrics(row)
+                self._log_tensorboard(row, stats)
                 if improved:
                     self._save_best()
                 atomic_save(self._state(), self.out / CHECKPOINT)
+                self._saved_epoch, self._disk_mark = self.epoch, self._checkpoint_mark()
                 self.log(f"epoch {self.epoch}/{total}: train loss {row['train_loss']:.4f} acc "
                          f"{row['train_accuracy']:.4f} | val acc {row['val_accuracy']:.4f} | test acc "
                          f"{row['test_accuracy']:.4f} | density {row['density']:.4f} | {row['epoch_seconds']:.1f} s")
@@ -418,7 +507,7 @@ class Trainer:
     # ------------------------------------------------------------------ the end
     def finish(self) -> dict:
         """Final evaluation and summary.json (``fit`` calls it when the last epoch is done)."""
-        with precision_flags(self.cfg.precision), _on_device(self.run.device):
+        with self._writing(), precision_flags(self.cfg.precision), _on_device(self.run.device):
             return self._finish()
 
     def _finish(self) -> dict:
@@ -448,6 +537,7 @@ class Trainer:
                                        "dense_bytes", "index_bytes", "sparse_flops", "dense_flops")}
                   for row in s.rows]
         summary = {
+            "run_id": self.run_id,
             "config": self.cfg.to_dict(),
             "dataset": r.data.describe(),
             "epochs": self.epoch,
