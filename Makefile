@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup install data test bench cmake-check cuda-check gpu-check-dry clean
+.PHONY: setup install data test bench bench-regress wheel-check cmake-check cuda-check gpu-check-dry clean api-docs
 
 # The main job: `sparsestart train` with its short default (Fashion-MNIST, which `data` installs,
 # else scikit-learn digits; convnet_small at density 0.1, ERK, RigL; under a minute on 2 cores).
@@ -52,6 +52,41 @@ test:
 
 bench:
 	$(PY) -m bench
+
+# Regression tracking with pytest-benchmark (tests/bench/test_regress.py; `make test` runs it once, untimed). The
+# first run, or BASELINE=1, saves a baseline into $(REGRESS_STORAGE) (machine-specific: not committed); later runs
+# compare against the newest baseline and fail when a case's REGRESS_STAT is over REGRESS_FAIL percent slower.
+# Timed in CPU time of the process on one thread (time slices lost to other jobs do not count); the minimum at 25%
+# because on the shared 2-core machine, loaded by other jobs, minimums of unchanged code moved by up to 16% between
+# runs and medians by up to 30% (wall-clock medians: up to 146%). docs/benchmarks.md.
+REGRESS_STORAGE ?= .benchmarks
+REGRESS_STAT    ?= min
+REGRESS_FAIL    ?= 25
+REGRESS_PYTEST  := $(PY) -m pytest -q -p no:cacheprovider tests/bench/test_regress.py --benchmark-enable \
+	--benchmark-storage=file://$(REGRESS_STORAGE) --benchmark-timer=time.process_time --benchmark-warmup=on \
+	--benchmark-min-rounds=20 --benchmark-max-time=1.0 --benchmark-columns=min,median,iqr,rounds --benchmark-sort=name
+bench-regress:
+	@$(PY) -c "import os; l = os.getloadavg()[0]; print(f'bench-regress: load average {l:.1f}' + \
+	  (': other jobs are running, timings are noisier' if l > 1.5 else ''))"
+	@last=$$(ls $(REGRESS_STORAGE)/*/*_baseline.json 2>/dev/null | sort | tail -n 1); \
+	if [ -n "$(BASELINE)" ] || [ -z "$$last" ]; then \
+	  echo "bench-regress: timing and saving a baseline into $(REGRESS_STORAGE)/"; \
+	  $(REGRESS_PYTEST) --benchmark-save=baseline; \
+	else \
+	  id=$$(basename "$$last" | cut -d_ -f1); \
+	  echo "bench-regress: comparing against $$last (fails above +$(REGRESS_FAIL)% $(REGRESS_STAT); new baseline:" \
+	       "make bench-regress BASELINE=1)"; \
+	  $(REGRESS_PYTEST) --benchmark-compare=$$id --benchmark-compare-fail=$(REGRESS_STAT):$(REGRESS_FAIL)%; \
+	fi
+
+# docs/api.md from the docstrings (tests/test_api_docs.py fails when it is stale).
+api-docs:
+	$(PY) scripts/api_reference.py
+
+# Install as users do: build a wheel (against .venv's torch), install it into a fresh venv and use it from
+# outside the checkout: extension, Triton kernels, `sparsestart info`, a SparseLinear step (scripts/check_wheel.sh).
+wheel-check:
+	PYTHON=$(abspath $(PY)) scripts/check_wheel.sh
 
 # Configure and build the C++ sources with CMake as well (CUDA sources with SPARSESTART_CUDA=ON).
 cmake-check:

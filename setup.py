@@ -37,9 +37,13 @@ def _extension():
         want_cuda == "1"
         or (want_cuda is None and torch.version.cuda is not None and shutil.which("nvcc") is not None)
     ) and bool(glob.glob("csrc/cuda/*.cu"))
+    # The flags as build facts for sparsestart._C.build_info() (`sparsestart info`): a comma-joined
+    # token list, since a define with quotes or spaces is not passed alike by ninja and setuptools.
+    cxx += [f"-DSPARSESTART_CXX_FLAGS={','.join(cxx)}", "-DSPARSESTART_BUILD_SYSTEM=setuptools"]
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     if use_cuda:
         _check_cuda_toolchain(torch)
+        cxx.append("-DSPARSESTART_WITH_CUDA")  # csrc/ops.cpp then asks csrc/cuda/build_info.cu
         # Raw-pointer kernels (*.cu) plus the torch registration glue (csrc/cuda/torch).
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/torch/*.cpp"))
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]

@@ -18,8 +18,19 @@
 //
 // ptr/idx/slot are int32 or int64 (all three alike).
 
-#include <Python.h>
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/headeronly/version.h>
 #include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/simd.h"
+#ifdef SPARSESTART_WITH_CUDA
+#include "cuda/kernels.h"
+#endif
 
 TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   // out[i, :] = sum over entries e of row i: values[slot[e]] * x[idx[e], :]
@@ -65,9 +76,117 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   m.def("_native_sorted_isin(Tensor values, Tensor set) -> Tensor");
 }
 
-// A Python extension module with no functions: importing it runs the static
-// registrations above and in csrc/cpu/*.cpp.
-static struct PyModuleDef sparsestart_c_module = {
-    PyModuleDef_HEAD_INIT, "_C", "sparsestart native kernels", -1, nullptr};
+// ------------------------------------------------------------------ build facts
+// The Python module sparsestart._C: importing it runs the static registrations above
+// and in csrc/cpu/*.cpp; its one function, build_info(), reports how this binary was
+// built as the compiler saw it (preprocessor macros), not as the build scripts meant
+// it, for `sparsestart info` (sparsestart/info.py).
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&sparsestart_c_module); }
+// The flags setup.py / CMake passed, as a comma-separated token list
+// (-DSPARSESTART_CXX_FLAGS=-O3,-fopenmp,...): no quotes or spaces, which ninja's
+// shell and setuptools' argument lists would treat differently.
+#define SPARSESTART_STR_(...) #__VA_ARGS__
+#define SPARSESTART_STR(...) SPARSESTART_STR_(__VA_ARGS__)
+
+// cpp_extension names the module after the last part of "sparsestart._C"; the
+// CMake build (which makes no importable module) does not define it.
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+namespace {
+
+namespace py = pybind11;
+
+py::dict build_info() {
+  py::dict info;
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  info["cplusplus"] = static_cast<long>(__cplusplus);
+#ifdef SPARSESTART_CXX_FLAGS
+  info["flags"] = SPARSESTART_STR(SPARSESTART_CXX_FLAGS);
+#else
+  info["flags"] = py::none();
+#endif
+#ifdef SPARSESTART_BUILD_SYSTEM
+  info["build_system"] = SPARSESTART_STR(SPARSESTART_BUILD_SYSTEM);
+#else
+  info["build_system"] = py::none();
+#endif
+#ifdef __OPTIMIZE__
+  info["optimized"] = true;
+#else
+  info["optimized"] = false;
+#endif
+  info["torch_version"] = TORCH_VERSION;  // the headers built against
+  info["python_version"] = PY_VERSION;
+
+  // The CPU kernels have no runtime dispatch: csrc/cpu/simd.h picks one instruction
+  // set from these macros, the same for every source file (one set of flags).
+  info["simd"] = sparsestart::simd::kIsa;
+  py::dict macros;
+#ifdef __AVX512F__
+  macros["avx512f"] = true;
+#else
+  macros["avx512f"] = false;
+#endif
+#ifdef __AVX2__
+  macros["avx2"] = true;
+#else
+  macros["avx2"] = false;
+#endif
+#ifdef __FMA__
+  macros["fma"] = true;
+#else
+  macros["fma"] = false;
+#endif
+  info["isa_macros"] = macros;
+#if defined(__x86_64__) || defined(__i386__)
+  // What the CPU running this process has: a binary built for an instruction set the CPU
+  // lacks stops with SIGILL in the first kernel call.
+  __builtin_cpu_init();
+  py::dict cpu;
+  cpu["avx512f"] = __builtin_cpu_supports("avx512f") != 0;
+  cpu["avx2"] = __builtin_cpu_supports("avx2") != 0;
+  cpu["fma"] = __builtin_cpu_supports("fma") != 0;
+  info["cpu_supports"] = cpu;
+#else
+  info["cpu_supports"] = py::none();
+#endif
+
+#ifdef _OPENMP
+  info["openmp"] = static_cast<long>(_OPENMP);  // yyyymm of the OpenMP specification
+  info["omp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = py::none();
+  info["omp_max_threads"] = py::none();
+#endif
+  // The kernels split their work with at::parallel_for: torch's intra-op threads.
+  info["intraop_threads"] = at::get_num_threads();
+
+  py::dict cuda;
+#ifdef SPARSESTART_WITH_CUDA
+  cuda["compiled"] = true;
+  cuda["archs"] = sparsestart::cuda::compiled_arch_list();
+  cuda["nvcc"] = sparsestart::cuda::nvcc_version();
+#else
+  cuda["compiled"] = false;
+  cuda["archs"] = py::none();
+  cuda["nvcc"] = py::none();
+#endif
+  info["cuda"] = cuda;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparsestart native kernels (registered as torch.ops.sparsestart._native_*) and their build facts";
+  m.def("build_info", &build_info,
+        "How this extension was built: compiler, flags, SIMD level, OpenMP, CUDA architectures (a dict).");
+}

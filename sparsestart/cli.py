@@ -17,7 +17,9 @@ _COMMANDS = [
     "sparsestart.train.cli",
     "sparsestart.train.sweep",
     "sparsestart.train.report",
+    "sparsestart.train.experiment",
     "sparsestart.init.cli",
+    "sparsestart.info",
 ]
 
 

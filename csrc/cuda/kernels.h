@@ -50,5 +50,11 @@ struct SddmmArgs {
 cudaError_t launch_csr_spmm(const SpmmArgs& args, cudaStream_t stream);
 cudaError_t launch_csr_sddmm(const SddmmArgs& args, cudaStream_t stream);
 
+// Build facts of the nvcc compilation (csrc/cuda/build_info.cu), for sparsestart._C.build_info():
+// the architectures compiled for, as nvcc's __CUDA_ARCH_LIST__ gives them ("800,900"), and
+// nvcc's version ("13.0.88").
+const char* compiled_arch_list();
+const char* nvcc_version();
+
 }  // namespace cuda
 }  // namespace sparsestart
