@@ -22,8 +22,9 @@ from typing import Callable, Iterable, Optional
 
 from .checkpoint import CheckpointError, atomic_write_text, remove_stale_temp_files
 from .config import RESUME_CHANGEABLE, TrainConfig, config_from_dict, distributions, resolve, validate
+from .paths import DiskFullError, RunLock, RunLockedError, check_output_dir
 
-__all__ = ["Cell", "SweepError", "SWEEP_FILE", "check_grid", "make_grid", "sweep", "register"]
+__all__ = ["Cell", "SweepError", "SWEEP_FILE", "check_grid", "make_grid", "plan", "sweep", "register"]
 
 SWEEP_FILE = "sweep.json"
 FORMAT = "sparsestart-sweep"
@@ -183,6 +184,33 @@ def _differences(saved: dict, now: dict) -> list[str]:
     return [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def plan(grid_given: dict, options: dict, explicit: set) -> tuple[dict, dict, set, list]:
+    """The checked grid and the configuration of every cell, without running anything.
+
+    ``grid_given``: methods/distributions/densities/seeds (None = the training default);
+    ``options``: shared training options (may hold method/distribution/density/seed as single
+    values); ``explicit``: which options the user set. Returns ``(grid, options, explicit,
+    [(cell, config, explicit keys), ...])`` with the dataset resolved once, so that every cell and
+    every invocation trains on the same data. Raises :class:`SweepError` on a bad grid or option.
+    """
+    grid_given, options, explicit = dict(grid_given), dict(options), set(explicit)
+    # grid values given as single training options (e.g. `density: 0.1` in a config file)
+    for key, axis in (("method", "methods"), ("distribution", "distributions"), ("density", "densities"),
+                      ("seed", "seeds")):
+        single = options.pop(key, None)
+        explicit.discard(key)
+        if grid_given.get(axis) is None and single is not None:
+            grid_given[axis] = [single]
+    resolved = resolve(config_from_dict({k: v for k, v in options.items() if k in ("data_dir", "dataset")}))
+    options["dataset"] = resolved.dataset
+    grid = check_grid(grid_given.get("methods") or [resolve(TrainConfig(density=0.1)).method],
+                      grid_given.get("distributions") or [resolved.distribution],
+                      grid_given.get("densities") or [TrainConfig.density],
+                      grid_given["seeds"] if grid_given.get("seeds") is not None else [TrainConfig.seed])
+    configs = [(cell, *_cell_config(cell, options, explicit, grid["methods"])) for cell in make_grid(grid)]
+    return grid, options, explicit, configs
+
+
 # ---------------------------------------------------------------------------------------------- running
 def _duration(seconds: float) -> str:
     if seconds < 10:
@@ -239,28 +267,19 @@ def sweep(out, *, methods=None, distributions=None, densities=None, seeds=None, 
         grid_given = dict(saved["grid"])
         options = {**saved["options"], **options}
         explicit = set(saved["explicit"]) | explicit
-    # grid values given as single training options (e.g. `density: 0.1` in a config file)
-    for key, axis in (("method", "methods"), ("distribution", "distributions"), ("density", "densities"),
-                      ("seed", "seeds")):
-        single = options.pop(key, None)
-        explicit.discard(key)
-        if grid_given[axis] is None and single is not None:
-            grid_given[axis] = [single]
-    # resolved once: the same data for every cell and every invocation
-    resolved = resolve(config_from_dict({k: v for k, v in options.items() if k in ("data_dir", "dataset")}))
-    options["dataset"] = resolved.dataset
-    grid = check_grid(grid_given["methods"] or [resolve(TrainConfig(density=0.1)).method],
-                      grid_given["distributions"] or [resolved.distribution],
-                      grid_given["densities"] or [TrainConfig.density],
-                      grid_given["seeds"] if grid_given["seeds"] is not None else [TrainConfig.seed])
-    cells = make_grid(grid)
-    configs = [(cell, *_cell_config(cell, options, explicit, grid["methods"])) for cell in cells]
+    grid, options, explicit, configs = plan(grid_given, options, explicit)
+    cells = [cell for cell, _, _ in configs]
     if saved is not None and not resume:
         diffs = _differences(config_from_dict(saved["options"]).to_dict(), config_from_dict(options).to_dict())
         if diffs:
             raise SweepError(f"--out {out} holds a sweep with other training options ({'; '.join(diffs)}); use the "
                              f"same options (the grid may change), or another --out")
+    check_output_dir(out, "--resume" if resume else "--out")  # before the first cell trains, not after it
     out.mkdir(parents=True, exist_ok=True)
+    # One sweep process per OUT (each cell is locked by its trainer too). Released before returning; on an
+    # exception when the frame, and with it the lock, is dropped.
+    lock = RunLock(out)
+    lock.acquire(f"sweep {'--resume' if resume else '--out'} {out}")
     remove_stale_temp_files(out, (SWEEP_FILE,))  # of a sweep killed while saving sweep.json
     spec = {"format": FORMAT, "version": 1, "grid": grid, "options": options, "explicit": sorted(explicit),
             "cells": [c.name for c in cells]}
@@ -325,6 +344,7 @@ def sweep(out, *, methods=None, distributions=None, densities=None, seeds=None, 
         from .report import write_report
 
         written = write_report([out], out, log=log)
+    lock.release()
     return {"cells": results, "failed": failed, "report": written}
 
 
@@ -369,8 +389,11 @@ def _main(args) -> int:
         result = sweep(args.resume or args.out, methods=args.methods, distributions=args.distributions,
                        densities=args.densities, seeds=args.seeds, resume=bool(args.resume), report=args.report,
                        explicit=explicit, **values)
-    except (ValueError, TypeError, DatasetNotFoundError, CheckpointError) as exc:
+    except (ValueError, TypeError, DatasetNotFoundError, CheckpointError, RunLockedError) as exc:
         return error("sweep", exc)
+    except DiskFullError as exc:
+        error("sweep", f"{exc}; continue the sweep with: sparsestart sweep --resume {args.resume or args.out}")
+        return 1
     except KeyboardInterrupt:
         return 130
     return 1 if result["failed"] else 0
