@@ -285,9 +285,18 @@ def _record_versions(spec: ExperimentSpec, root) -> None:
 
 
 def run(spec: ExperimentSpec, root=None, *, runtime: Optional[dict] = None, estimate_first: bool = True,
-        log: Callable[[str], None] = print) -> dict:
-    """Train (or continue) every sweep of ``spec``; ``runtime``: options that never change results (threads, ...)."""
+        only: Optional[list] = None, log: Callable[[str], None] = print) -> dict:
+    """Train (or continue) every sweep of ``spec``; ``runtime``: options that never change results (threads, ...).
+
+    ``only``: names of the sweeps to run (default all), so that separate processes can run different sweeps of one
+    experiment side by side (each sweep directory is locked by the process that runs it)."""
     runtime = dict(runtime or {})
+    names = [s.name for s in spec.sweeps]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ExperimentError(f"experiment {spec.tag}: --sweep {', '.join(unknown)}: no such sweep; "
+                              f"the spec has {', '.join(names)}")
+    sweeps = [s for s in spec.sweeps if not only or s.name in only]
     base = spec.run_dir(root)
     if estimate_first:
         est = estimate(spec, root, log=log)
@@ -297,7 +306,7 @@ def run(spec: ExperimentSpec, root=None, *, runtime: Optional[dict] = None, esti
     base.mkdir(parents=True, exist_ok=True)
     atomic_write_text(base / "spec.yaml", spec.path.read_text(encoding="utf-8") if spec.path else "")
     results, failed = {}, []
-    for s in spec.sweeps:
+    for s in sweeps:
         log(f"experiment {spec.tag}: sweep {s.name}")
         try:
             res = sweep(base / s.name, report=False, log=log, explicit=set(spec.sweep_options(s)),
@@ -446,6 +455,8 @@ def register(sub) -> None:
     p.add_argument("--root", metavar="DIR", help=f"where runs live (default {RUN_ROOT})")
     p.add_argument("--docs", metavar="DIR", help=f"where reports go (default {DOC_ROOT})")
     p.add_argument("--threads", type=int, help="CPU threads per run (never changes results)")
+    p.add_argument("--sweep", action="append", metavar="NAME",
+                   help="run: only this sweep of the spec (repeatable; default all). Lets two processes share the work")
     p.add_argument("--no-estimate", dest="estimate", action="store_false", help="run without the budget estimate")
     p.set_defaults(func=_main)
 
@@ -464,7 +475,7 @@ def _main(args) -> int:
         spec = load_spec(args.name)
         if args.action == "run":
             runtime = {"threads": args.threads} if args.threads else {}
-            res = run(spec, args.root, runtime=runtime, estimate_first=args.estimate)
+            res = run(spec, args.root, runtime=runtime, estimate_first=args.estimate, only=args.sweep)
             return 1 if res["failed"] else 0
         if args.action == "estimate":
             est = estimate(spec, args.root)
