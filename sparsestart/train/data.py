@@ -1,4 +1,4 @@
-"""Datasets held in memory as tensors, a seeded batch iterator and CIFAR augmentation.
+"""Datasets held in memory as tensors: reading the standard formats, splits and normalisation.
 
 Nothing is downloaded. The loaders read the standard distribution formats:
 
@@ -30,10 +30,9 @@ select anything.
 
 Devices: the loaders read into CPU tensors; :meth:`Dataset.to` moves every
 split whole to a device (the trainer holds the data on its GPU, uint8 images
-stay uint8 there), and :class:`BatchIterator` then gathers, converts and
-augments each batch on that device. The permutation and the augmentation
-draws come from the iterator's CPU generator, so the batches are the same on
-every device and a saved generator state resumes the data order anywhere.
+stay uint8 there), and :class:`~sparsestart.train.batches.BatchIterator` then
+gathers, converts and augments each batch on that device (batching lives in
+:mod:`sparsestart.train.batches`; its names are re-exported here).
 """
 from __future__ import annotations
 
@@ -46,11 +45,13 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .batches import BatchIterator, augment_batch  # noqa: F401  (re-exported: their home was this module)
 
 __all__ = [
     "DATASETS", "DEBIAN_FASHION_MNIST", "DatasetNotFoundError", "Split", "Dataset", "load_dataset",
@@ -533,55 +534,6 @@ def load_image_dir(path) -> tuple[Split, str]:
     raise DatasetNotFoundError(
         f"--ood-dir {path}: found neither CIFAR-10/100 python batches (test_batch or test, directly or in "
         f"cifar-10-batches-py/ / cifar-100-python/) nor Fashion-MNIST t10k idx files")
-
-
-# ---------------------------------------------------------------------------------------------- iteration
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding by ``pad`` pixels and random horizontal flip, per image, seeded.
-
-    The offsets and flips are drawn on the generator's device (the trainer's is a
-    CPU generator: the same draws for a batch on any device); the crop runs on ``x``'s device.
-    """
-    n, c, h, w = x.shape
-    dev, gdev = x.device, generator.device
-    padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
-    flip = (torch.rand(n, generator=generator, device=gdev) < 0.5).to(dev)
-    rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])  # [n, h]
-    cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])  # [n, w]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
-    return out.contiguous()
-
-
-class BatchIterator:
-    """Shuffled minibatches of a :class:`Split` as float [0, 1] pixels, all randomness from ``generator``.
-
-    Each pass draws a fresh permutation (and augmentation) from the generator;
-    saving ``generator.get_state()`` between passes is enough to resume exactly.
-    The last, smaller batch is kept. Batches are gathered on the split's device
-    (the permutation moves there once per pass); a CPU generator gives the same
-    batches on every device.
-    """
-
-    def __init__(self, split: Split, batch_size: int, generator: torch.Generator, augment: bool = False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.split, self.batch_size, self.generator, self.augment = split, int(batch_size), generator, augment
-
-    def __len__(self) -> int:
-        return -(-len(self.split) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = torch.randperm(len(self.split), generator=self.generator, device=self.generator.device)
-        perm = perm.to(self.split.images.device)
-        for idx in perm.split(self.batch_size):
-            x = self.split.pixels(idx)
-            if self.augment:
-                x = augment_batch(x, self.generator)
-            yield x, self.split.labels[idx]
 
 
 # ---------------------------------------------------------------------------------------------- normalisation

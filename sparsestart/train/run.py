@@ -223,6 +223,33 @@ def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None
     return run
 
 
+def _check_saved_capacity(model: nn.Module, state: dict) -> None:
+    """Refuse a saved model whose sparse layers hold another number of value slots in all than the model its
+    configuration builds: the configuration was edited (--density) or belongs to another model.
+
+    A layer adopts a saved structure of another capacity (SparseLayer._load_from_state_dict), so without this
+    such a checkpoint resumed silently at the stored density while its configuration, the summary and the
+    report said another. The capacity is the test because no method changes it while training (pruning and
+    regrowth move entries within it), while the live density does change (IMP, gradual pruning). The tolerance
+    covers per-layer rounding by another version of the density allocation: one slot per layer or 1 %."""
+    built = saved = per_layer = dense = 0  # in weights (a BSR slot holds a block of them)
+    for name, m in model.named_modules():
+        if not isinstance(m, snn.SparseLayer):
+            continue
+        v = state.get(f"{name}.values" if name else "values")
+        if not torch.is_tensor(v) or v.dim() == 0:
+            return  # a missing or malformed entry: load_state_dict names it
+        built, saved = built + m.values.numel(), saved + v.numel()
+        per_layer, dense = per_layer + m.values[0].numel(), dense + math.prod(m.weight_shape)
+    if abs(saved - built) <= max(per_layer, 0.01 * built):
+        return
+    raise CheckpointError(
+        f"the saved model does not match its configuration: its sparse layers have room for {saved:,} weights "
+        f"(density {saved / dense:.4g} of {dense:,}) where the configuration saved with it "
+        f"(--model/--density/--distribution) builds {built:,} (density {built / dense:.4g}); the configuration was "
+        f"changed or belongs to another run; the file was left untouched")
+
+
 def _load_model(model: nn.Module, state: dict, optimizer=None) -> None:
     """load_state_dict (strict); sparse layers adopt the saved structure and capacity.
 
@@ -230,6 +257,7 @@ def _load_model(model: nn.Module, state: dict, optimizer=None) -> None:
     (SparseLayer._load_from_state_dict), so the optimizer keeps stepping it; should a
     load ever replace a Parameter object, the optimizer's groups are pointed at the new one.
     """
+    _check_saved_capacity(model, state)
     before = dict(model.named_parameters())
     try:
         model.load_state_dict(state, strict=True)

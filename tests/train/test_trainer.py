@@ -138,6 +138,50 @@ def test_resume_errors_leave_checkpoint_untouched(fmnist_dir, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_resume_on_a_full_disk_says_which_epoch_is_saved(fmnist_dir, tmp_path, capsys, monkeypatch):
+    """A resume rewrites metrics.jsonl before its first epoch: a full disk there says what is saved, as one
+    during an epoch does (was a bare "no space left on device while saving .../metrics.jsonl")."""
+    import errno
+
+    out = tmp_path / "run"
+    Trainer(tiny_cfg(fmnist_dir, epochs=2), out, log=lambda m: None).fit(stop_after=1)
+    ckpt = (out / "checkpoint.pt").read_bytes()
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(C, "_atomic_write", full)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "no space left on device while saving" in err and "metrics.jsonl" in err, err
+    assert f"the last completed epoch (1) is saved at {out / 'checkpoint.pt'}" in err, err
+    assert f"sparsestart train --resume {out}" in err, err
+    assert (out / "checkpoint.pt").read_bytes() == ckpt
+
+
+@pytest.mark.parametrize("density", [0.6, 0.1])
+def test_checkpoint_whose_config_density_disagrees_with_its_model_is_refused(density, fmnist_dir, tmp_path, capsys):
+    """Issue 17: a checkpoint whose configuration says another density than its stored structure resumed
+    silently (the layers adopted the saved capacity) and reported the configuration's density."""
+    out = tmp_path / "run"
+    Trainer(tiny_cfg(fmnist_dir, epochs=2), out, log=lambda m: None).fit(stop_after=1)  # density 0.3
+    ckpt = out / "checkpoint.pt"
+    edited = C.load_checkpoint(ckpt)
+    edited["config"]["density"] = density
+    C.atomic_save(edited, ckpt)  # with a fresh checksum: the file is intact, its content disagrees
+    data = ckpt.read_bytes()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its configuration" in err and f"(density {density:.4g})" in err, err
+    assert ckpt.read_bytes() == data
+    assert main(["evaluate", str(out)]) == 2  # evaluate loads the model the same way
+    assert "does not match its configuration" in capsys.readouterr().err
+    # the same checkpoint with its own density resumes
+    edited["config"]["density"] = 0.3
+    C.atomic_save(edited, ckpt)
+    assert Trainer(None, out, resume=True, log=lambda m: None).epoch == 1
+
 def test_new_run_refuses_existing_run_dir(fmnist_dir, tmp_path, capsys):
     out = tmp_path / "run"
     Trainer(tiny_cfg(fmnist_dir, epochs=1), out).fit(stop_after=1)
@@ -257,15 +301,6 @@ def test_rigl_counts_dense_gradient_flops(fmnist_dir, tmp_path):
     updates = 1  # 5 steps, t_end 0.75 -> end_step 3: an update at step 2 only
     assert fl["training_total"] == 3 * fl["forward_per_sample"] * 135 + updates * 32 * fl["dense_forward_per_sample"]
     assert s["method"]["history"] and s["density"] == pytest.approx(0.3, abs=1e-3)
-
-
-def test_tensorboard_without_the_package_is_a_clear_error(fmnist_dir, tmp_path, capsys):
-    import importlib.util
-    if importlib.util.find_spec("tensorboard") is not None:
-        pytest.skip("tensorboard is installed")
-    assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(fmnist_dir), "--tensorboard",
-                 "--out", str(tmp_path / "tb")]) == 2
-    assert "pip install tensorboard" in capsys.readouterr().err and not (tmp_path / "tb").exists()
 
 
 def test_cosine_schedule_ends_at_lr_min():
