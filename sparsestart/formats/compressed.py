@@ -23,6 +23,7 @@ stay in their slots, freed and newly used slots are zeroed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from typing import Callable, Optional, Sequence, Union
@@ -51,6 +52,27 @@ def _check_capacity(capacity) -> int:
         return operator.index(capacity)
     except TypeError:
         raise TypeError(f"capacity must be an int (number of value slots), got {capacity!r}") from None
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the body on one intra-op thread (the count is restored after; nesting is free).
+
+    For the chunked construction paths (ER sampling, the CSC counting sort): hundreds of torch
+    calls on chunks of ~10^5 entries, where a parallel region saves little and costs a thread
+    hand-off each time. On a machine shared with other jobs a worker that waits for a core
+    stalls every region: a 32768 x 32768 layer took 20-40 s on two threads at a load of 8,
+    1.7 s on one. The results never depend on the thread count.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _rows_of(rowptr: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -205,11 +227,59 @@ class SparseMatrix:
         del keys
         if order is not None:
             rows, cols = rows[order], cols[order]
-        m._write_index(rows, cols, torch.arange(nnz, device=device))
+        rowptr = torch.zeros(R + 1, dtype=torch.long, device=device)
+        torch.cumsum(torch.bincount(rows, minlength=R), 0, out=rowptr[1:])
+        del rows
+        m._write_csr(rowptr, cols)
         if values_of_entries is not None:
             v = values_of_entries.to(device=device, dtype=dtype)
             m.values.data[:nnz] = v if order is None else v[order]
         return m
+
+    @classmethod
+    def _from_csr(
+        cls,
+        rowptr: torch.Tensor,
+        col: torch.Tensor,
+        shape: Sequence[int],
+        block_size: int,
+        capacity: Optional[int],
+        dtype: Optional[torch.dtype],
+        device: Optional[torch.device],
+        index_dtype: Optional[torch.dtype] = None,
+    ) -> "SparseMatrix":
+        """Build from a checked CSR index (rowptr [R + 1], col [nnz], columns ascending within
+        rows), with zero values: what the layers' ER constructors use.
+
+        Nothing of O(nnz) is allocated besides the result (``col`` itself is taken as the
+        column buffer when its dtype, device and length already fit): the CSC view comes from
+        a counting sort one chunk of rows at a time. The index is built where ``col`` lives
+        and then moved to ``device``.
+        """
+        M, K = cls._check_shape(shape, block_size)
+        R, Q = M // block_size, K // block_size
+        nnz = col.numel()
+        C = nnz if capacity is None else _check_capacity(capacity)
+        if C < nnz:
+            raise ValueError(f"capacity must be >= nnz ({nnz}), got {capacity}")
+        device = torch.device(device) if device is not None else col.device
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        idt = index_dtype or index_dtype_for(M + 1, K + 1, C + 1)
+        here = col.device
+        if col.dtype == idt and C == nnz:
+            col_buf = col
+        else:
+            col_buf = torch.zeros(C, dtype=idt, device=here)
+            col_buf[:nnz] = col
+        del col
+        rowptr_buf = rowptr.to(idt)
+        with one_thread():
+            colptr, row, slot_t = _csc_of_csr(rowptr, col_buf[:nnz], Q, C, idt)
+        slot = torch.arange(C, dtype=idt, device=here)
+        vshape = (C,) if block_size == 1 else (C, block_size, block_size)
+        values = torch.zeros(vshape, dtype=dtype, device=device)
+        index = [t.to(device) for t in (rowptr_buf, col_buf, slot, colptr, row, slot_t)]
+        return cls(values, *index, (M, K))
 
     @classmethod
     def from_indices(
@@ -370,31 +440,23 @@ class SparseMatrix:
         validate_index(self.index_tensors(), self.grid, self.capacity, device=self.values.device)
 
     # ------------------------------------------------------- structure updates
-    def _write_index(self, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor,
-                     csc: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
-                     free: Optional[torch.Tensor] = None) -> None:
-        """Rewrite all index tensors in place from live entries sorted in CSR order.
-
-        ``csc`` = (rows, cols, slots) of the same entries in CSC order, if the caller has them;
-        else they come from a stable sort by column (torch sorts integer keys with a radix sort
-        on CPU). (``replace`` does not come here: it merges both views, see ``_native``.) ``free`` lists the free slots for the tails
-        (default: every unused slot, ascending). Otherwise O(nnz + R + Q).
-        """
-        R, Q = self.grid
+    def _write_csr(self, rowptr: torch.Tensor, cols: torch.Tensor) -> None:
+        """Rewrite all index tensors in place from live entries in CSR order (rowptr [R + 1], cols
+        [nnz]) with slots 0..nnz-1 in that order and the free slots ascending in the tails.
+        The CSC view comes from a chunked counting sort: O(nnz + R + Q), no O(nnz) temporaries
+        beyond one chunk."""
         C = self.capacity
-        nnz = rows.numel()
-        dev, idt = self.rowptr.device, self.rowptr.dtype
-        if free is None:
-            used = torch.zeros(C, dtype=torch.bool, device=dev)
-            used[slots] = True
-            free = torch.nonzero(~used).flatten()
-        if csc is None:
-            order = torch.argsort(cols, stable=True)  # rows already ascending -> CSC order
-            csc = (rows[order], cols[order], slots[order])
-        crows, ccols, cslots = csc
-        rowptr = torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(rows, minlength=R), 0)])
-        colptr = torch.cat([rows.new_zeros(1), torch.cumsum(torch.bincount(ccols, minlength=Q), 0)])
-        self._store((rowptr, cols, slots), (colptr, crows, cslots), free)
+        nnz = cols.numel()
+        idt = self.rowptr.dtype
+        self.rowptr.copy_(rowptr)
+        self.col[:nnz] = cols
+        self.col[nnz:] = 0
+        self.slot.copy_(torch.arange(C, dtype=idt, device=self.slot.device))
+        with one_thread():
+            colptr, row, slot_t = _csc_of_csr(rowptr, self.col[:nnz], self.grid[1], C, idt)
+        self.colptr.copy_(colptr)
+        self.row.copy_(row)
+        self.slot_t.copy_(slot_t)
 
     def _store(self, csr: tuple, csc: tuple, free: torch.Tensor) -> None:
         """Write (ptr, minor indices, slots) of both views and the free-slot tails into the buffers."""
@@ -503,6 +565,61 @@ class SparseMatrix:
         self.values.data[freed] = 0
         self.values.data[new_slots] = 0
         return freed, new_slots
+
+
+# Entries per chunk of the CSC counting sort (the result does not depend on it): large enough
+# that each column's entries of a chunk land as a run in the CSC arrays rather than one scattered
+# write per entry, small enough that its temporaries (~25 bytes an entry) stay a few MiB.
+_CSC_CHUNK = 1 << 17
+
+
+def _csc_of_csr(rowptr: torch.Tensor, col: torch.Tensor, Q: int, C: int,
+                idt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(colptr [Q + 1], row [C], slot_t [C]) of the CSC view of the CSR entries (rowptr, col),
+    whose slots are their CSR positions; the tails (past nnz) are 0 and the free slots
+    nnz..C-1 ascending.
+
+    A counting sort: colptr from the column counts, then chunks of rows in order, each entry
+    going to the next free position of its column, so rows stay ascending within a column
+    (the order a stable sort by column gives). Temporaries: O(Q) and one chunk, instead of
+    the int64 permutation of a whole-array argsort.
+    """
+    dev = col.device
+    nnz = col.numel()
+    R = rowptr.numel() - 1
+    colptr = torch.zeros(Q + 1, dtype=torch.long, device=dev)
+    torch.cumsum(torch.bincount(col, minlength=Q), 0, out=colptr[1:])
+    row = torch.zeros(C, dtype=idt, device=dev)
+    slot_t = torch.empty(C, dtype=idt, device=dev)
+    slot_t[nnz:] = torch.arange(nnz, C, dtype=idt, device=dev)
+    nxt = colptr[:-1].clone()  # next free CSC position of each column
+    rowptr = rowptr.long()
+    sizes = torch.unique_consecutive(torch.div(rowptr[:-1], _CSC_CHUNK, rounding_mode="floor"),
+                                     return_counts=True)[1] if R else rowptr[:0]
+    bounds = [0] + torch.cumsum(sizes, 0).tolist()
+    offsets = rowptr[bounds].tolist()
+    for i in range(len(bounds) - 1):
+        r0, r1, e0, e1 = bounds[i], bounds[i + 1], offsets[i], offsets[i + 1]
+        n = e1 - e0
+        if n == 0:
+            continue
+        # The chunk by column, CSR order (rows ascending) kept among equal columns.
+        cs, order = torch.sort(col[e0:e1], stable=True)
+        cols_here, per_col = torch.unique_consecutive(cs, return_counts=True)
+        del cs
+        cols_here = cols_here.long()
+        # Column j's run of the sorted chunk starts at chunk position start[j] and goes to CSC
+        # positions nxt[j], nxt[j] + 1, ...
+        start = torch.cumsum(per_col, 0) - per_col
+        pos = torch.repeat_interleave(nxt.index_select(0, cols_here) - start, per_col, output_size=n)
+        pos += torch.arange(n, device=dev)
+        nxt.index_add_(0, cols_here, per_col)
+        rows_here = torch.repeat_interleave(torch.arange(r0, r1, device=dev, dtype=idt),
+                                            rowptr[r0 + 1:r1 + 1] - rowptr[r0:r1], output_size=n)
+        row.scatter_(0, pos, rows_here.index_select(0, order))
+        order += e0
+        slot_t.scatter_(0, pos, order.to(idt))
+    return colptr.to(idt), row, slot_t
 
 
 def _check_absent(keys, keep, new_keys, by_key, rows, cols) -> None:

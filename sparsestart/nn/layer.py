@@ -14,8 +14,8 @@ from torch import nn
 
 from .. import ops  # noqa: F401  registers torch.ops.sparsestart
 from ..formats import BSR, CSR, SparseMatrix
-from ..formats.compressed import per_version
-from ..init.sampling import check_density, er_indices
+from ..formats.compressed import one_thread, per_version
+from ..init.sampling import check_density, er_csr
 from .build import _check_format, _generator, _real_number, _refuse_meta
 
 __all__ = ["SparseLayer"]
@@ -86,10 +86,14 @@ class SparseLayer(nn.Module):
         cls = CSR if fmt == "csr" else BSR
         cls._check_shape((M, K), b)
         gen = _generator(seed, device)
-        rows, cols = er_indices((M // b, K // b), density, exact=exact, generator=gen)
-        matrix = cls._build(rows, cols, None, (M, K), b, capacity, dtype, torch.device(device or "cpu"), None)
-        self._set_structure(matrix)
-        self._init_values(init_fan_in, gen)
+        # The compressed rows straight from the sampler: no int64 (rows, cols) copy of the sample.
+        # One thread: the chunked steps make many small calls (see one_thread).
+        with one_thread():
+            rowptr, col = er_csr((M // b, K // b), density, exact=exact, generator=gen)
+            matrix = cls._from_csr(rowptr, col, (M, K), b, capacity, dtype, torch.device(device or "cpu"))
+            del rowptr, col
+            self._set_structure(matrix)
+            self._init_values(init_fan_in, gen)
 
     @torch.no_grad()
     def _init_values(self, init_fan_in: str, generator) -> None:
@@ -103,19 +107,30 @@ class SparseLayer(nn.Module):
             raise ValueError(f"init_fan_in must be 'dense' or 'kept', got {init_fan_in!r}")
         m = self.sparse_weight
         nnz, b = m.nnz, m.block_size
-        live = torch.empty(self.values[:nnz].shape, dtype=self.values.dtype).uniform_(-1, 1, generator=generator)
-        if init_fan_in == "dense":
-            bound = torch.full((nnz,), 1.0 / math.sqrt(self.fan_in) if self.fan_in else 0.0, dtype=torch.float64)
-        else:
-            rows, _, _ = m.coo()
-            kept = (m.rowptr[1:] - m.rowptr[:-1]).double() * b  # stored inputs of each output unit
-            bound = 1.0 / kept.clamp(min=1).sqrt()
-            bound = bound[rows]
-        shape = (nnz,) if b == 1 else (nnz, 1, 1)
+        dtype = self.values.dtype
         self.values.data.zero_()
-        # live comes from the (CPU) generator; "kept" bounds are computed where the index lives.
-        bound = bound.view(shape).to(device=live.device, dtype=live.dtype)
-        self.values.data[m.slot[:nnz].long()] = (live * bound).to(self.values.device)
+        if init_fan_in == "dense":
+            # The bound as the float64 value rounded to the values' dtype, as a tensor, so the product
+            # is the same elementwise one for every entry.
+            bound = torch.tensor(1.0 / math.sqrt(self.fan_in) if self.fan_in else 0.0, dtype=torch.float64).to(dtype)
+        else:
+            kept = (m.rowptr[1:] - m.rowptr[:-1]).double() * b  # stored inputs of each output unit
+            bound = (1.0 / kept.clamp(min=1).sqrt()).to(device="cpu", dtype=dtype)
+            rowptr = m.rowptr.to(device="cpu", dtype=torch.long)
+        # Drawn where the (CPU) generator lives, in chunks: the generator fills a tensor one
+        # value after another, so the chunks draw exactly the values one [nnz] draw would, with
+        # O(chunk) temporaries; each chunk lands in its entries' slots.
+        tail = () if b == 1 else (b, b)
+        step = max(1, (1 << 18) // (b * b))
+        for e0 in range(0, nnz, step):
+            e1 = min(nnz, e0 + step)
+            live = torch.empty((e1 - e0,) + tail, dtype=dtype).uniform_(-1, 1, generator=generator)
+            if init_fan_in == "dense":
+                live *= bound
+            else:
+                rows = torch.searchsorted(rowptr, torch.arange(e0, e1), right=True) - 1
+                live *= bound[rows].view((-1,) + (1,) * len(tail))
+            self.values.data.index_copy_(0, m.slot[e0:e1].long(), live.to(self.values.device))
 
     def _init_bias(self, out_features: int, bias: bool, device, dtype, generator) -> None:
         if bias:
