@@ -25,6 +25,16 @@ generates from them, never by hand, ``docs/experiments/NAME.md``: the finding, t
 exact commands, the code versions that trained the runs, the CPU time spent, and per sweep the
 table (mean ± 95% CI over seeds) and plots of :func:`sparsestart.train.report.write_report`.
 
+Besides training sweeps (``kind: train``, the default), a spec may be of ``kind: flow``: flow repair
+measured on untrained networks (``flow:`` models, densities, distributions, seeds, the paper's
+flag counts; :mod:`sparsestart.init.flow_study`), run, resumed and reported by the same commands
+into ``ROOT/NAME/vVERSION/flow/results.json`` and ``docs/experiments/NAME/results.json``; or of
+``kind: reference``: a finding measured elsewhere (``link:`` a page), listed for
+``docs/reproduction.md`` only. Every spec may carry ``verdict:`` (the claims that decide its row of
+``docs/reproduction.md``, written by ``sparsestart experiment reproduction``; see
+:mod:`sparsestart.train.reproduction`), ``row:`` (short texts for that row), ``order:`` (its
+position) and ``testable: false`` with ``why:``.
+
 The budget estimate times a few training steps of every distinct (sweep, model, method, density)
 on this machine (or uses the measured time of finished runs) and scales it to the whole run; it
 is an estimate, typically within a factor of 1.5 (evaluation, augmentation and cache effects are
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -43,17 +54,22 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .checkpoint import atomic_write_text
-from .sweep import SweepError, plan, sweep
+from .sweep import SweepError, check_grid, plan, sweep
 
-__all__ = ["ExperimentSpec", "ExperimentError", "load_spec", "estimate", "run", "status", "report", "register",
-           "SPEC_DIR", "RUN_ROOT", "DOC_ROOT"]
+__all__ = ["ExperimentSpec", "FlowSpec", "ExperimentError", "load_spec", "estimate", "run", "status", "report",
+           "reproduction", "flow_cell_key", "register", "KINDS", "SPEC_DIR", "RUN_ROOT", "DOC_ROOT"]
 
 #: Where specs, runs and reports live, relative to the working directory (the checkout).
 SPEC_DIR = Path("experiments")
 RUN_ROOT = Path("runs/experiments")
 DOC_ROOT = Path("docs/experiments")
 VERSIONS_FILE = "code_versions.json"
-_SPEC_KEYS = {"name", "version", "title", "paper", "finding", "protocol", "options", "sweeps"}
+_SPEC_KEYS = {"name", "version", "title", "paper", "finding", "protocol", "options", "sweeps", "kind", "flow", "verdict",
+              "testable", "why", "link", "row", "order"}
+#: What an experiment does: train sweeps, measure flow repair (no training), or point to a page measured elsewhere.
+KINDS = ("train", "flow", "reference")
+_FLOW_KEYS = {"models", "densities", "distributions", "seeds", "setup", "input_shape", "paper_flags"}
+_ROW_KEYS = {"finding", "paper", "protocol"}
 _SWEEP_KEYS = {"methods", "distributions", "densities", "seeds", "options"}
 _GRID = ("methods", "distributions", "densities", "seeds")
 #: Training steps timed per distinct configuration for the budget estimate.
@@ -72,6 +88,27 @@ class SweepSpec:
 
 
 @dataclass
+class FlowSpec:
+    """``kind: flow``: flow repair measured on untrained networks, one cell per (model, rule, density, seed)."""
+    models: dict  # label -> {"model": name, "num_classes": int}
+    densities: list
+    distributions: list
+    seeds: list
+    setup: str = "exact"
+    input_shape: tuple = (3, 32, 32)
+    paper_flags: dict = field(default_factory=dict)  # label -> rule -> [value per density] (None: not printed)
+
+    def cells(self) -> list:
+        """``[(model label, distribution, density, seed)]`` in run order."""
+        return [(m, dist, d, seed) for m in self.models for d in self.densities for dist in self.distributions
+                for seed in self.seeds]
+
+
+def flow_cell_key(model: str, distribution: str, density: float, seed: int) -> str:
+    return f"{model}/{distribution}/d{density:g}/s{seed}"
+
+
+@dataclass
 class ExperimentSpec:
     name: str
     version: int
@@ -82,6 +119,14 @@ class ExperimentSpec:
     options: dict
     sweeps: list = field(default_factory=list)  # [SweepSpec]
     path: Optional[Path] = None
+    kind: str = "train"
+    flow: Optional[FlowSpec] = None
+    verdict: Optional["VerdictSpec"] = None
+    testable: bool = True
+    why: str = ""
+    link: str = ""
+    row: dict = field(default_factory=dict)  # short texts for docs/reproduction.md: finding, paper, protocol
+    order: int = 100
 
     @property
     def tag(self) -> str:
@@ -135,9 +180,16 @@ def load_spec(name_or_path) -> ExperimentSpec:
     unknown = sorted(set(data) - _SPEC_KEYS)
     if unknown:
         raise ExperimentError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(_SPEC_KEYS))}")
-    for key in ("name", "version", "title", "finding", "sweeps"):
+    kind = data.get("kind", "train")
+    if kind not in KINDS:
+        raise ExperimentError(f"{path}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    need = {"train": ("sweeps",), "flow": ("flow",), "reference": ("link",)}[kind]
+    for key in ("name", "version", "title", "finding") + need:
         if key not in data:
-            raise ExperimentError(f"{path}: missing key {key!r}")
+            raise ExperimentError(f"{path}: missing key {key!r}" + (f" (kind {kind})" if key in need else ""))
+    for key in sorted({"sweeps", "flow"} - set(need)):
+        if key in data:
+            raise ExperimentError(f"{path}: key {key!r} does not belong to a spec of kind {kind!r}")
     if data["name"] != path.stem:
         raise ExperimentError(f"{path}: name {data['name']!r} must equal the file name {path.stem!r}")
     version = data["version"]
@@ -146,26 +198,95 @@ def load_spec(name_or_path) -> ExperimentSpec:
     options = data.get("options") or {}
     if not isinstance(options, dict):
         raise ExperimentError(f"{path}: options must be a mapping of training options, got {type(options).__name__}")
-    if not isinstance(data["sweeps"], dict) or not data["sweeps"]:
-        raise ExperimentError(f"{path}: sweeps must be a non-empty mapping NAME -> grid")
+    testable = data.get("testable", True)
+    if not isinstance(testable, bool):
+        raise ExperimentError(f"{path}: testable {testable!r} must be true or false")
+    if not testable and not str(data.get("why") or "").strip():
+        raise ExperimentError(f"{path}: testable: false needs why: (the reason, shown in docs/reproduction.md)")
+    row = data.get("row") or {}
+    if not isinstance(row, dict) or set(row) - _ROW_KEYS:
+        raise ExperimentError(f"{path}: row must be a mapping with keys among {', '.join(sorted(_ROW_KEYS))}, "
+                              f"got {row!r}")
+    order = data.get("order", 100)
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise ExperimentError(f"{path}: order {order!r} must be an integer (rows of docs/reproduction.md sort by it)")
     spec = ExperimentSpec(name=data["name"], version=version, title=str(data["title"]),
                           paper=str(data.get("paper") or ""), finding=str(data["finding"]),
-                          protocol=str(data.get("protocol") or ""), options=dict(options), path=path)
-    for sname, body in data["sweeps"].items():
-        if not isinstance(body, dict):
-            raise ExperimentError(f"{path}: sweep {sname!r} must be a mapping with keys {', '.join(sorted(_SWEEP_KEYS))}")
-        bad = sorted(set(body) - _SWEEP_KEYS)
-        if bad:
-            raise ExperimentError(f"{path}: sweep {sname!r}: unknown key(s) {', '.join(bad)}; valid keys: "
-                                  f"{', '.join(sorted(_SWEEP_KEYS))}")
-        missing = [k for k in _GRID if k not in body]
-        if missing:
-            raise ExperimentError(f"{path}: sweep {sname!r}: give {', '.join(missing)} explicitly (an experiment "
-                                  f"does not rely on defaults that may change)")
-        s = SweepSpec(name=str(sname), grid={k: body[k] for k in _GRID}, options=dict(body.get("options") or {}))
-        spec.sweeps.append(s)
-        spec.planned(s)  # checks the grid and options now, before anything runs
+                          protocol=str(data.get("protocol") or ""), options=dict(options), path=path, kind=kind,
+                          testable=testable, why=str(data.get("why") or ""), link=str(data.get("link") or ""),
+                          row={k: str(v) for k, v in row.items()}, order=order)
+    if kind == "train":
+        if not isinstance(data["sweeps"], dict) or not data["sweeps"]:
+            raise ExperimentError(f"{path}: sweeps must be a non-empty mapping NAME -> grid")
+        for sname, body in data["sweeps"].items():
+            if not isinstance(body, dict):
+                raise ExperimentError(f"{path}: sweep {sname!r} must be a mapping with keys "
+                                      f"{', '.join(sorted(_SWEEP_KEYS))}")
+            bad = sorted(set(body) - _SWEEP_KEYS)
+            if bad:
+                raise ExperimentError(f"{path}: sweep {sname!r}: unknown key(s) {', '.join(bad)}; valid keys: "
+                                      f"{', '.join(sorted(_SWEEP_KEYS))}")
+            missing = [k for k in _GRID if k not in body]
+            if missing:
+                raise ExperimentError(f"{path}: sweep {sname!r}: give {', '.join(missing)} explicitly (an experiment "
+                                      f"does not rely on defaults that may change)")
+            s = SweepSpec(name=str(sname), grid={k: body[k] for k in _GRID}, options=dict(body.get("options") or {}))
+            spec.sweeps.append(s)
+            spec.planned(s)  # checks the grid and options now, before anything runs
+    elif kind == "flow":
+        spec.flow = _load_flow(path, data["flow"])
+    if "verdict" in data:
+        from .reproduction import load_verdict
+
+        try:
+            spec.verdict = load_verdict(spec, data["verdict"])
+        except ValueError as exc:
+            raise ExperimentError(f"{path}: verdict: {exc}") from None
     return spec
+
+
+def _load_flow(path: Path, body) -> FlowSpec:
+    from ..init.flow_study import SETUPS
+
+    if not isinstance(body, dict):
+        raise ExperimentError(f"{path}: flow must be a mapping with keys {', '.join(sorted(_FLOW_KEYS))}")
+    bad = sorted(set(body) - _FLOW_KEYS)
+    if bad:
+        raise ExperimentError(f"{path}: flow: unknown key(s) {', '.join(bad)}; valid keys: {', '.join(sorted(_FLOW_KEYS))}")
+    missing = [k for k in ("models", "densities", "distributions", "seeds") if k not in body]
+    if missing:
+        raise ExperimentError(f"{path}: flow: give {', '.join(missing)} explicitly")
+    models = body["models"]
+    if not isinstance(models, dict) or not models:
+        raise ExperimentError(f"{path}: flow: models must map a label to {{model: NAME, num_classes: N}}, got {models!r}")
+    clean = {}
+    for label, m in models.items():
+        if not isinstance(m, dict) or "model" not in m or set(m) - {"model", "num_classes"}:
+            raise ExperimentError(f"{path}: flow: models: {label}: give {{model: NAME, num_classes: N}}, got {m!r}")
+        clean[str(label)] = {"model": str(m["model"]), "num_classes": int(m.get("num_classes", 10))}
+    try:
+        grid = check_grid(["static"], body["distributions"], body["densities"], body["seeds"])
+    except SweepError as exc:
+        raise ExperimentError(f"{path}: flow: {exc}") from None
+    if 1.0 in grid["densities"]:
+        raise ExperimentError(f"{path}: flow: densities: 1.0 has nothing to repair; give densities in (0, 1)")
+    setup = body.get("setup", "exact")
+    if setup not in SETUPS:
+        raise ExperimentError(f"{path}: flow: setup {setup!r} is not one of {', '.join(SETUPS)}")
+    shape = body.get("input_shape", [3, 32, 32])
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(x, int) and x > 0 for x in shape):
+        raise ExperimentError(f"{path}: flow: input_shape {shape!r} must be a list of positive integers, e.g. [3, 32, 32]")
+    paper = body.get("paper_flags") or {}
+    for label, rules in paper.items():
+        if label not in clean or not isinstance(rules, dict):
+            raise ExperimentError(f"{path}: flow: paper_flags: {label!r} must be one of the models "
+                                  f"({', '.join(clean)}) and map rules to values")
+        for rule, values in rules.items():
+            if rule not in grid["distributions"] or not isinstance(values, list) or len(values) != len(grid["densities"]):
+                raise ExperimentError(f"{path}: flow: paper_flags: {label}: {rule}: give one value (or null) per "
+                                      f"density ({len(grid['densities'])}) of a rule in distributions")
+    return FlowSpec(models=clean, densities=grid["densities"], distributions=grid["distributions"],
+                    seeds=grid["seeds"], setup=setup, input_shape=tuple(shape), paper_flags=paper)
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -206,6 +327,9 @@ def _calibrate(cfg, log) -> float:
 
 def estimate(spec: ExperimentSpec, root=None, *, log: Callable[[str], None] = print) -> dict:
     """``{"cells", "done", "left_seconds", "left_cpu_hours", "done_cpu_hours"}``: what the rest will cost."""
+    _runnable(spec)
+    if spec.kind == "flow":
+        return _flow_estimate(spec, root, log)
     per_sample: dict = {}
     samples: dict = {}
     totals = {"cells": 0, "done": 0, "left_seconds": 0.0, "left_cpu_hours": 0.0, "done_cpu_hours": 0.0}
@@ -290,6 +414,9 @@ def run(spec: ExperimentSpec, root=None, *, runtime: Optional[dict] = None, esti
 
     ``only``: names of the sweeps to run (default all), so that separate processes can run different sweeps of one
     experiment side by side (each sweep directory is locked by the process that runs it)."""
+    _runnable(spec)
+    if spec.kind == "flow":
+        return _flow_run(spec, root, runtime=dict(runtime or {}), estimate_first=estimate_first, log=log)
     runtime = dict(runtime or {})
     names = [s.name for s in spec.sweeps]
     unknown = sorted(set(only or ()) - set(names))
@@ -329,8 +456,17 @@ def status(spec: ExperimentSpec, root=None) -> list[dict]:
     """One row per run: sweep, cell, state (finished / interrupted / pending), test accuracy, wall seconds."""
     from .trainer import CHECKPOINT
 
+    _runnable(spec)
     base = spec.run_dir(root)
     rows = []
+    if spec.kind == "flow":
+        done = _flow_results(base).get("cells", {})
+        for model, dist, density, seed in spec.flow.cells():
+            key = flow_cell_key(model, dist, density, seed)
+            cell = done.get(key)
+            rows.append(dict(sweep="flow", cell=key, state="finished" if cell else "pending", accuracy=None,
+                             seconds=cell.get("seconds") if cell else None))
+        return rows
     for s in spec.sweeps:
         for cell, _, _ in spec.planned(s):
             d = base / s.name / cell.name
@@ -386,12 +522,24 @@ def _command_line(s: SweepSpec, options: dict, out: Path) -> str:
     return " ".join(parts)
 
 
+def _paper_finding_protocol(spec: ExperimentSpec) -> list:
+    """The lines every report opens with: the paper's claim, the finding tested and our protocol."""
+    md = ["**The paper:** " + spec.paper.strip(), ""] if spec.paper else []
+    md += ["**Finding tested:** " + spec.finding.strip(), ""]
+    if spec.protocol:
+        md += ["**Protocol:** " + spec.protocol.strip(), ""]
+    return md
+
+
 def report(spec: ExperimentSpec, root=None, docs_root=None, *, log: Callable[[str], None] = print) -> Path:
     """Write ``docs/experiments/NAME.md`` (and NAME/ with the archived summaries, tables and plots)."""
     from .report import write_report
 
+    _runnable(spec)
     docs_root = Path(docs_root or DOC_ROOT)
     docs = docs_root / spec.name
+    if spec.kind == "flow":
+        return _flow_report(spec, root, docs_root, log)
     docs.mkdir(parents=True, exist_ok=True)
     counts = _archive(spec, root, docs)
     if not any(counts.values()):
@@ -408,11 +556,7 @@ def report(spec: ExperimentSpec, root=None, docs_root=None, *, log: Callable[[st
           f"Experiment `{spec.tag}` (spec: [`experiments/{spec.name}.yaml`](../../experiments/{spec.name}.yaml)). "
           f"Generated by `sparsestart experiment report {spec.name}` from the runs' summaries archived in "
           f"[`{spec.name}/runs/`]({spec.name}/runs/); do not edit by hand.", ""]
-    if spec.paper:
-        md += ["**The paper:** " + spec.paper.strip(), ""]
-    md += ["**Finding tested:** " + spec.finding.strip(), ""]
-    if spec.protocol:
-        md += ["**Protocol:** " + spec.protocol.strip(), ""]
+    md += _paper_finding_protocol(spec)
     md += [f"**Runs:** {runs} of {planned} planned finished; {cpu_hours:.2f} CPU-hours (wall time × threads).",
            "", "**Code versions** (git describe of the checkout that finished the runs): "
            + (", ".join(f"`{v}` ({n} runs)" for v, n in _count(versions.values())) or "not recorded"), "",
@@ -430,9 +574,17 @@ def report(spec: ExperimentSpec, root=None, docs_root=None, *, log: Callable[[st
                f"the full table with every metric and the plots: [{s.name}/report.md]({s.name}/report.md).", "",
                res["table"], ""]
         md += [f"![{p.name}]({s.name}/{p.name})" for p in res["plots"] if p.name == "accuracy_vs_sparsity.png"]
+    if spec.verdict is not None:
+        from .reproduction import evaluate
+
+        r = evaluate(spec, docs_root)
+        md += ["", "## Verdict", "", f"**{r['verdict']}** (rule: see [docs/reproduction.md](../reproduction.md)).", "",
+               "| claim | a | b | outcome |", "|---|---|---|---|"]
+        md += [f"| {c['text']} | {c['a'] or '-'} | {c['b'] or '-'} | {c['outcome']} |" for c in r["claims"]]
     path = docs_root / f"{spec.name}.md"
     atomic_write_text(path, "\n".join(md) + "\n")
-    log(f"experiment {spec.tag}: report -> {path}")
+    log(f"experiment {spec.tag}: report -> {path}; refresh docs/reproduction.md with: "
+        f"sparsestart experiment reproduction")
     return path
 
 
@@ -443,14 +595,206 @@ def _count(values) -> list:
     return sorted(out.items())
 
 
+# ---------------------------------------------------------------------------------------------- kind: flow
+def _runnable(spec: ExperimentSpec) -> None:
+    if spec.kind == "reference":
+        raise ExperimentError(f"experiment {spec.tag} is of kind reference: nothing to run here; it points to "
+                              f"{spec.link} (measured elsewhere). See: sparsestart experiment reproduction")
+
+
+FLOW_FILE = "results.json"
+
+
+def _flow_results(base: Path) -> dict:
+    p = base / "flow" / FLOW_FILE
+    if not p.is_file():
+        return {"cells": {}, "cpu_seconds": 0.0}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExperimentError(f"{p}: unreadable ({type(exc).__name__}: {exc}); delete it to measure again") from None
+
+
+def _flow_cell(spec: ExperimentSpec, dense: dict, model: str, dist: str, density: float, seed: int) -> dict:
+    import torch
+
+    from ..init.flow_study import build_network, measure_cell
+
+    if model not in dense:
+        m = spec.flow.models[model]
+        dense[model] = build_network(m["model"], m["num_classes"], seed=0)
+    t0 = time.perf_counter()
+    out = measure_cell(dense[model], density, dist, seed, setup=spec.flow.setup, input_shape=spec.flow.input_shape)
+    out["seconds"] = time.perf_counter() - t0
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def _flow_estimate(spec: ExperimentSpec, root, log) -> dict:
+    done = _flow_results(spec.run_dir(root))
+    cells = spec.flow.cells()
+    left = [c for c in cells if flow_cell_key(*c) not in done["cells"]]
+    per_model: dict = {}
+    dense: dict = {}
+    for model, dist, density, seed in left:
+        if model not in per_model:  # one timed cell per network (the densest: the slowest to sample)
+            log(f"estimate: timing one flow-repair cell of {model}")
+            _flow_cell(spec, dense, model, dist, max(spec.flow.densities), seed)  # warm-up (first call builds)
+            per_model[model] = _flow_cell(spec, dense, model, dist, max(spec.flow.densities), seed)
+    import torch
+
+    seconds = sum(per_model[m]["seconds"] for m, _, _, _ in left)
+    return {"cells": len(cells), "done": len(cells) - len(left), "left_seconds": seconds,
+            "left_cpu_hours": seconds * torch.get_num_threads() / 3600,
+            "done_cpu_hours": float(done.get("cpu_seconds") or 0.0) / 3600}
+
+
+def _flow_run(spec: ExperimentSpec, root, *, runtime: dict, estimate_first: bool, log) -> dict:
+    import torch
+
+    from .paths import RunLock
+
+    if runtime.get("threads"):
+        torch.set_num_threads(int(runtime["threads"]))
+    base = spec.run_dir(root)
+    (base / "flow").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(base / "spec.yaml", spec.path.read_text(encoding="utf-8") if spec.path else "")
+    lock = RunLock(base / "flow")
+    lock.acquire(f"experiment {spec.tag}")
+    try:
+        if estimate_first:
+            est = estimate(spec, root, log=log)
+            log(f"experiment {spec.tag}: {est['done']} of {est['cells']} cell(s) measured; the rest needs about "
+                f"{_hours(est['left_seconds'])} of wall time, {est['left_cpu_hours']:.3f} CPU-hours")
+        results = _flow_results(base)
+        results.setdefault("cells", {})
+        version = code_version()
+        dense: dict = {}
+        for model, dist, density, seed in spec.flow.cells():
+            key = flow_cell_key(model, dist, density, seed)
+            if key in results["cells"]:
+                continue
+            cell = _flow_cell(spec, dense, model, dist, density, seed)
+            cell["code_version"] = version
+            results["cells"][key] = cell
+            results["cpu_seconds"] = float(results.get("cpu_seconds") or 0.0) + cell["seconds"] * cell["threads"]
+            atomic_write_text(base / "flow" / FLOW_FILE, json.dumps(results, indent=1, sort_keys=True) + "\n")
+            log(f"experiment {spec.tag}: {key}: {cell['edges']} edges added, {cell['flags']} flags "
+                f"({cell['seconds']:.1f} s)")
+    finally:
+        lock.release()
+    log(f"experiment {spec.tag}: done; write the report with: sparsestart experiment report {spec.name}")
+    return {"sweeps": {}, "failed": []}
+
+
+def _pm(values, fmt: str = "{:.1f}") -> str:
+    from .report import mean_ci
+
+    st = mean_ci(values)
+    if st["mean"] is None:
+        return "-"
+    text = fmt.format(st["mean"])
+    return text + (" ± " + fmt.format(st["ci"]) if st["ci"] is not None else f" (n={st['n']})")
+
+
+def _flow_report(spec: ExperimentSpec, root, docs_root: Path, log) -> Path:
+    import platform
+
+    import torch
+
+    docs = docs_root / spec.name
+    src = spec.run_dir(root) / "flow" / FLOW_FILE
+    dst = docs / FLOW_FILE
+    if src.is_file():
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    if not dst.is_file():
+        raise ExperimentError(f"experiment {spec.tag}: nothing measured under {src.parent}; "
+                              f"run: sparsestart experiment run {spec.name}")
+    results = json.loads(dst.read_text(encoding="utf-8"))
+    cells = results.get("cells", {})
+    f = spec.flow
+    versions = _count(c.get("code_version", "not recorded") for c in cells.values())
+    measured = sum(flow_cell_key(*c) in cells for c in f.cells())
+    md = [f"# {spec.title}", "",
+          f"Experiment `{spec.tag}` (spec: [`experiments/{spec.name}.yaml`](../../experiments/{spec.name}.yaml), "
+          f"kind flow: no training). Generated by `sparsestart experiment report {spec.name}` from the measurements "
+          f"archived in [`{spec.name}/{FLOW_FILE}`]({spec.name}/{FLOW_FILE}); do not edit by hand.", ""]
+    md += _paper_finding_protocol(spec)
+    setup = ("exactly round(p_l N_l) weights per layer, budget-exact balanced, one edge removed per edge added "
+             "(`keep_budget=True`)" if f.setup == "exact" else
+             "the released code's choices: Bernoulli masks, the budget-losing balanced rule, no edge removed")
+    md += [f"**Setup:** `{f.setup}`: {setup}; input {tuple(f.input_shape)}; seeds {', '.join(map(str, f.seeds))}; "
+           f"`repair_flow(method=\"random_addition\")`.", "",
+           f"**Cells:** {measured} of {len(f.cells())} measured; "
+           f"{float(results.get('cpu_seconds') or 0.0):.0f} CPU-seconds; code versions: "
+           + ", ".join(f"`{v}` ({n} cells)" for v, n in versions) + f"; {platform.machine()}, torch {torch.__version__}.",
+           "", f"**Command:** `sparsestart experiment run {spec.name} && sparsestart experiment report {spec.name}`"
+           + (f"; see also [{spec.link}]({os.path.relpath(spec.link, docs_root)})" if spec.link else "") + ".", "",
+           "Mean ± 95% CI over seeds (Student t, n − 1 degrees of freedom). *Flags*: (layer, direction) pairs "
+           "with any dead unit before repair, the count the paper's Tables 6-7 print (their released code sums "
+           "`(degree == 0).any()`); *paper*: the tables' value (mean of 3 runs); *edges*: weights really added.", ""]
+    for label, m in f.models.items():
+        mx = next((cells[flow_cell_key(label, d, x, s)]["max_flags"] for d in f.distributions for x in f.densities
+                   for s in f.seeds if flow_cell_key(label, d, x, s) in cells), None)
+        md += [f"## {label} ({m['model']}, {m['num_classes']} classes)", "",
+               f"Flags (at most {mx if mx is not None else '?'}): ours / paper.", "",
+               "| density | " + " | ".join(f"{d} flags" for d in f.distributions) + " |",
+               "|---|" + "---:|" * len(f.distributions)]
+        for i, x in enumerate(f.densities):
+            row = []
+            for d in f.distributions:
+                vals = [cells[k]["flags"] for s in f.seeds if (k := flow_cell_key(label, d, x, s)) in cells]
+                paper = (f.paper_flags.get(label, {}).get(d) or [None] * len(f.densities))[i]
+                row.append(f"{_pm(vals, '{:.2f}')} / {'-' if paper is None else f'{paper:g}'}")
+            md.append(f"| {x:g} | " + " | ".join(row) + " |")
+        md += ["", "Edges (weights) added / dead units before repair:", "",
+               "| density | " + " | ".join(f.distributions) + " |", "|---|" + "---:|" * len(f.distributions)]
+        for x in f.densities:
+            row = []
+            for d in f.distributions:
+                got = [cells[k] for s in f.seeds if (k := flow_cell_key(label, d, x, s)) in cells]
+                row.append(f"{_pm([c['edges'] for c in got], '{:.0f}')} / {_pm([c['dead'] for c in got], '{:.0f}')}")
+            md.append(f"| {x:g} | " + " | ".join(row) + " |")
+        md.append("")
+    if spec.verdict is not None:
+        from .reproduction import evaluate
+
+        r = evaluate(spec, docs_root)
+        md += ["## Verdict", "", f"**{r['verdict']}** (rule: see [docs/reproduction.md](../reproduction.md)).", "",
+               "| cell | ours (flags) | paper | outcome |", "|---|---|---|---|"]
+        md += [f"| {c['text'].split(' ~ ')[0]} | {c['a'] or '-'} | {c['b'] or '-'} | {c['outcome']} |"
+               for c in r["claims"]]
+        md.append("")
+    path = docs_root / f"{spec.name}.md"
+    atomic_write_text(path, "\n".join(md) + "\n")
+    log(f"experiment {spec.tag}: report -> {path}; refresh docs/reproduction.md with: "
+        f"sparsestart experiment reproduction")
+    return path
+
+
+def reproduction(docs_root=None, out=None, spec_dir=None, *, log: Callable[[str], None] = print) -> Path:
+    """Write docs/reproduction.md from every spec in ``spec_dir`` and the runs archived under ``docs_root``."""
+    from .reproduction import write_reproduction
+
+    spec_dir = Path(spec_dir or SPEC_DIR)
+    docs_root = Path(docs_root or DOC_ROOT)
+    specs = [load_spec(p) for p in sorted(spec_dir.glob("*.yaml"))]
+    if not specs:
+        raise ExperimentError(f"experiment reproduction: no spec in {spec_dir} (run from the checkout's root)")
+    return write_reproduction(specs, docs_root, Path(out) if out else docs_root.parent / "reproduction.md", log=log)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def register(sub) -> None:
     p = sub.add_parser("experiment", help="run, check or report a named experiment (experiments/NAME.yaml)",
                        description="Named, versioned experiments: each spec in experiments/ names a finding of the "
                                    "papers and the sweeps that test it. run: print a budget estimate and train "
                                    "(resumable); status: what is finished; estimate: the budget only; report: "
-                                   "write docs/experiments/NAME.md from the runs. See docs/reproduction.md.")
-    p.add_argument("action", choices=("run", "status", "estimate", "report", "list"))
+                                   "write docs/experiments/NAME.md from the runs; reproduction: write "
+                                   "docs/reproduction.md (a verdict per finding) from every spec and the archived "
+                                   "runs.")
+    p.add_argument("action", choices=("run", "status", "estimate", "report", "list", "reproduction"))
     p.add_argument("name", nargs="?", help="experiment name (experiments/NAME.yaml) or a spec file")
     p.add_argument("--root", metavar="DIR", help=f"where runs live (default {RUN_ROOT})")
     p.add_argument("--docs", metavar="DIR", help=f"where reports go (default {DOC_ROOT})")
@@ -468,7 +812,10 @@ def _main(args) -> int:
         if args.action == "list":
             for p in sorted(SPEC_DIR.glob("*.yaml")) if SPEC_DIR.is_dir() else []:
                 spec = load_spec(p)
-                print(f"{spec.name:28s} v{spec.version}  {spec.title}")
+                print(f"{spec.name:28s} v{spec.version}  {spec.kind:9s} {spec.title}")
+            return 0
+        if args.action == "reproduction":
+            reproduction(args.docs)
             return 0
         if not args.name:
             raise ExperimentError(f"experiment {args.action}: give NAME (see: sparsestart experiment list)")

@@ -107,6 +107,13 @@ def test_report_without_runs_says_how_to_run(tmp_path):
 def test_repository_specs_are_valid():
     specs = sorted((Path(__file__).resolve().parents[2] / "experiments").glob("*.yaml"))
     assert specs, "experiments/ holds the reproduction study's specs"
+    root = Path(__file__).resolve().parents[2]
     for p in specs:
         spec = ex.load_spec(p)
-        assert spec.sweeps and all(len(spec.planned(s)) > 0 for s in spec.sweeps)
+        if spec.kind == "train":
+            assert spec.sweeps and all(len(spec.planned(s)) > 0 for s in spec.sweeps)
+        elif spec.kind == "flow":
+            assert spec.flow.cells()
+        # every finding decides its row of docs/reproduction.md, and its links lead somewhere
+        assert spec.verdict is not None or not spec.testable, p
+        assert not spec.link or (root / spec.link).is_file(), (p, spec.link)
