@@ -19,6 +19,7 @@ from sparsestart.train import distributed as D
 from sparsestart.train import trainer as T
 from sparsestart.train.config import TrainConfig, resolve
 from sparsestart.train.data import BatchIterator, load_dataset
+from sparsestart.train.evaluate import evaluate_run
 from sparsestart.train.trainer import Trainer
 from tests.train.conftest import rows, untimed
 
@@ -493,7 +494,7 @@ def test_cuda_bf16_training(model, fmnist_dir, tmp_path):
 def test_cuda_evaluate_a_cpu_run(fmnist_dir, tmp_path):
     Trainer(tiny_cfg(fmnist_dir, epochs=1, final_eval=True), tmp_path / "cpu").fit()
     cpu = json.loads((tmp_path / "cpu" / "summary.json").read_text())["final"]["test"]
-    ev = T.evaluate_run(tmp_path / "cpu", device="cuda", log=lambda m: None)
+    ev = evaluate_run(tmp_path / "cpu", device="cuda", log=lambda m: None)
     assert ev["device"].startswith("cuda") and ev["gpu_name"]
     assert abs(ev["test"]["accuracy"] - cpu["accuracy"]) <= 2 / cpu["n"]
     assert ev["test"]["nll"] == pytest.approx(cpu["nll"], rel=1e-3)
