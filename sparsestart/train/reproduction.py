@@ -30,7 +30,11 @@ A claim is decided on the means and 95% confidence intervals (Student t over see
 
 A finding is **reproduced** when every claim holds, **not reproduced** when every claim fails,
 **partly** otherwise; **not run yet** when no claim has runs, **incomplete** when only some have;
-a verdict resting on a group of fewer than ``min_seeds`` seeds is marked *provisional*. Specs with
+a verdict resting on a group of fewer than ``min_seeds`` seeds is marked *provisional*.
+``chance: X`` (the metric of a network that learnt nothing, e.g. 10 points of accuracy for ten
+classes) with ``chance_margin: m`` (default 5): a claim whose two measured groups both have a mean
+below X + m is **at chance** and decides nothing (an ordering of two untrained networks is noise);
+it is left out of the verdict, and a finding whose every claim is at chance is not testable here. Specs with
 ``testable: false`` show "not testable here" and their ``why``; ``kind: reference`` specs point to a
 page measured elsewhere (``link``, a path from the checkout's root) and state its outcome
 (``verdict: {stated: TEXT}``).
@@ -52,7 +56,7 @@ __all__ = ["Ref", "Claim", "VerdictSpec", "load_verdict", "evaluate", "write_rep
 OPS = (">", ">=", "~", "<", "<=")
 _CLAIM_KEYS = {"a", "op", "b", "margin", "metric", "label"}
 _REF_KEYS = {"sweep", "method", "distribution", "density", "label", "diff", "value"}
-_VERDICT_KEYS = {"metric", "min_seeds", "claims", "tolerance", "stated"}
+_VERDICT_KEYS = {"metric", "min_seeds", "claims", "tolerance", "stated", "chance", "chance_margin"}
 
 RULE_TEXT = (
     "A claim `a > b` **holds** when the 95% confidence intervals over seeds do not overlap (a above), is "
@@ -61,7 +65,9 @@ RULE_TEXT = (
     "is more than m below b's; `a ~ b` (margin m) holds when the means differ by at most m, is weak when the "
     "intervals come within m, fails otherwise. A finding is **reproduced** when every claim holds, **not "
     "reproduced** when every claim fails, **partly** otherwise; *provisional* when a group has fewer seeds "
-    "than the spec's `min_seeds` (default 3).")
+    "than the spec's `min_seeds` (default 3). A claim whose two groups are both within the spec's "
+    "`chance_margin` of chance level (`chance`, e.g. 10% accuracy for ten classes) is **at chance**: it "
+    "compares two networks that learnt nothing, so it is left out of the verdict.")
 
 
 @dataclass
@@ -99,6 +105,8 @@ class VerdictSpec:
     min_seeds: int = 3
     metric: str = "test_accuracy"
     stated: str = ""  # kind reference: the outcome of the linked page
+    chance: Optional[float] = None  # the metric at chance level; claims between two groups near it decide nothing
+    chance_margin: float = 5.0
 
 
 # ---------------------------------------------------------------------------------------------- reading the spec
@@ -161,6 +169,14 @@ def load_verdict(spec, body) -> VerdictSpec:
     if isinstance(min_seeds, bool) or not isinstance(min_seeds, int) or min_seeds < 1:
         raise ValueError(f"min_seeds {min_seeds!r} must be an integer >= 1")
     out = VerdictSpec(claims=[], min_seeds=min_seeds, metric=metric, stated=str(body.get("stated") or ""))
+    for key in ("chance", "chance_margin"):
+        if key in body and (isinstance(body[key], bool) or not isinstance(body[key], (int, float))
+                            or body[key] < 0):
+            raise ValueError(f"{key} {body[key]!r} must be a number >= 0 (in the metric's unit)")
+    if "chance_margin" in body and "chance" not in body:
+        raise ValueError("chance_margin needs chance: the metric's value at chance level")
+    if "chance" in body:
+        out.chance, out.chance_margin = float(body["chance"]), float(body.get("chance_margin", 5.0))
     if spec.kind == "reference":
         if not out.stated or "claims" in body:
             raise ValueError("a spec of kind reference states the linked page's outcome: verdict: {stated: TEXT}")
@@ -295,14 +311,22 @@ def evaluate(spec, docs_root) -> dict:
             continue
         few = any(s.get("n") is not None and s["n"] < v.min_seeds for s in (sa, sb))
         provisional |= few
-        rows.append({"text": text, "outcome": decide(c.op, sa, sb, c.margin), "a": _fmt(sa, c.metric),
+        # only plain groups: a seed-paired difference near the chance value says nothing about chance
+        at_chance = v.chance is not None and all(
+            r.diff is None and r.value is None and s["mean"] < v.chance + v.chance_margin
+            for r, s in ((c.a, sa), (c.b, sb)))
+        outcome = "at chance" if at_chance else decide(c.op, sa, sb, c.margin)
+        rows.append({"text": text, "outcome": outcome, "a": _fmt(sa, c.metric),
                      "b": _fmt(sb, c.metric), "few_seeds": few})
     outcomes = [r["outcome"] for r in rows]
-    decided = [o for o in outcomes if o != "no runs"]
-    if not decided:
+    measured = [o for o in outcomes if o != "no runs"]
+    decided = [o for o in measured if o != "at chance"]
+    if not measured:
         verdict = "not run yet"
-    elif len(decided) < len(outcomes):
-        verdict = f"incomplete: {len(decided)} of {len(outcomes)} claims have runs"
+    elif len(measured) < len(outcomes):
+        verdict = f"incomplete: {len(measured)} of {len(outcomes)} claims have runs"
+    elif not decided:
+        verdict = "not testable here: every claim compares groups at chance level"
     elif all(o == "holds" for o in decided):
         verdict = "reproduced"
     elif all(o == "fails" for o in decided):
@@ -354,7 +378,7 @@ def write_reproduction(specs: list, docs_root, out, *, log: Callable[[str], None
         protocol = _one_line(s.row.get("protocol") or s.protocol)
         decided = [c for c in r["claims"] if c["outcome"] != "no runs"]
         if decided:
-            counts = {o: sum(c["outcome"] == o for c in decided) for o in ("holds", "weak", "fails")}
+            counts = {o: sum(c["outcome"] == o for c in decided) for o in ("holds", "weak", "fails", "at chance")}
             ours = f"{len(decided)} claims: " + ", ".join(f"{n} {o}" for o, n in counts.items() if n)
             if len(decided) <= 3:
                 ours += "; " + "; ".join(f"{c['a']} vs {c['b']}" for c in decided)

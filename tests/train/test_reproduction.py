@@ -239,3 +239,33 @@ def test_flow_spec_errors_name_the_key(tmp_path):
     p.write_text(FLOW.replace("kind: flow\n", ""))
     with pytest.raises(ex.ExperimentError, match="missing key 'sweeps'"):
         ex.load_spec(p)
+
+
+def test_claims_between_two_groups_at_chance_decide_nothing(tmp_path):
+    """ERK 10.5% vs uniform 10.0% on ten classes orders two untrained networks: 'at chance', not 'holds'."""
+    extra = "  chance: 10\n"
+    spec = _spec(tmp_path / "experiments", claims=ERK_GT_UNIFORM + "\n" +
+                 '    - {a: {sweep: main, distribution: erk}, op: ">", b: {sweep: main, density: 1.0}}',
+                 extra=extra)
+    docs = tmp_path / "docs" / "experiments"
+    _archive(docs, spec, {("erk", 0.1): [0.105, 0.106, 0.104], ("uniform", 0.1): [0.10, 0.10, 0.10],
+                          (None, 1.0): [0.90, 0.91, 0.92]})
+    r = rp.evaluate(spec, docs)
+    # the first claim would "hold" (intervals apart) without the chance rule; the second compares with a
+    # trained network and is decided as usual
+    assert [c["outcome"] for c in r["claims"]] == ["at chance", "fails"]
+    assert r["verdict"] == "not reproduced"
+    only = _spec(tmp_path / "experiments2", extra=extra)
+    _archive(tmp_path / "docs2", only, {("erk", 0.1): [0.105, 0.106, 0.104], ("uniform", 0.1): [0.10, 0.10, 0.10]})
+    assert rp.evaluate(only, tmp_path / "docs2")["verdict"].startswith("not testable here")
+    # a margin of 0 puts 10.5 above chance: decided again
+    sharp = _spec(tmp_path / "experiments3", extra="  chance: 10\n  chance_margin: 0\n")
+    _archive(tmp_path / "docs3", sharp, {("erk", 0.1): [0.105, 0.106, 0.104], ("uniform", 0.1): [0.10, 0.10, 0.10]})
+    assert rp.evaluate(sharp, tmp_path / "docs3")["claims"][0]["outcome"] == "holds"
+
+
+@pytest.mark.parametrize("extra, message", [("  chance: -1\n", "chance -1 must be a number"),
+                                            ("  chance_margin: 2\n", "chance_margin needs chance")])
+def test_bad_chance_settings_are_refused(tmp_path, extra, message):
+    with pytest.raises(Exception, match=message):
+        _spec(tmp_path / "experiments", extra=extra)
