@@ -31,7 +31,13 @@ memory shrink as sparsity grows. Such entries get no gradient from the loss
 threshold could revive them; compaction gives up that possibility.
 ``finalize()`` (run automatically at ``total_steps`` when given) bakes w_eff
 into the stored values, drops its zeros and, with ``target_density``, prunes
-globally by magnitude to exactly that density.
+globally by magnitude to exactly that density. That last cut has no training
+after it when it runs at the final step: a short run whose thresholds stopped at
+density 0.14 and is cut to 0.05 at its last step collapses to chance (ResNet-20
+on Fashion-MNIST, experiments/table4-str.yaml, version 1). ``finalize_at=f``
+(a fraction of ``total_steps``, default 1.0) runs ``finalize()`` after step
+round(f * total_steps) instead, so the rest of the run trains the final
+structure statically and can recover from the cut.
 
 While training, ``layer.values`` hold the raw w; ``effective_values(name)``
 gives w_eff, and ``layer.to_dense()`` shows raw values until ``finalize()``.
@@ -134,8 +140,10 @@ class STR(SparseAlgorithm):
     entry is dropped, default 100), ``compact_every`` (steps between
     compactions, default 100), ``target_density`` (optional exact final overall
     density, applied by ``finalize()``), ``total_steps`` (when given,
-    ``finalize()`` runs after that step). ``s_init_derived`` tells whether
-    ``s_init`` was derived.
+    ``finalize()`` runs after that step), ``finalize_at`` (fraction of
+    ``total_steps`` after which ``finalize()`` runs, default 1.0: the end; below
+    1 the remaining steps fine-tune the final structure). ``s_init_derived``
+    tells whether ``s_init`` was derived.
 
     The thresholds are ``thresholds[name]`` (Parameters); they are added to the
     optimizer as a new parameter group when the algorithm is built, so build it
@@ -149,7 +157,7 @@ class STR(SparseAlgorithm):
                  lr_factor: Optional[Callable[[int], float]] = None,
                  s_weight_decay: Optional[float] = None, s_lr: Optional[float] = None, window: int = 100,
                  compact_every: int = 100, target_density: Optional[float] = None,
-                 total_steps: Optional[int] = None):
+                 total_steps: Optional[int] = None, finalize_at: float = 1.0):
         super().__init__(model, optimizer)
         for name, v in (("s_init", s_init), ("s_start", s_start)):
             if v is None and name == "s_init":
@@ -171,6 +179,18 @@ class STR(SparseAlgorithm):
         self.target_density = None if target_density is None else check_density_arg("target_density", target_density)
         self.total_steps = None if total_steps is None else check_positive_int("total_steps", total_steps)
         self.s_start, self.prune_start = float(s_start), float(prune_start)
+        if (isinstance(finalize_at, bool) or not isinstance(finalize_at, (int, float))
+                or not 0 < finalize_at <= 1):
+            raise ValueError(f"finalize_at must be a fraction of total_steps in (0, 1], got {finalize_at!r}")
+        if finalize_at != 1 and self.total_steps is None:
+            raise ValueError(f"finalize_at={finalize_at!r} needs total_steps (the step it is a fraction of)")
+        if finalize_at != 1 and prune_start >= finalize_at:
+            raise ValueError(f"finalize_at={finalize_at!r} must come after prune_start={prune_start!r}: "
+                             f"the thresholds would be baked in before they prune")
+        self.finalize_at = float(finalize_at)
+        #: The step after which finalize() runs (None: only when called).
+        self.finalize_step = (None if self.total_steps is None
+                              else max(1, round(self.finalize_at * self.total_steps)))
         group: dict[str, Any] = {"params": []}
         if s_weight_decay is not None:
             group["weight_decay"] = float(s_weight_decay)
@@ -233,7 +253,7 @@ class STR(SparseAlgorithm):
             counter[slots] = stayed
         if t % self.compact_every == 0:
             self._compact(t)
-        if self.total_steps is not None and t == self.total_steps:
+        if self.finalize_step is not None and t == self.finalize_step:
             self.finalize()
 
     def _compact(self, t: int) -> None:

@@ -3,7 +3,7 @@
 Run directory layout (``--out DIR``)::
 
     checkpoint.pt   full state after the last completed epoch (atomic, every epoch)
-    best.pt         model (+ method state) of the epoch with the best validation accuracy
+    best.pt         model (+ method state) of the epoch with the best validation accuracy among the sparsest epochs
     metrics.jsonl   one JSON object per epoch
     metrics.csv     the same rows as CSV
     summary.json    written when the run finishes (config, metrics, layers, FLOPs, memory, time)
@@ -70,6 +70,20 @@ def _on_device(device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+def is_new_best(best: dict, nnz: int, val_accuracy: float) -> bool:
+    """Whether an epoch with ``nnz`` weights and this validation accuracy replaces ``best`` as best.pt.
+
+    The best model is the best validation epoch among those with the fewest weights so far: a method that
+    prunes (IMP, STR, gradual, edge-popup) would otherwise keep a denser early epoch as best.pt, a model of
+    another size than the run's result. Runs at constant nnz (static, RigL, SET, dense) compare accuracy only.
+    ``best`` without "nnz" (no epoch yet, or a checkpoint saved before this rule) compares accuracy only.
+    """
+    best_nnz = best.get("nnz")
+    if best_nnz is None:
+        return val_accuracy > best["val_accuracy"]
+    return nnz < best_nnz or (nnz == best_nnz and val_accuracy > best["val_accuracy"])
+
+
 class Trainer:
     """One run in ``out_dir``: a fresh one, or (``resume=True``) the one whose checkpoint is there.
 
@@ -294,9 +308,9 @@ class Trainer:
                "samples_seen": self.samples_seen, "train_flops": self.train_flops,
                "epoch_seconds": time.perf_counter() - t0, "elapsed_seconds": None}
         self.history.append(row)
-        improved = val["accuracy"] > self.best["val_accuracy"]
+        improved = is_new_best(self.best, nnz, val["accuracy"])
         if improved:
-            self.best = {"epoch": self.epoch, "val_accuracy": val["accuracy"]}
+            self.best = {"epoch": self.epoch, "val_accuracy": val["accuracy"], "nnz": nnz}
         return row, improved
 
     def _record_epoch(self, row: dict, stats: dict, improved: bool) -> None:

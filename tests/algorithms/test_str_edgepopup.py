@@ -320,3 +320,34 @@ def test_edgepopup_paper_init_kaiming_normal_zero_frozen_bias():
     algorithms.EdgePopup(model2, torch.optim.SGD(model2.parameters(), lr=0.1), final_density=0.1, total_steps=4,
                          weight_init="kaiming_normal", seed=0)
     assert model2[0].bias.requires_grad
+
+
+def test_str_finalize_at_cuts_early_and_the_rest_trains_the_final_structure():
+    """finalize_at=0.5 of 8 steps: the target cut happens after step 4, and steps 5-8 train (and change) the
+    surviving values of the final structure; with the default the cut is the last thing that happens."""
+    model, opt, algo = build("str", cnn, dict(s_init=-3.0, total_steps=8, target_density=0.1, finalize_at=0.5))
+    assert algo.finalize_step == 4
+    data = batches(model, 8)
+    train(model, opt, algo, data[:4])
+    assert algo.finalized and algo.nnz == round(0.1 * algo.numel)
+    structure = {n: layer.sparse_weight.mask().clone() for n, layer in algo.layers.items()}
+    values = {n: layer.values.detach().clone() for n, layer in algo.layers.items()}
+    train(model, opt, algo, data[4:])
+    validate_all(model)
+    assert algo.nnz == round(0.1 * algo.numel)
+    for n, layer in algo.layers.items():
+        assert torch.equal(layer.sparse_weight.mask(), structure[n])  # static after the cut
+    assert any(not torch.equal(layer.values.detach(), values[n]) for n, layer in algo.layers.items())
+    _, _, late = build("str", cnn, dict(s_init=-3.0, total_steps=8, target_density=0.1))
+    assert late.finalize_step == 8
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(total_steps=10, finalize_at=0.0), r"finalize_at must be a fraction of total_steps in \(0, 1\], got 0.0"),
+    (dict(total_steps=10, finalize_at=1.5), "finalize_at must be a fraction"),
+    (dict(finalize_at=0.5), "finalize_at=0.5 needs total_steps"),
+    (dict(total_steps=10, finalize_at=0.05), "must come after prune_start=0.1"),
+])
+def test_str_bad_finalize_at_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build("str", mlp, kwargs)

@@ -341,3 +341,29 @@ def test_str_gets_the_runs_learning_rate_schedule(tmp_path, monkeypatch):
     Trainer(cfg, tmp_path / "str")
     assert isinstance(seen["lr_factor"], trainer_mod.LRFactor)
     assert seen["lr_factor"].min_factor == pytest.approx(0.1)
+
+
+def test_best_model_is_chosen_among_the_sparsest_epochs():
+    from sparsestart.train.trainer import is_new_best
+
+    first = {"epoch": None, "val_accuracy": -1.0}
+    assert is_new_best(first, 1000, 0.5)
+    best = {"epoch": 1, "val_accuracy": 0.9, "nnz": 1000}
+    assert not is_new_best(best, 1000, 0.8) and is_new_best(best, 1000, 0.91)
+    # a pruned epoch replaces a denser one even when its accuracy is lower (IMP's next level, STR's cut) ...
+    assert is_new_best(best, 500, 0.3)
+    # ... and a denser epoch never replaces a sparser one
+    assert not is_new_best({"epoch": 3, "val_accuracy": 0.3, "nnz": 500}, 1000, 0.99)
+    # a checkpoint from before the rule (no nnz in best) compares accuracy only
+    assert not is_new_best({"epoch": 1, "val_accuracy": 0.9}, 10, 0.5)
+
+
+def test_best_model_of_a_pruning_run_has_the_final_size(fmnist_dir, tmp_path):
+    """IMP 0.3 -> 0.15 (2 phases of 1 epoch): best.pt and summary's best_val are from the final level."""
+    cfg = tiny_cfg(fmnist_dir, method="imp", epochs=1, method_options={"final_density": 0.15, "prune_fraction": 0.5})
+    s = Trainer(cfg, tmp_path / "imp", explicit=frozenset({"density", "method"})).fit()
+    hist = rows(tmp_path / "imp")
+    assert len(hist) == 2 and hist[1]["nnz"] < hist[0]["nnz"]
+    assert s["best_val"]["epoch"] == 2
+    best = torch.load(tmp_path / "imp" / "best.pt", weights_only=False)
+    assert best["epoch"] == 2
