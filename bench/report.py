@@ -335,8 +335,12 @@ def _new_suites(result: dict) -> List[str]:
                   "(interleaved, medians; each algorithm checked against it first). `direct`: the direct sparse "
                   "convolution; `unfold`: im2col + spmm; `dense`: the stored weights scattered into a transient "
                   "dense kernel for torch's convolution. `auto picks` is what `conv_algorithm=\"auto\"` chooses "
-                  "(thresholds in sparsestart/nn/conv.py); `fastest / auto time` is 1.00 when it picks the "
-                  "fastest.", "", convalgo.table(ca), ""]
+                  "by timing the candidates itself (sparsestart.nn.autotune; marked `(rule)` where the run had "
+                  "tuning off or predates the autotuner, and \"auto\" applied the threshold rule), `rule picks` "
+                  "what the threshold rule (`conv_algorithm=\"heuristic\"`, thresholds in "
+                  "sparsestart/nn/conv.py) chooses; `fastest / auto time` is 1.00 when `auto picks` is the "
+                  "fastest.",
+                  "", convalgo.table(ca), ""]
     al = result.get("algorithms", {}).get("records")
     if al:
         r0 = al[0]

@@ -1,6 +1,15 @@
-import pytest
+import os
 
-from tests.util import threads
+# The suite runs "auto" with the threshold rule (sparsestart.nn.autotune reads this when sparsestart is
+# imported, below): measured choices would depend on the machine's load, so rounding, and so results
+# compared across runs, could change from one test run to the next, and timing every new shape would
+# multiply the time of the many small-layer tests. tests/nn/test_autotune.py and the trainer's
+# autotuned resume test turn tuning on themselves. Subprocesses (CLI, distributed workers) inherit it.
+os.environ.setdefault("SPARSESTART_AUTOTUNE", "0")
+
+import pytest  # noqa: E402
+
+from tests.util import threads  # noqa: E402
 
 
 def pytest_configure(config):

@@ -15,17 +15,21 @@ __all__ = ["SparseConv2d", "CONV_ALGORITHMS"]
 
 #: SparseConv2d.conv_algorithm values. "direct": the direct sparse convolution (stride 1, CSR);
 #: "unfold": im2col + spmm (any stride, CSR or BSR); "dense": the stored weights scattered into a
-#: transient dense kernel for torch's convolution, for nearly dense layers; "auto" chooses per call:
-#: dense when density >= DENSE_COMPUTE_DENSITY and fan-in >= DENSE_COMPUTE_MIN_FAN_IN, else direct
-#: when possible, unless an output plane spans < DIRECT_MIN_PLANE padded elements at density >=
-#: UNFOLD_MIN_DENSITY, else unfold. Thresholds from the VGG-11 layers (batch 64, forward+backward,
+#: transient dense kernel for torch's convolution, for nearly dense layers. "auto" (the default)
+#: measures the valid ones on the first call for each input shape, density bucket, thread count ...
+#: and keeps the fastest (sparsestart.nn.autotune); with tuning off (SPARSESTART_AUTOTUNE=0,
+#: autotune.set_enabled(False)), and under torch.compile for a call not measured eagerly, it uses the
+#: threshold rule that "heuristic" names: dense when density >= DENSE_COMPUTE_DENSITY and fan-in >=
+#: DENSE_COMPUTE_MIN_FAN_IN, else direct when possible, unless an output plane spans < DIRECT_MIN_PLANE
+#: padded elements at density >= UNFOLD_MIN_DENSITY, else unfold. "direct", "unfold" and "dense" force
+#: one (nothing is timed). Thresholds from the VGG-11 layers (batch 64, forward+backward,
 #: 2 threads; `python -m bench --suites convalgo` measures every algorithm on every layer against
 #: nn.Conv2d, table in docs/benchmarks.md; run of 2026-11-29): at ERK 0.1 the 64->128 conv (density
 #: 0.495) takes 27.0 ms direct and 17.6 ms dense, at 0.244 both take 17.7 ms, the 3->64 input conv
 #: (fan-in 27) is faster direct even at density 1 (6.9 vs 7.4 ms); the 512->512 convs on 2x2 maps
 #: (planes of 2 x 4) take 13.6 ms direct (samples grouped, csrc/cpu/conv.cpp) and 9.6 ms unfolded at
 #: density 0.08, but 2.9 ms direct and 6.9 ms unfolded at 0.008.
-CONV_ALGORITHMS = ("auto", "direct", "unfold", "dense")
+CONV_ALGORITHMS = ("auto", "heuristic", "direct", "unfold", "dense")
 DENSE_COMPUTE_DENSITY = 0.4
 DENSE_COMPUTE_MIN_FAN_IN = 64
 DIRECT_MIN_PLANE = 16
@@ -46,6 +50,10 @@ class SparseConv2d(SparseLayer):
     arguments of :class:`SparseLinear`. The weight is stored as the matrix
     (out_channels, in_channels * kh * kw); the input is unfolded (im2col) into the
     feature-major layout [in_channels * kh * kw, batch * positions].
+
+    The attribute ``conv_algorithm`` chooses how it is computed (see CONV_ALGORITHMS): "auto"
+    (default: measured per input shape by :mod:`sparsestart.nn.autotune`), "heuristic" (the
+    threshold rule), or "direct", "unfold", "dense" forced.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding: Union[int, str, Sequence[int]] = 0,
@@ -85,7 +93,8 @@ class SparseConv2d(SparseLayer):
                              f"{self.stride}, {self.dilation}")
         self.groups, self.padding_mode = groups, padding_mode
         self.weight_shape = (out_channels, in_channels, *self.kernel_size)
-        # "auto" picks per call (see CONV_ALGORITHMS); "direct", "unfold" or "dense" force one.
+        # "auto" measures per input shape, "heuristic" applies the thresholds (see CONV_ALGORITHMS);
+        # "direct", "unfold" or "dense" force one.
         self.conv_algorithm = "auto"
 
     @property
@@ -113,7 +122,22 @@ class SparseConv2d(SparseLayer):
             raise ValueError(f"SparseConv2d: input must be [N, {self.in_channels}, H, W] (or unbatched), "
                              f"got shape {tuple(x.shape)}")
         pad = self._explicit_padding()
-        algorithm = self._algorithm(x, pad)
+        h, w = x.shape[2] + pad[2] + pad[3], x.shape[3] + pad[0] + pad[1]
+        ho, wo = self._output_size(h, w, (0, 0))
+        if ho <= 0 or wo <= 0:  # before the algorithm choice: the autotuner would run the candidates on it
+            kh, kw = self.kernel_size
+            raise ValueError(f"SparseConv2d: input of spatial size {(h, w)} (after padding) is smaller than the "
+                             f"dilated kernel {(self.dilation[0] * (kh - 1) + 1, self.dilation[1] * (kw - 1) + 1)}")
+        y = self._conv(self._algorithm(x, pad), self.values, x)
+        if self.bias is not None:
+            y = self._add_bias(y, self.bias.view(1, -1, 1, 1))
+        return y.squeeze(0) if unbatched else y
+
+    def _conv(self, algorithm: str, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of the batched input ``x`` with ``values`` in this layer's structure, without
+        bias, computed by ``algorithm`` (the forward uses the layer's values, the autotuner detached
+        copies)."""
+        pad = self._explicit_padding()
         if algorithm in ("direct", "dense") and self.padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
             conv_padding, pad = [pad[2], pad[0]], (0, 0, 0, 0)  # the kernel pads symmetrically itself
         else:
@@ -122,30 +146,21 @@ class SparseConv2d(SparseLayer):
             x = F.pad(x, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         n, _, h, w = x.shape
         ho, wo = self._output_size(h, w, conv_padding)
-        if ho <= 0 or wo <= 0:
-            kh, kw = self.kernel_size
-            raise ValueError(f"SparseConv2d: input of spatial size {(h, w)} (after padding) is smaller than the "
-                             f"dilated kernel {(self.dilation[0] * (kh - 1) + 1, self.dilation[1] * (kw - 1) + 1)}")
         if algorithm == "direct":
             # Stride 1 and CSR: direct sparse convolution, no unfolded input in memory.
-            y = torch.ops.sparsestart.conv2d(self.values, *self._index(), x,
-                                             list(self.kernel_size), conv_padding, list(self.dilation))
-        elif algorithm == "dense":
-            # The stored weights scattered into a transient dense kernel (gradients flow back to the
-            # stored values only); storage, gradients and optimizer state stay sparse.
-            y = F.conv2d(x, self.dense_weight(), None, self.stride, conv_padding, self.dilation)
-        else:
-            y = self._unfolded_conv(x, n, ho, wo)
-        if self.bias is not None:
-            y = self._add_bias(y, self.bias.view(1, -1, 1, 1))
-        return y.squeeze(0) if unbatched else y
+            return torch.ops.sparsestart.conv2d(values, *self._index(), x,
+                                                list(self.kernel_size), conv_padding, list(self.dilation))
+        if algorithm == "dense":
+            # Nearly dense layers: torch's dense convolution on the transient dense kernel.
+            return F.conv2d(x, self._dense_weight_of(values), None, self.stride, conv_padding, self.dilation)
+        return self._unfolded_conv(values, x, n, ho, wo)
 
     def _output_size(self, h: int, w: int, padding) -> tuple[int, int]:
         (kh, kw), (dh, dw), (sh, sw) = self.kernel_size, self.dilation, self.stride
         return ((h + 2 * padding[0] - dh * (kh - 1) - 1) // sh + 1, (w + 2 * padding[1] - dw * (kw - 1) - 1) // sw + 1)
 
     def _algorithm(self, x: torch.Tensor, pad) -> str:
-        """The algorithm for this call: ``conv_algorithm`` unless "auto" (see CONV_ALGORITHMS)."""
+        """The algorithm for this call: ``conv_algorithm`` unless "auto" or "heuristic" (see CONV_ALGORITHMS)."""
         choice = self.conv_algorithm
         if choice not in CONV_ALGORITHMS:
             raise ValueError(f"SparseConv2d: conv_algorithm must be one of {CONV_ALGORITHMS}, got {choice!r}")
@@ -153,8 +168,18 @@ class SparseConv2d(SparseLayer):
         if choice == "direct" and not direct_ok:
             raise ValueError("SparseConv2d: conv_algorithm='direct' needs stride 1 and format 'csr'; "
                              f"this layer has stride {self.stride} and format {self.format!r}")
-        if choice != "auto":
+        if choice not in ("auto", "heuristic"):
             return choice
+        rule = self._heuristic(x, pad, direct_ok)
+        if choice == "heuristic":
+            return rule
+        valid = ("direct", "unfold", "dense") if direct_ok else ("unfold", "dense")
+        return self._tuned_algorithm("conv2d", x, rule, valid, self._conv, weight=self.weight_shape,
+                                     stride=self.stride, padding=tuple(pad), dilation=self.dilation,
+                                     padding_mode=self.padding_mode, input=tuple(x.shape))
+
+    def _heuristic(self, x: torch.Tensor, pad, direct_ok: bool) -> str:
+        """The threshold rule of conv_algorithm="heuristic" (see CONV_ALGORITHMS)."""
         density = self._choice_density()
         if density >= DENSE_COMPUTE_DENSITY and self.fan_in >= DENSE_COMPUTE_MIN_FAN_IN:
             return "dense"
@@ -168,11 +193,11 @@ class SparseConv2d(SparseLayer):
                 return "direct"
         return "unfold"
 
-    def _unfolded_conv(self, x: torch.Tensor, n: int, ho: int, wo: int) -> torch.Tensor:
+    def _unfolded_conv(self, values: torch.Tensor, x: torch.Tensor, n: int, ho: int, wo: int) -> torch.Tensor:
         """Strided or BSR convolution: unfold (im2col) to [Cin*kh*kw, n*ho*wo], then spmm."""
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [n, C*kh*kw, L]
         xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
-        y = self._matmul(xt).view(self.out_channels, n, ho * wo).transpose(0, 1)
+        y = self._matmul(xt, values).view(self.out_channels, n, ho * wo).transpose(0, 1)
         return y.reshape(n, self.out_channels, ho, wo)
 
     @classmethod

@@ -16,6 +16,7 @@ from .. import ops  # noqa: F401  registers torch.ops.sparsestart
 from ..formats import BSR, CSR, SparseMatrix
 from ..formats.compressed import one_thread, per_version
 from ..init.sampling import check_density, er_csr
+from . import autotune
 from .build import _check_format, _generator, _real_number, _refuse_meta
 
 __all__ = ["SparseLayer"]
@@ -146,9 +147,37 @@ class SparseLayer(nn.Module):
         b = self._buffers
         return b["rowptr"], b["col"], b["slot"], b["colptr"], b["row"], b["slot_t"]
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """Sparse weight (as [M, K]) times a feature-major [K, N] operand."""
-        return torch.ops.sparsestart.spmm(self.values, *self._index(), x)
+    def _matmul(self, x: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sparse weight (as [M, K]) times a feature-major [K, N] operand; ``values`` in place of the
+        layer's own (the autotuner runs the algorithms on a detached copy)."""
+        return torch.ops.sparsestart.spmm(self.values if values is None else values, *self._index(), x)
+
+    def _tuned_algorithm(self, op: str, x: torch.Tensor, rule: str, valid: tuple, compute, **key_fields) -> str:
+        """The algorithm "auto" takes for this call (see :mod:`sparsestart.nn.autotune`): ``rule`` (the
+        threshold rule) when tuning is off; else the cached choice for the call's key, measuring the
+        ``valid`` algorithms first when the key is new and timing is possible now (eager; under
+        torch.compile an uncached key takes ``rule``); "dense" is no candidate for a layer above
+        autotune.DENSE_MAX_NUMEL weights. ``compute(algorithm, values, x)`` computes the
+        layer without bias; ``key_fields`` are the layer kind's own key fields (geometry, input shape)."""
+        if not autotune.enabled():
+            return rule
+        if math.prod(self.weight_shape) > autotune.DENSE_MAX_NUMEL:
+            valid = tuple(a for a in valid if a != "dense")
+            if len(valid) == 1:
+                return valid[0]
+        values = self.values
+        device_type = x.device.type
+        grad = autotune.grad_mode(values, x)
+        key = autotune.make_key(
+            op, dtype=x.dtype, device=device_type,
+            autocast=torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None,
+            format="csr" if values.dim() == 1 else f"bsr{values.shape[1]}",
+            density_bucket=autotune.density_bucket(self._choice_density()), grad=grad, **key_fields)
+        if not autotune.can_time(x, values):
+            cached = autotune.lookup(key)
+            return cached if cached in valid else rule
+        runs = {a: autotune.candidate_runner(lambda v, xi, a=a: compute(a, v, xi), values, x, grad) for a in valid}
+        return autotune.choose(key, runs, x.device)
 
     def _add_bias(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """y + bias in y's dtype under autocast: there y is bfloat16/float16 while the bias stays a
@@ -206,7 +235,14 @@ class SparseLayer(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The effective weight as a dense tensor of the torch weight shape (differentiable)."""
-        return self.sparse_weight.to_dense().reshape(self.weight_shape)
+        return self._dense_weight_of(self.values)
+
+    def _dense_weight_of(self, values: torch.Tensor) -> torch.Tensor:
+        """The layer's structure filled with ``values`` as a dense weight of the torch weight shape. The
+        "dense" algorithms of both layers compute through it: the scatter is differentiable, so the
+        gradient reaches the stored values only (storage, gradients and optimizer state stay sparse)."""
+        cls = CSR if values.dim() == 1 else BSR
+        return cls(values, *self._index(), self.matrix_shape).to_dense().reshape(self.weight_shape)
 
     @torch.no_grad()
     def _filled(self, dense: nn.Module) -> nn.Module:

@@ -4,12 +4,23 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .build import _generator, _weight_to_matrix
 from .layer import SparseLayer
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseLinear", "LINEAR_ALGORITHMS"]
+
+#: SparseLinear.linear_algorithm values. "sparse": the sparse product (spmm, feature-major);
+#: "dense": the stored weights scattered into a transient dense weight for F.linear (the gradient
+#: still reaches the stored values only), for saturated layers such as the classifiers ERK leaves at
+#: density 1. "auto" (the default) measures both on the first call for each input shape, density
+#: bucket, thread count ... and keeps the faster (sparsestart.nn.autotune); with tuning off, and
+#: under torch.compile for a call not measured eagerly, it uses the rule "heuristic" names, which is
+#: "sparse" always (what SparseLinear did before the dense path existed: no threshold has been
+#: measured for it yet). "sparse" and "dense" force one (nothing is timed).
+LINEAR_ALGORITHMS = ("auto", "heuristic", "sparse", "dense")
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -34,7 +45,14 @@ class SparseLinear(SparseLayer):
       exact       False: keep each weight independently with probability density
       seed        seed of the structure and initial values (None: torch's global RNG)
       init_fan_in "dense" (torch's init) or "kept" (scale by each unit's kept fan-in)
+
+    The attribute ``linear_algorithm`` chooses how it is computed (see LINEAR_ALGORITHMS): "auto"
+    (default: measured per input shape by :mod:`sparsestart.nn.autotune`), "heuristic" (always
+    "sparse"), or "sparse", "dense" forced.
     """
+
+    #: See LINEAR_ALGORITHMS (a class attribute too, so that layers pickled before it existed have it).
+    linear_algorithm = "auto"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, density: float,
                  format: str = "csr", block_size: Optional[int] = None, capacity: Optional[int] = None,
@@ -58,19 +76,39 @@ class SparseLinear(SparseLayer):
             raise ValueError(f"SparseLinear: input's last dimension must be in_features={self.in_features}, "
                              f"got input of shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        # Feature-major in, feature-major out: one transpose each way. The input is made
-        # contiguous here, before the op, so autograd saves the feature-major copy and the
-        # backward's sddmm does not transpose it a second time (a no-op when x comes from a
-        # previous sparse layer: its output is already a transposed view of a feature-major tensor).
-        xt = x.reshape(-1, self.in_features).t()
-        dtype = _autocast_dtype(xt)
-        # Under autocast the op would cast x itself; casting here makes it one copy with the transpose.
-        xt = xt.contiguous() if dtype is None else xt.to(dtype, memory_format=torch.contiguous_format)
-        y = self._matmul(xt).t()
+        x2 = x.reshape(-1, self.in_features)
+        y = self._linear(self._algorithm(x2), self.values, x2)
         bias = self.bias
         if bias is not None:
             y = self._add_bias(y, bias)
         return y.reshape(*lead, self.out_features)
+
+    def _linear(self, algorithm: str, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [N, in_features] times the weight made of ``values``, without bias, by ``algorithm``."""
+        if algorithm == "dense":
+            return F.linear(x2, self._dense_weight_of(values))
+        # Feature-major in, feature-major out: one transpose each way. The input is made
+        # contiguous here, before the op, so autograd saves the feature-major copy and the
+        # backward's sddmm does not transpose it a second time (a no-op when x comes from a
+        # previous sparse layer: its output is already a transposed view of a feature-major tensor).
+        xt = x2.t()
+        dtype = _autocast_dtype(xt)
+        # Under autocast the op would cast x itself; casting here makes it one copy with the transpose.
+        xt = xt.contiguous() if dtype is None else xt.to(dtype, memory_format=torch.contiguous_format)
+        return self._matmul(xt, values).t()
+
+    def _algorithm(self, x2: torch.Tensor) -> str:
+        """The algorithm for this call on the flattened input x2: ``linear_algorithm`` unless "auto" or
+        "heuristic" (see LINEAR_ALGORITHMS)."""
+        choice = self.linear_algorithm
+        if choice not in LINEAR_ALGORITHMS:
+            raise ValueError(f"SparseLinear: linear_algorithm must be one of {LINEAR_ALGORITHMS}, got {choice!r}")
+        if choice not in ("auto", "heuristic"):
+            return choice
+        if choice == "heuristic":
+            return "sparse"
+        return self._tuned_algorithm("linear", x2, "sparse", ("sparse", "dense"), self._linear,
+                                     weight=self.weight_shape, input=tuple(x2.shape))
 
     @classmethod
     def from_dense(cls, module: nn.Linear, mask: Optional[torch.Tensor] = None, density: Optional[float] = None, *,

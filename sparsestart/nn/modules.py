@@ -8,7 +8,8 @@ structure update made through it (drop/grow) is seen by the layer at once.
 
 The code lives in one module per idea: :mod:`.layer` (the shared base),
 :mod:`.linear`, :mod:`.conv` (with the convolution algorithm choice and its
-thresholds) and :mod:`.build` (constructor arguments). This module keeps the
+thresholds), :mod:`.autotune` (the measured choice of "auto") and :mod:`.build` (constructor
+arguments). This module keeps the
 names importable from ``sparsestart.nn.modules``, where they were defined
 before, and so keeps layers pickled then loadable.
 """
@@ -19,6 +20,6 @@ from .build import (_FORMATS, _check_format, _generator, _nonzero_blocks, _real_
 from .conv import (CONV_ALGORITHMS, DENSE_COMPUTE_DENSITY, DENSE_COMPUTE_MIN_FAN_IN, DIRECT_MIN_PLANE,  # noqa: F401
                    UNFOLD_MIN_DENSITY, SparseConv2d, _pair)
 from .layer import _INDEX_NAMES, SparseLayer  # noqa: F401
-from .linear import SparseLinear, _autocast_dtype  # noqa: F401
+from .linear import LINEAR_ALGORITHMS, SparseLinear, _autocast_dtype  # noqa: F401
 
 __all__ = ["SparseLayer", "SparseLinear", "SparseConv2d"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import nn as snn
+from ..nn import autotune
 from .checkpoint import CheckpointError, move_optimizer_state_, set_rng_state
 from .config import TrainConfig
 from .data import Dataset, NormalizedModel
@@ -178,7 +179,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None, device=None) -> RunState:
-    """Build a run from scratch, or rebuild it and load ``checkpoint`` (model, optimizer, schedule, method, RNGs).
+    """Build a run from scratch, or rebuild it and load ``checkpoint`` (model, optimizer, schedule, method, RNGs,
+    the autotuner's choices).
 
     Raises CheckpointError when the checkpoint does not fit the configuration.
     The run is rebuilt exactly as it started (same seed, same initial structure,
@@ -218,6 +220,8 @@ def build_run(cfg: TrainConfig, data: Dataset, checkpoint: Optional[dict] = None
             algorithm.load_state_dict(checkpoint["algorithm"])
             generator.set_state(checkpoint["data_rng"])
             set_rng_state(checkpoint["rng"], device)
+            if "autotune" in checkpoint:  # absent from checkpoints saved before the autotuner
+                autotune.load_state_dict(checkpoint["autotune"], where="the checkpoint's autotune entries")
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"the checkpoint does not match the run: {type(exc).__name__}: {exc}") from None
     return run

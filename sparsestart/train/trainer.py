@@ -12,9 +12,11 @@ Run directory layout (``--out DIR``)::
 
 On CPU a run resumed from ``checkpoint.pt`` produces the same metrics, bit for
 bit, as an uninterrupted run: the checkpoint holds the model (values and
-structure), optimizer, LR schedule, method state, the data iterator's generator
-and the torch / numpy / python (and CUDA) RNG states, and every epoch is a pure
-function of them. The same holds on one GPU where the kernels are deterministic.
+structure), optimizer, LR schedule, method state, the data iterator's generator,
+the torch / numpy / python (and CUDA) RNG states and the autotuner's algorithm
+choices (:mod:`sparsestart.nn.autotune`), and every epoch is a pure function of
+them (a layer input first seen after the checkpoint is measured afresh, and may
+choose another algorithm than the uninterrupted run did). The same holds on one GPU where the kernels are deterministic.
 
 Device (``cfg.device``): the model is built and sparsified on the CPU (the same
 initial weights and ER structure on every device), then moved to the device
@@ -36,6 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import runtime
+from ..nn import autotune
 from . import distributed
 from .batches import BatchIterator
 from .checkpoint import FORMAT, VERSION, load_checkpoint, rng_state
@@ -197,6 +200,9 @@ class Trainer:
             "data_rng": r.generator.get_state(), "rng": rng_state(r.device),
             "history": self.history, "best": self.best, "train_flops": self.train_flops,
             "samples_seen": self.samples_seen, "elapsed": self._elapsed(), "train_seconds": self.train_seconds,
+            # The measured algorithm choices ("auto"): a resumed run computes with the same algorithms, so
+            # with the same rounding, as the run it continues (build_run restores them).
+            "autotune": autotune.state_dict(),
         }
 
     def _best_state(self) -> dict:

@@ -7,11 +7,19 @@ from a value known outside the traced region, and the compiled model must comput
 the eager one does. Compiling on a CPU is slow: "aot_eager" (dynamo + AOTAutograd, the
 stages that trace the layers) and dynamo's counting backend keep this file to seconds.
 """
+import pytest
 import torch
 import torch._dynamo
 from torch import nn
 
-from sparsestart.nn import SparseConv2d, SparseLinear
+from sparsestart.nn import SparseConv2d, SparseLinear, autotune
+
+
+@pytest.fixture(autouse=True)
+def threshold_rule(monkeypatch):
+    """These tests follow the threshold rule's choices ("auto" with tuning off) through compilation,
+    whatever SPARSESTART_AUTOTUNE says; compiling with measured choices: tests/nn/test_autotune.py."""
+    monkeypatch.setattr(autotune, "_enabled", False)
 
 
 def _model() -> nn.Sequential:

@@ -51,7 +51,7 @@ def test_sparse_conv_matches_dense(backend, bias, cfg):
         compare_with_dense(layer, torch.randn(3, 7, 7))  # unbatched
 
 
-@pytest.mark.parametrize("algorithm", ["unfold", "dense", "direct"])
+@pytest.mark.parametrize("algorithm", ["unfold", "dense", "direct", "heuristic"])
 @pytest.mark.parametrize("cfg", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
 def test_every_conv_algorithm_matches_dense(algorithm, cfg):
     layer = SparseConv2d(3, 5, density=0.4, seed=2, **cfg)
@@ -65,8 +65,15 @@ def test_every_conv_algorithm_matches_dense(algorithm, cfg):
     compare_with_dense(layer, torch.randn(3, 7, 7))
 
 
-def test_auto_conv_algorithm_follows_density_fan_in_and_plane_size():
+@pytest.mark.parametrize("mode", ["heuristic", "auto-untuned"])
+def test_heuristic_conv_algorithm_follows_density_fan_in_and_plane_size(mode, monkeypatch):
+    """The threshold rule: conv_algorithm="heuristic", and "auto" while tuning is off."""
+    from sparsestart.nn import autotune
+
+    monkeypatch.setattr(autotune, "_enabled", False)
+
     def chosen(layer, hw):
+        layer.conv_algorithm = "heuristic" if mode == "heuristic" else "auto"
         x = torch.randn(1, layer.in_channels, hw, hw)
         return layer._algorithm(x, layer._explicit_padding())
 
@@ -87,9 +94,20 @@ def test_auto_conv_algorithm_follows_density_fan_in_and_plane_size():
     nearly_dense(x).square().sum().backward()
     torch.testing.assert_close(g_dense, nearly_dense.values.grad, rtol=1e-4, atol=1e-4)
     nearly_dense.conv_algorithm = "fast"
-    with pytest.raises(ValueError, match=r"conv_algorithm must be one of \('auto', 'direct', 'unfold', 'dense'\), "
-                                         r"got 'fast'"):
+    with pytest.raises(ValueError, match=r"conv_algorithm must be one of \('auto', 'heuristic', 'direct', 'unfold', "
+                                         r"'dense'\), got 'fast'"):
         nearly_dense(x)
+
+
+@pytest.mark.parametrize("algorithm", ["sparse", "dense", "heuristic"])
+@pytest.mark.parametrize("fmt,b,density", [("csr", None, 0.3), ("csr", None, 1.0), ("bsr", 4, 0.5)])
+def test_every_linear_algorithm_matches_dense(algorithm, fmt, b, density):
+    layer = SparseLinear(36, 20, density=density, format=fmt, block_size=b, seed=1)
+    layer.linear_algorithm = algorithm
+    compare_with_dense(layer, torch.randn(3, 5, 36))
+    compare_with_dense(layer, torch.randn(36))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dense path autocasts as nn.Linear does
+        assert layer(torch.randn(4, 36)).dtype == torch.bfloat16
 
 
 def test_sparse_conv_bsr():

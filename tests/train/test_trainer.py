@@ -92,6 +92,48 @@ def test_resume_is_bit_identical(kind, fmnist_dir, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_resume_with_autotuning_restores_the_choices(fmnist_dir, tmp_path, monkeypatch):
+    """With conv/linear_algorithm="auto" measuring, the resumed run must compute with the algorithms the
+    run it continues chose (stored in the checkpoint), not measure afresh: the algorithms round
+    differently. The fake timer makes the winners depend on ``prefer``, which changes before the resume,
+    so a resume that measured again would choose other algorithms and differ."""
+    from sparsestart.nn import autotune
+
+    prefer = {}
+
+    def timer(name, run, device):
+        return 1.0 if name in prefer["winners"] else 2.0
+
+    monkeypatch.setattr(autotune, "_time_candidate", timer)
+    monkeypatch.delenv(autotune.ENV_CACHE, raising=False)
+    autotune.set_enabled(True)
+    try:
+        cfg = tiny_cfg(fmnist_dir)
+        first_choice = {"winners": ("unfold", "dense")}
+        prefer.update(first_choice)
+        autotune.clear()
+        straight = Trainer(cfg, tmp_path / "straight")
+        straight.fit()
+        chosen = {e["choice"] for e in autotune.entries()}
+        assert chosen == {"unfold", "dense"}  # both layer kinds measured, the fake winners taken
+        autotune.clear()
+        assert Trainer(cfg, tmp_path / "resumed").fit(stop_after=1) is None
+        saved = C.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["autotune"]
+        assert {e["choice"] for e in saved["entries"]} == chosen
+        autotune.clear()
+        prefer["winners"] = ("direct", "sparse")  # a new measurement would choose these
+        second = Trainer(None, tmp_path / "resumed", resume=True, overrides={"threads": 2})
+        second.fit()
+        assert {e["choice"] for e in autotune.entries()} == chosen
+        a, b = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+        assert len(a) == 2 and untimed(a) == untimed(b)
+        sa, sb = straight.run.model.state_dict(), second.run.model.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    finally:
+        autotune.clear()
+        autotune.set_enabled(None)
+
+
 def test_crash_while_checkpointing_then_resume(fmnist_dir, tmp_path, monkeypatch):
     cfg = tiny_cfg(fmnist_dir)
     Trainer(cfg, tmp_path / "straight").fit()
