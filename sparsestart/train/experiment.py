@@ -318,9 +318,19 @@ def _calibrate(cfg, log) -> float:
     n = CALIBRATION_BATCHES * cfg.batch_size
     short = dataclasses.replace(cfg, epochs=1, train_limit=n, test_limit=cfg.eval_batch_size, final_eval=False,
                                 progress=False, tensorboard=False)
-    with tempfile.TemporaryDirectory(prefix="sparsestart-estimate-") as tmp:
-        trainer = Trainer(short, Path(tmp) / "run", log=lambda m: None)
-        summary = trainer.fit()
+    from ..nn import autotune
+
+    # The layers' algorithm choice is timed on the first call of each shape; in a few calibration steps
+    # that one-time cost (about 40 steps' worth per run of a VGG-16 at density 0.001, a few % of a run)
+    # would count as if every step paid it, so the calibration computes with the threshold rule.
+    tuning = autotune.enabled()
+    autotune.set_enabled(False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sparsestart-estimate-") as tmp:
+            trainer = Trainer(short, Path(tmp) / "run", log=lambda m: None)
+            summary = trainer.fit()
+    finally:
+        autotune.set_enabled(tuning)
     seconds = float(summary.get("train_seconds") or summary.get("wall_time_seconds"))
     return seconds / max(1, n)
 

@@ -35,7 +35,7 @@ class FakeTimer:
     def __init__(self, times: dict):
         self.times, self.calls = times, []
 
-    def __call__(self, name, run, device):
+    def __call__(self, name, run, device, limit=None):
         self.calls.append(name)
         run()
         return self.times[name]
@@ -335,3 +335,39 @@ def test_compiled_auto_uses_the_cached_choice_and_never_times(tuning, monkeypatc
     assert used[0] == "direct" and len(timer.calls) == n
     model[0].conv_algorithm, model[2].linear_algorithm = "direct", "sparse"  # forced: the eager reference
     torch.testing.assert_close(y3, model(x3), rtol=1e-5, atol=1e-6)
+
+
+def test_a_hopeless_candidate_is_run_once_not_timed_repeatedly():
+    """A candidate whose warm-up is slower than the limit (GIVE_UP_FACTOR x the best so far) cannot win:
+    one run stands for it, so a first call does not pay REPEATS dense convolutions at density 0.001."""
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.005)
+
+    cpu = torch.device("cpu")
+    assert autotune._time_candidate("dense", slow, cpu, limit=0.001) >= 0.005 and len(calls) == 1
+    calls.clear()
+    autotune._time_candidate("dense", slow, cpu)
+    assert len(calls) == 1 + autotune.REPEATS
+
+
+def test_choose_gives_later_candidates_a_limit_from_the_best_so_far(monkeypatch):
+    limits = []
+
+    def timer(name, run, device, limit=None):
+        limits.append(limit)
+        return {"direct": 2.0, "unfold": 1.0, "dense": 5.0}[name]
+
+    monkeypatch.setattr(autotune, "_time_candidate", timer)
+    key = ("conv2d", "test-limits")
+    try:
+        choice = autotune.choose(key, {a: (lambda: None) for a in ("direct", "unfold", "dense")},
+                                 torch.device("cpu"))
+    finally:
+        autotune._cache.pop(key, None)
+    assert choice == "unfold"
+    assert limits == [None, autotune.GIVE_UP_FACTOR * 2.0, autotune.GIVE_UP_FACTOR * 1.0]

@@ -101,7 +101,7 @@ def test_resume_with_autotuning_restores_the_choices(fmnist_dir, tmp_path, monke
 
     prefer = {}
 
-    def timer(name, run, device):
+    def timer(name, run, device, limit=None):
         return 1.0 if name in prefer["winners"] else 2.0
 
     monkeypatch.setattr(autotune, "_time_candidate", timer)
