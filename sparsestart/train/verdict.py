@@ -31,9 +31,13 @@ def verdict(summary: dict) -> list[str]:
     else:
         lines.append(f"  accuracy  {acc:.4f} sparse; no stored dense reference for these settings: run the same "
                      f"command with --density 1.0 to compare")
-    lines.append(f"  size      {sparse_b:,} bytes stored sparse vs {dense_b:,} dense "
-                 f"({dense_b / sparse_b if sparse_b else float('nan'):.2f}x smaller; a nonzero costs 4 value + "
-                 f"16 index bytes, so storage wins below density 0.2)")
+    if sparse_b and sparse_b <= dense_b:
+        ratio = f"{dense_b / sparse_b:.2f}x smaller"
+    else:  # e.g. edge-popup (scores beside the frozen weights), or a pruned run still holding its start's slots
+        ratio = f"{sparse_b / dense_b if dense_b else float('nan'):.2f}x larger"
+    lines.append(f"  size      {sparse_b:,} bytes stored sparse vs {dense_b:,} dense ({ratio}; a stored slot costs "
+                 f"4 value + 16 index bytes, so storage wins below density 0.2; a pruning method keeps the slots "
+                 f"of its start)")
     speed = f"  speed     {dense_fwd / fwd if fwd else float('nan'):.1f}x fewer multiply-adds per sample " \
             f"({fwd:,} vs {dense_fwd:,})"
     if ref is not None and on_cpu and ref.get("train_seconds"):

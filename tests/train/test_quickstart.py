@@ -125,3 +125,22 @@ def test_make_data_respects_system_data_off(tmp_path):
     env = dict(os.environ, SPARSESTART_SYSTEM_DATA="0")
     res = subprocess.run(["make", "-s", "-C", str(ROOT), "data"], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "not installing" in res.stdout
+
+
+def test_verdict_says_larger_when_the_sparse_model_takes_more_bytes():
+    """Edge-popup keeps scores beside its frozen weights, and a pruned run keeps its start's slots: the
+    size line must not call a model 5x the dense bytes '0.20x smaller'."""
+    from sparsestart.train.config import TrainConfig
+    from sparsestart.train.verdict import verdict
+
+    def summary(sparse_bytes):
+        cfg = TrainConfig(dataset="fashion-mnist", model="resnet20", density=0.05, method="edgepopup")
+        return {"config": cfg.to_dict(), "final": {"test": {"accuracy": 0.5}}, "density": 0.05,
+                "memory": {"model_bytes": sparse_bytes, "model_dense_bytes": 1000},
+                "flops": {"forward_per_sample": 10, "dense_forward_per_sample": 200},
+                "dataset": {"name": "fashion-mnist"}, "train_seconds": 1.0, "device": "cpu", "threads": 1}
+
+    (size,) = [l for l in verdict(summary(5000)) if l.strip().startswith("size")]
+    assert "5.00x larger" in size and "smaller" not in size
+    (size,) = [l for l in verdict(summary(250)) if l.strip().startswith("size")]
+    assert "4.00x smaller" in size
