@@ -573,7 +573,8 @@ def report(spec: ExperimentSpec, root=None, docs_root=None, *, log: Callable[[st
            "**Commands:** `sparsestart experiment run " + spec.name + "` runs every sweep (resumable); "
            "each sweep alone is:", ""]
     for s in spec.sweeps:
-        md += ["```", _command_line(s, spec.sweep_options(s), spec.run_dir(root) / s.name), "```"]
+        # The default run folder, not the one these runs happened to use: the commands are for a reader's checkout.
+        md += ["```", _command_line(s, spec.sweep_options(s), spec.run_dir() / s.name), "```"]
     for s in spec.sweeps:
         if not counts.get(s.name):
             md += ["", f"## Sweep `{s.name}`", "", "No finished run yet."]
