@@ -206,15 +206,9 @@ class SparseMatrix:
         Entries get slots 0..nnz-1 in CSR order; ``values_of_entries`` (or zeros)
         fills them.
         """
-        M, K = cls._check_shape(shape, block_size)
-        R, Q = M // block_size, K // block_size
         nnz = rows.numel()
-        C = nnz if capacity is None else _check_capacity(capacity)
-        if C < nnz:
-            raise ValueError(f"capacity must be >= nnz ({nnz}), got {capacity}")
+        M, K, R, Q, C, dtype, idt = cls._layout(shape, block_size, nnz, capacity, dtype, index_dtype)
         device = device if device is not None else rows.device
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
-        idt = index_dtype or index_dtype_for(M + 1, K + 1, C + 1)
         vshape = (C,) if block_size == 1 else (C, block_size, block_size)
         values = torch.zeros(vshape, dtype=dtype, device=device)
         empty = lambda n: torch.zeros(n, dtype=idt, device=device)  # noqa: E731
@@ -237,6 +231,17 @@ class SparseMatrix:
         return m
 
     @classmethod
+    def _layout(cls, shape, block_size: int, nnz: int, capacity, dtype, index_dtype) -> tuple:
+        """(M, K, R, Q, capacity, values dtype, index dtype) of a matrix being built with ``nnz`` entries."""
+        M, K = cls._check_shape(shape, block_size)
+        C = nnz if capacity is None else _check_capacity(capacity)
+        if C < nnz:
+            raise ValueError(f"capacity must be >= nnz ({nnz}), got {capacity}")
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        idt = index_dtype or index_dtype_for(M + 1, K + 1, C + 1)
+        return M, K, M // block_size, K // block_size, C, dtype, idt
+
+    @classmethod
     def _from_csr(
         cls,
         rowptr: torch.Tensor,
@@ -256,15 +261,9 @@ class SparseMatrix:
         a counting sort one chunk of rows at a time. The index is built where ``col`` lives
         and then moved to ``device``.
         """
-        M, K = cls._check_shape(shape, block_size)
-        R, Q = M // block_size, K // block_size
         nnz = col.numel()
-        C = nnz if capacity is None else _check_capacity(capacity)
-        if C < nnz:
-            raise ValueError(f"capacity must be >= nnz ({nnz}), got {capacity}")
+        M, K, R, Q, C, dtype, idt = cls._layout(shape, block_size, nnz, capacity, dtype, index_dtype)
         device = torch.device(device) if device is not None else col.device
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
-        idt = index_dtype or index_dtype_for(M + 1, K + 1, C + 1)
         here = col.device
         if col.dtype == idt and C == nnz:
             col_buf = col
