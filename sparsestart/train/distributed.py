@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import inspect
 import os
@@ -207,8 +208,13 @@ def cleanup(synchronize: bool = False) -> None:
     aborted that rank ("terminate called without an active exception") in about 1 of 5 runs
     that stopped early with --stop-after. Only on a normal exit: after an error on one rank the
     others may never arrive.
+
+    Before either, a garbage collection frees the DistributedDataParallel wrappers of finished
+    Trainers that only reference cycles keep alive: their reducers hold the group, and one freed
+    after the group's shutdown (at interpreter exit) is the other way a rank ended in that abort.
     """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()

@@ -106,6 +106,7 @@ def main(out: Path) -> None:
         for name in SCENARIOS:
             _, trainer = run_scenario(name, out)
         tamper_on_one_rank(trainer, out)
+        del trainer  # its DDP wrapper holds the group: free it before the group is destroyed
 
 
 if __name__ == "__main__":
