@@ -29,8 +29,8 @@ SETTINGS = {
     "kernels": ("shapes", "blocks", "densities", "rounds"),
     "layers": ("densities", "layer_rounds"),
     "convalgo": ("train_densities", "distributions", "vgg_batch", "layer_rounds"),
-    "training": ("train_models", "train_densities", "distributions", "vgg_batch", "train_rounds"),
-    "algorithms": ("train_models", "algo_density", "distributions", "vgg_batch", "update_interval", "drop_fraction",
+    "training": ("train_models", "train_densities", "distributions", "vgg_batch", "train_rounds", "train_malloc"),
+    "algorithms": ("algo_models", "algo_density", "distributions", "vgg_batch", "update_interval", "drop_fraction",
                    "algo_rounds"),
     "sampling": ("sampling_size", "sampling_density", "sampling_variants", "sampling_rounds"),
 }
@@ -67,8 +67,12 @@ def parse(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per kernel problem (default 15)")
     p.add_argument("--layer-rounds", type=int, default=None, help="interleaved rounds per layer problem (default 9)")
     g = p.add_argument_group("training and algorithms suites")
-    g.add_argument("--train-models", nargs="+", default=None, choices=["mlp", "vgg11", "resnet18"],
-                   help="default mlp vgg11 (GPU: + resnet18 without --quick; resnet18 is GPU-only)")
+    g.add_argument("--train-models", nargs="+", default=None, choices=["mlp", "vgg11", "resnet20", "resnet18"],
+                   help="default mlp vgg11 resnet20 resnet18 (algorithms suite: mlp vgg11; GPU: mlp vgg11, + "
+                        "resnet18 without --quick; resnet20 is CPU-only)")
+    g.add_argument("--train-malloc", choices=["process", "both"], default=None,
+                   help="training suite: this process's allocator policy only, or both policies (the other in a "
+                        "child process); default both, process with --quick")
     g.add_argument("--train-densities", nargs="+", type=float, default=[0.1, 0.01],
                    help="overall densities of the training suite (default 0.1 0.01)")
     g.add_argument("--distributions", nargs="+", default=None, metavar="NAME",
@@ -140,9 +144,12 @@ def parse(argv=None):
     if args.tiny:
         p.error("--tiny applies to the GPU suites")
     args.suites = args.suites or list(SUITES)
-    args.train_models = args.train_models or ["mlp", "vgg11"]
-    if "resnet18" in args.train_models:
-        p.error("--train-models resnet18 is measured by the GPU suites only (--device cuda)")
+    args.algo_models = [m for m in (args.train_models or ["mlp", "vgg11"]) if m in ("mlp", "vgg11")]
+    if not args.algo_models and "algorithms" in args.suites:
+        p.error(f"--train-models {' '.join(args.train_models)}: the algorithms suite measures mlp and/or vgg11; "
+                f"name one of them, or leave algorithms out of --suites")
+    args.train_models = args.train_models or ["mlp", "vgg11", "resnet20", "resnet18"]
+    args.train_malloc = args.train_malloc or ("process" if args.quick else "both")
     args.threads = args.threads or 2
     if args.quick:
         args.shapes = args.shapes or [(256, 192, 40), (64, 48, 300)]

@@ -122,7 +122,7 @@ def bench_model(cfg: dict, density: float, distribution: str, rounds: int, inter
 
 def run(args, log=print) -> dict:
     records = []
-    for cfg in training.configs(args.quick, args.train_models, args.vgg_batch):
+    for cfg in training.configs(args.quick, args.algo_models, args.vgg_batch):
         if args.wait_quiet:
             common.wait_quiet(args.wait_quiet)
         r = bench_model(cfg, args.algo_density, args.distributions[0], args.algo_rounds, args.update_interval,

@@ -75,6 +75,12 @@ def configure(args) -> None:
         raise SystemExit(f"python -m bench --device {args.device}: suites {bad} are CPU-only; the GPU suites are "
                          f"{list(SUITES)} (GPU kernels: python bench/gpu.py)")
     args.train_models = args.train_models or (["mlp", "vgg11"] if quick else ["mlp", "vgg11", "resnet18"])
+    if "resnet20" in args.train_models:
+        raise ValueError("--train-models resnet20 is measured by the CPU suites only; the GPU suites take mlp, "
+                         "vgg11 and resnet18")
+    if getattr(args, "train_malloc", None) is not None:
+        raise ValueError("--train-malloc applies to the CPU training suite (glibc's allocator); leave it out with "
+                         "--device cuda")
     args.densities = args.densities or ([0.1, 0.01] if quick else [0.5, 0.2, 0.1, 0.05, 0.01])
     args.precisions = args.precisions or list(PRECISIONS)
     args.formats = args.formats or ["csr", "bsr32"]

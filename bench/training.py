@@ -60,12 +60,20 @@ def configs(quick: bool, models, vgg_batch: Optional[int] = None) -> List[dict]:
         cfgs = [dict(model="mlp", title="MLP 64-96-96-10", batch=16, input=(64,),
                      build=lambda: zoo.mlp([64, 96, 96, 10])),
                 dict(model="vgg11", title="VGG-11-BN (width 1/16) at 3x8x8", batch=vgg_batch or 2, input=(3, 8, 8),
-                     build=lambda: zoo.vgg11(width=0.0625, input_size=8))]
+                     build=lambda: zoo.vgg11(width=0.0625, input_size=8)),
+                dict(model="resnet20", title="ResNet-20 (width 1/4) at 3x8x8", batch=vgg_batch or 2, input=(3, 8, 8),
+                     build=lambda: zoo.resnet20(width=0.25, input_size=8)),
+                dict(model="resnet18", title="ResNet-18 (width 1/16) at 3x8x8", batch=vgg_batch or 2,
+                     input=(3, 8, 8), build=lambda: zoo.resnet18(width=0.0625, input_size=8))]
     else:
         cfgs = [dict(model="mlp", title="MLP 784-4096-4096-10", batch=256, input=(784,),
                      build=lambda: zoo.mlp([784, 4096, 4096, 10])),
                 dict(model="vgg11", title="VGG-11-BN (CIFAR) at 3x32x32", batch=vgg_batch or 64, input=(3, 32, 32),
-                     build=lambda: zoo.vgg11())]
+                     build=lambda: zoo.vgg11()),
+                dict(model="resnet20", title="ResNet-20 (CIFAR) at 3x32x32", batch=vgg_batch or 64,
+                     input=(3, 32, 32), build=lambda: zoo.resnet20()),
+                dict(model="resnet18", title="ResNet-18 (CIFAR) at 3x32x32", batch=vgg_batch or 64,
+                     input=(3, 32, 32), build=lambda: zoo.resnet18())]
     return [c for c in cfgs if c["model"] in models]
 
 
@@ -275,6 +283,13 @@ def bench_model(cfg: dict, density: float, distribution: str, rounds: int, seed:
 
 
 def run(args, log=print) -> dict:
+    """Every (model, distribution, density) problem under this process's allocator policy; with
+    ``args.train_malloc == "both"`` the same problems again in a child process under the other policy
+    (glibc's malloc cannot be put back to its default inside a process: a mallopt call fixes thresholds
+    that glibc otherwise adapts). Each record names its policy in ``malloc``."""
+    from sparsestart import runtime
+
+    policy = runtime.malloc_settings()["policy"]
     records = []
     for cfg in configs(args.quick, args.train_models, args.vgg_batch):
         for dist in args.distributions:
@@ -282,11 +297,42 @@ def run(args, log=print) -> dict:
                 if args.wait_quiet:
                     common.wait_quiet(args.wait_quiet)
                 r = bench_model(cfg, d, dist, args.train_rounds, seed=args.seed)
+                r["malloc"] = policy
                 records.append(r)
                 t, m = r["times"], r["memory"]
-                log(f"  {r['title']:34s} batch {r['batch']:<4d} {r['distribution']} d={d:<5g} "
+                log(f"  {r['title']:34s} batch {r['batch']:<4d} {r['distribution']} d={d:<5g} {policy:19s} "
                     f"sparse {t['sparse']['median'] * 1e3:8.2f} ms  dense {t['dense']['median'] * 1e3:8.2f} ms"
                     f"  masked {t['masked']['median'] * 1e3:8.2f} ms  x{r['speedup_vs_dense']:.2f} dense"
                     f"  x{r['speedup_vs_masked']:.2f} masked  memory "
                     f"{m['sparse']['sgd_momentum']['ratio_vs_dense']:.3f}x dense (SGD)")
+    if getattr(args, "train_malloc", "process") == "both":
+        records += _other_malloc(args, policy, log)
     return {"records": records}
+
+
+def _other_malloc(args, policy: str, log) -> List[dict]:
+    """The training records of a child ``python -m bench --suites training`` under the other allocator policy."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "bench", "--suites", "training", "--train-malloc", "process", "--no-merge",
+                "--name", "other-malloc", "--out-dir", tmp, "--docs", "", "--threads", str(torch.get_num_threads()),
+                "--seed", str(args.seed), "--train-rounds", str(args.train_rounds), "--wait-quiet",
+                str(args.wait_quiet), "--train-models", *args.train_models, "--distributions", *args.distributions,
+                "--train-densities", *map(str, args.train_densities)]
+        argv += ["--quick"] * bool(args.quick) + (["--vgg-batch", str(args.vgg_batch)] if args.vgg_batch else [])
+        argv += ["--default-malloc"] if policy != "default" else []  # the child takes the policy this one lacks
+        log(f"  the same problems under the other allocator policy: {' '.join(argv[1:])}")
+        done = subprocess.run(argv, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in done.stdout.splitlines():
+            if line.startswith("  "):
+                log(line)
+        if done.returncode != 0:
+            raise RuntimeError(f"the training suite under the other allocator policy failed "
+                               f"(exit {done.returncode}):\n{done.stdout[-4000:]}")
+        return json.loads((Path(tmp) / "other-malloc.json").read_text())["training"]["records"]

@@ -131,7 +131,9 @@ def test_cli_defaults():
 
     cpu = cli.parse([])
     assert cpu.device == "cpu" and not cpu.gpu and cpu.threads == 2
-    assert cpu.suites == list(cli.SUITES) and cpu.train_models == ["mlp", "vgg11"] and cpu.name == "cpu"
+    assert cpu.suites == list(cli.SUITES) and cpu.name == "cpu"
+    assert cpu.train_models == ["mlp", "vgg11", "resnet20", "resnet18"] and cpu.algo_models == ["mlp", "vgg11"]
+    assert cpu.train_malloc == "both" and cli.parse(["--quick"]).train_malloc == "process"
     quick = cli.parse(["--device", "cuda", "--quick"])
     assert quick.gpu and quick.suites == ["training", "layers", "algorithms"]
     assert quick.train_models == ["mlp", "vgg11"] and quick.train_densities == [0.1, 0.01]
@@ -143,6 +145,7 @@ def test_cli_defaults():
     assert full.train_models == ["mlp", "vgg11", "resnet18"] and full.reps == 30 and full.layer_set == "full"
     assert full.autotune is False and full.algo_precisions == ["fp32", "bf16"]
     for bad in (["--precisions", "bf16"], ["--train-models", "resnet18"], ["--device", "tpu"],
+                ["--device", "cuda", "--train-models", "resnet20"], ["--device", "cuda", "--train-malloc", "both"],
                 ["--device", "cuda", "--suites", "kernels"], ["--device", "cuda", "--formats", "coo"]):
         with pytest.raises(SystemExit):
             cli.parse(bad)

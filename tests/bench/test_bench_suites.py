@@ -66,8 +66,9 @@ def test_training_and_algorithm_suites(tmp_path):
                      "--train-rounds", "2", "--algo-rounds", "2")
     assert set(saved) == {"meta", "training", "algorithms"}
     train = saved["training"]["records"]
-    assert [(r["model"], r["density"], r["distribution"]) for r in train] == [("mlp", 0.1, "erk"),
-                                                                              ("vgg11", 0.1, "erk")]
+    assert [(r["model"], r["density"], r["distribution"]) for r in train] == [
+        (m, 0.1, "erk") for m in ("mlp", "vgg11", "resnet20", "resnet18")]
+    assert {r["malloc"] for r in train} == {saved["meta"]["malloc"]["policy"]}  # --quick: this process only
     for r in train:
         c = r["check"]
         assert c["rel_error_loss"] <= 1e-4 and c["masked_outside_max"] == 0.0
@@ -100,6 +101,28 @@ def test_training_and_algorithm_suites(tmp_path):
                     "where one step's time goes", "## Structure updates (RigL, SET)"):
         assert section in md
     assert "## Kernels" not in md
+    assert report.render(saved, source=str(tmp_path / "smoke.json")) == md
+
+
+@needs_native
+def test_training_suite_under_both_allocator_policies(tmp_path):
+    from bench import report
+
+    saved, md = _run(tmp_path, "--suites", "training", "--train-models", "mlp", "--train-densities", "0.1", "0.01",
+                     "--train-rounds", "1", "--train-malloc", "both")
+    train = saved["training"]["records"]
+    # This process retains freed memory (the bench's default); the child ran the same problems under glibc's.
+    assert [(r["density"], r["malloc"]) for r in train] == [(0.1, "retain_freed_memory"), (0.01, "retain_freed_memory"),
+                                                            (0.1, "default"), (0.01, "default")]
+    assert all(r["check"]["rel_error_loss"] <= 1e-4 for r in train)
+    assert saved["training"]["run"]["settings"]["train_malloc"] == "both"
+    # Time rows for both policies; memory rows and profiles once; the step targets only on glibc's rows.
+    assert md.count("| erk | 0.1 | 0.1000 | freed memory retained |") == 1
+    assert md.count("| erk | 0.1 | 0.1000 | glibc default |") == 1
+    assert md.count("| erk | 0.1 | sparse |") == 1 and md.count("state (+ index) <=") == 2
+    assert md.count("glibc default malloc: training step >= 5x faster than dense") == 1
+    assert md.count("glibc default malloc: training step >= 20x faster than dense") == 1
+    assert md.count("where one step's time goes (freed memory retained)") == 2
     assert report.render(saved, source=str(tmp_path / "smoke.json")) == md
 
 
