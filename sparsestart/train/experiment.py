@@ -418,12 +418,44 @@ def _record_versions(spec: ExperimentSpec, root) -> None:
         atomic_write_text(path, json.dumps(versions, indent=1, sort_keys=True) + "\n")
 
 
+def _restore_archived(spec: ExperimentSpec, root, docs_root, sweeps, log: Callable[[str], None]) -> int:
+    """Copy the archived summary (and code version) of every planned run that has neither a summary nor a
+    checkpoint under ``root`` back into its run directory, so a fresh checkout does not train again what
+    the report already holds; the sweep then checks each restored summary's settings against the spec
+    (a run archived with other settings is reported, never reused). Returns how many were restored."""
+    from .trainer import CHECKPOINT
+
+    base, docs = spec.run_dir(root), Path(docs_root or DOC_ROOT) / spec.name
+    archived_versions = docs / VERSIONS_FILE
+    old = json.loads(archived_versions.read_text(encoding="utf-8")) if archived_versions.is_file() else {}
+    path = base / VERSIONS_FILE
+    versions = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    restored = 0
+    for s in sweeps:
+        for cell, _, _ in spec.planned(s):
+            d, src = base / s.name / cell.name, docs / "runs" / s.name / cell.name / "summary.json"
+            if src.is_file() and not (d / "summary.json").exists() and not (d / CHECKPOINT).exists():
+                d.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, d / "summary.json")
+                key = f"{s.name}/{cell.name}"
+                if key in old:
+                    versions[key] = old[key]
+                restored += 1
+    if restored:
+        base.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(versions, indent=1, sort_keys=True) + "\n")
+        log(f"experiment {spec.tag}: {restored} run(s) finished before are archived in {docs}; their summaries "
+            f"are restored under {base} and not trained again")
+    return restored
+
+
 def run(spec: ExperimentSpec, root=None, *, runtime: Optional[dict] = None, estimate_first: bool = True,
-        only: Optional[list] = None, log: Callable[[str], None] = print) -> dict:
+        only: Optional[list] = None, docs_root=None, log: Callable[[str], None] = print) -> dict:
     """Train (or continue) every sweep of ``spec``; ``runtime``: options that never change results (threads, ...).
 
     ``only``: names of the sweeps to run (default all), so that separate processes can run different sweeps of one
-    experiment side by side (each sweep directory is locked by the process that runs it)."""
+    experiment side by side (each sweep directory is locked by the process that runs it). Runs archived in
+    ``docs_root`` (default docs/experiments) whose run directory is gone are restored, not trained again."""
     _runnable(spec)
     if spec.kind == "flow":
         return _flow_run(spec, root, runtime=dict(runtime or {}), estimate_first=estimate_first, log=log)
@@ -435,6 +467,7 @@ def run(spec: ExperimentSpec, root=None, *, runtime: Optional[dict] = None, esti
                               f"the spec has {', '.join(names)}")
     sweeps = [s for s in spec.sweeps if not only or s.name in only]
     base = spec.run_dir(root)
+    _restore_archived(spec, root, docs_root, sweeps, log)
     if estimate_first:
         est = estimate(spec, root, log=log)
         log(f"experiment {spec.tag}: {est['done']} of {est['cells']} run(s) finished "
@@ -833,7 +866,8 @@ def _main(args) -> int:
         spec = load_spec(args.name)
         if args.action == "run":
             runtime = {"threads": args.threads} if args.threads else {}
-            res = run(spec, args.root, runtime=runtime, estimate_first=args.estimate, only=args.sweep)
+            res = run(spec, args.root, runtime=runtime, estimate_first=args.estimate, only=args.sweep,
+                      docs_root=args.docs)
             return 1 if res["failed"] else 0
         if args.action == "estimate":
             est = estimate(spec, args.root)

@@ -64,7 +64,7 @@ def test_run_status_resume_and_report(tmp_path):
 
     # interrupted after the first sweep cell: the rest resumes, finished runs are not trained again
     lines = []
-    res = ex.run(spec, root, log=lines.append)
+    res = ex.run(spec, root, docs_root=docs, log=lines.append)
     assert res["failed"] == []
     assert any("CPU-hours" in line for line in lines)
     rows = ex.status(spec, root)
@@ -72,7 +72,7 @@ def test_run_status_resume_and_report(tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     first = (root / "tiny" / "v1" / "main" / "dense-s0" / "summary.json").stat().st_mtime_ns
     lines.clear()
-    ex.run(spec, root, log=lines.append)
+    ex.run(spec, root, docs_root=docs, log=lines.append)
     assert (root / "tiny" / "v1" / "main" / "dense-s0" / "summary.json").stat().st_mtime_ns == first
     assert sum("finished before, skipped" in line for line in lines) == 4
     assert ex.estimate(spec, root, log=lambda m: None)["left_seconds"] == 0
@@ -96,6 +96,23 @@ def test_run_status_resume_and_report(tmp_path):
     shutil.rmtree(root)
     again = ex.report(spec, root, docs, log=lambda m: None).read_text()
     assert again.split("**Runs:**")[1] == text.split("**Runs:**")[1]
+
+    # a fresh checkout runs the experiment again: the archived runs are restored, not trained again,
+    # with the code versions that finished them
+    (docs / "tiny" / ex.VERSIONS_FILE).write_text(json.dumps({k: "old-code" for k in versions}))
+    lines.clear()
+    res = ex.run(spec, root, estimate_first=False, docs_root=docs, log=lines.append)
+    assert res["failed"] == [] and sum("finished before, skipped" in line for line in lines) == 4
+    assert any("4 run(s) finished before are archived" in line for line in lines)
+    assert json.loads((root / "tiny" / "v1" / ex.VERSIONS_FILE).read_text()) == {k: "old-code" for k in versions}
+    # one archived with other settings is refused by name, never reused
+    shutil.rmtree(root)
+    changed = docs / "tiny" / "runs" / "main" / "dense-s1" / "summary.json"
+    summary = json.loads(changed.read_text())
+    summary["config"]["batch_size"] = 32
+    changed.write_text(json.dumps(summary))
+    res = ex.run(spec, root, estimate_first=False, docs_root=docs, log=lines.append)
+    assert res["failed"] == ["main/dense-s1"]
 
 
 def test_report_without_runs_says_how_to_run(tmp_path):
