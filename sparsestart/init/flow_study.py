@@ -30,6 +30,11 @@ __all__ = ["cifar_resnet50", "build_network", "measure_cell", "SETUPS"]
 SETUPS = ("exact", "paper")
 
 
+def flow_cell_key(model: str, distribution: str, density: float, seed: int) -> str:
+    """The key of one measured cell (a network's label, rule, density, seed) in a flow study's results."""
+    return f"{model}/{distribution}/d{density:g}/s{seed}"
+
+
 class _Bottleneck(nn.Module):
     def __init__(self, cin: int, planes: int, stride: int = 1):
         super().__init__()

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from ..formats import BSR, CSR, SparseMatrix
 from ..init.sampling import check_density, er_indices
-
-if TYPE_CHECKING:  # layer.py imports this module
-    from .layer import SparseLayer
 
 _FORMATS = ("csr", "bsr")
 
@@ -65,12 +62,13 @@ def _check_format(format: str, block_size) -> tuple[str, int]:
     return "bsr", block_size
 
 
-def _weight_to_matrix(module: SparseLayer, weight: torch.Tensor, mask: Optional[torch.Tensor], density,
+def _weight_to_matrix(matrix_shape: tuple[int, int], weight: torch.Tensor, mask: Optional[torch.Tensor], density,
                       format: str, block_size, capacity, exact: bool, seed) -> SparseMatrix:
-    """The compressed matrix holding ``weight`` at the positions of ``mask`` (or of an ER sample)."""
+    """The compressed [M, K] matrix (a layer's ``matrix_shape``) holding ``weight`` at the positions of
+    ``mask`` (or of an ER sample)."""
     _refuse_meta(weight.device)
     fmt, b = _check_format(format, block_size)
-    M, K = module.matrix_shape
+    M, K = matrix_shape
     cls = CSR if fmt == "csr" else BSR
     w2 = weight.detach().reshape(M, K)
     if mask is not None:

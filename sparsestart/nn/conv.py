@@ -211,8 +211,8 @@ class SparseConv2d(SparseLayer):
         SparseLayer.__init__(self)
         self._configure(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                         module.dilation, module.groups, module.padding_mode)
-        self._set_structure(_weight_to_matrix(self, module.weight, mask, density, format, block_size, capacity,
-                                              exact, seed))
+        self._set_structure(_weight_to_matrix(self.matrix_shape, module.weight, mask, density, format, block_size,
+                                              capacity, exact, seed))
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
         return self
 

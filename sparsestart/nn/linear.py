@@ -122,8 +122,8 @@ class SparseLinear(SparseLayer):
         SparseLayer.__init__(self)
         self.in_features, self.out_features = module.in_features, module.out_features
         self.weight_shape = tuple(module.weight.shape)
-        self._set_structure(_weight_to_matrix(self, module.weight, mask, density, format, block_size, capacity,
-                                              exact, seed))
+        self._set_structure(_weight_to_matrix(self.matrix_shape, module.weight, mask, density, format, block_size,
+                                              capacity, exact, seed))
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
         return self
 

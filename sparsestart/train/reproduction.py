@@ -227,7 +227,7 @@ def _values(ref: Ref, metric: str, docs: Path, flow_results: dict) -> dict:
         x, y = (_values(r, metric, docs, flow_results) for r in ref.diff)
         return {s: x[s] - y[s] for s in x if s in y}
     if ref.flow_cell is not None:
-        from .experiment import flow_cell_key
+        from ..init.flow_study import flow_cell_key
 
         model, dist, density = ref.flow_cell
         out = {}
