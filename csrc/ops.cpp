@@ -27,6 +27,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu/pool.h"
 #include "cpu/simd.h"
 #ifdef SPARSESTART_WITH_CUDA
 #include "cuda/kernels.h"
@@ -189,4 +190,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsestart native kernels (registered as torch.ops.sparsestart._native_*) and their build facts";
   m.def("build_info", &build_info,
         "How this extension was built: compiler, flags, SIMD level, OpenMP, CUDA architectures (a dict).");
+  m.def(
+      "output_pool_stats",
+      []() {
+        const auto s = sparsestart::cpu::pool_stats();
+        py::dict d;
+        d["held_bytes"] = s.held_bytes;
+        d["limit_bytes"] = s.limit_bytes;
+        d["hits"] = s.hits;
+        d["misses"] = s.misses;
+        return d;
+      },
+      "The CPU ops' output-buffer pool (csrc/cpu/pool.h): free bytes kept, their limit, hits, misses.");
+  m.def("set_output_pool_limit", &sparsestart::cpu::pool_set_limit, py::arg("bytes"),
+        "Keep at most this many free bytes in the CPU ops' output-buffer pool (0: none).");
 }

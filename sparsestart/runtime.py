@@ -21,6 +21,16 @@ should not change its host's allocator); ``sparsestart train`` and
 ``python -m bench`` apply it unless told not to (``--default-malloc``), and
 record that they did. It only changes when memory is returned to the system,
 never results.
+
+The native CPU ops need neither: their large outputs (spmm, sddmm, conv2d and
+its gradients, 256 KiB and up) come from an output-buffer pool inside the
+extension (csrc/cpu/pool.h) that keeps freed blocks by size and hands them out
+again, so a training step under glibc's default reuses the pages of the step
+before. :func:`output_pool_stats` shows it, :func:`set_output_pool_limit` (or
+``SPARSESTART_POOL_LIMIT_MB`` before the first op) bounds the free bytes it
+keeps (default 1 GiB; 0 turns it off). Dense layers and the rest of PyTorch
+still allocate through ``malloc``, which is what :func:`retain_freed_memory`
+is for.
 """
 from __future__ import annotations
 
@@ -28,7 +38,7 @@ import ctypes
 import ctypes.util
 from typing import Optional
 
-__all__ = ["retain_freed_memory", "malloc_settings"]
+__all__ = ["retain_freed_memory", "malloc_settings", "output_pool_stats", "set_output_pool_limit"]
 
 # mallopt parameter numbers of glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -70,3 +80,35 @@ def malloc_settings() -> dict:
     if _applied is None:
         return {"policy": "default"}
     return {"policy": "retain_freed_memory", **_applied}
+
+
+def _native():
+    from .ops import library
+
+    if not library.NATIVE_AVAILABLE:
+        return None
+    from . import _C
+
+    return _C
+
+
+def output_pool_stats() -> dict:
+    """The native CPU ops' output-buffer pool: ``held_bytes`` (free blocks kept for reuse),
+    ``limit_bytes`` (the most it keeps), ``hits`` (outputs served from a kept block) and ``misses``
+    (outputs that allocated a new block), counted since the process started. All zero when the C++
+    extension is not built (the reference backend allocates through PyTorch)."""
+    native = _native()
+    if native is None:
+        return {"held_bytes": 0, "limit_bytes": 0, "hits": 0, "misses": 0}
+    return dict(native.output_pool_stats())
+
+
+def set_output_pool_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` free bytes in the native CPU ops' output-buffer pool; kept blocks
+    beyond it are freed now. 0 keeps none (every output goes back to ``free`` when it dies). Never
+    changes results. Without the C++ extension there is no pool and this only checks ``nbytes``."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_output_pool_limit: nbytes must be a whole number of bytes >= 0, got {nbytes!r}")
+    native = _native()
+    if native is not None:
+        native.set_output_pool_limit(nbytes)

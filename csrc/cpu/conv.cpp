@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "pool.h"
 #include "sddmm_kernel.h"
 #include "spmm_kernel.h"
 
@@ -184,19 +185,23 @@ void shifted_conv(const T* raw, const Pad& pd, int64_t G, const std::vector<int6
   const int64_t plane = pd.plane(), L = (G - 1) * plane + rows * ld, groups = (N + G - 1) / G;
   const int64_t RB = row_blocks(groups, R), per = (R + RB - 1) / RB;
   at::parallel_for(0, groups * RB, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> buf(static_cast<size_t>(std::min(per, R) * L));
-    std::vector<T> in(static_cast<size_t>(pd.size(G)));
+    // Both are written in full before they are read (pad_group fills every position, the first
+    // tile of each row overwrites), so they need no zeroing.
+    const at::Tensor buf_block = cpu::pooled_scratch<T>(std::min(per, R) * L);
+    const at::Tensor in_block = cpu::pooled_scratch<T>(pd.size(G));
+    T* const buf = buf_block.data_ptr<T>();
+    T* const in = in_block.data_ptr<T>();
     int64_t padded = -1;  // the group now in `in` (consecutive tasks often share it)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t grp = t / RB, ra = (t % RB) * per, rb = std::min(R, ra + per);
       if (ra >= rb) continue;
       const int64_t n0 = grp * G, count = std::min(G, N - n0);
       if (grp != padded) {
-        pad_group<T>(raw + n0 * pd.src_size(), pd.src_size(), count, G, pd, in.data());
+        pad_group<T>(raw + n0 * pd.src_size(), pd.src_size(), count, G, pd, in);
         padded = grp;
       }
-      gathered_spmm<T>(in.data(), rowptr.data(), addr.data(), w.data(), ra, rb, L, buf.data());
-      crop_group<T>(buf.data(), L, count, plane, rb - ra, rows, ld, c0, cols, R * rows * cols,
+      gathered_spmm<T>(in, rowptr.data(), addr.data(), w.data(), ra, rb, L, buf);
+      crop_group<T>(buf, L, count, plane, rb - ra, rows, ld, c0, cols, R * rows * cols,
                     out + (n0 * R + ra) * rows * cols);
     }
   });
@@ -229,7 +234,7 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, c
   const int64_t M = ptr.numel() - 1, KK = g.KH * g.KW;
   const int64_t Ho = H + 2 * g.ph - g.dh * (g.KH - 1), Wo = W + 2 * g.pw - g.dw * (g.KW - 1);
   TORCH_CHECK_VALUE(Ho > 0 && Wo > 0, "sparsestart.conv2d: input ", H, "x", W, " is smaller than the dilated kernel");
-  auto out = at::empty({N, M, Ho, Wo}, x_in.options());
+  auto out = cpu::pooled_empty({N, M, Ho, Wo}, x_in.options());
   if (out.numel() == 0) return out;
   const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
   const Pad pd{Cin, H, W, g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw)};
@@ -270,7 +275,7 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
   const int64_t Cin = (colptr.numel() - 1) / KK;
   const int64_t H = Ho + g.dh * (g.KH - 1) - 2 * g.ph, W = Wo + g.dw * (g.KW - 1) - 2 * g.pw;
   TORCH_CHECK_VALUE(H > 0 && W > 0, "sparsestart.conv2d: padding too large for this output size");
-  auto dx = at::empty({N, Cin, H, W}, dy_in.options());
+  auto dx = cpu::pooled_empty({N, Cin, H, W}, dy_in.options());
   if (dx.numel() == 0) return dx;
   // dx[h][w] = sum over (co, kh, kw) of v * dy[h + ph - kh*dh][w + pw - kw*dw] (zero outside dy).
   // Pad dy by `top` rows so the smallest row index, ph - dh*(KH-1), lands at >= 0; the largest,
@@ -332,10 +337,13 @@ void weight_grad_kernel(const T* dy, const Pad& dy_pad, const T* x, const Pad& x
   const int64_t dy_sample = M * dy_pad.h * dy_pad.w;  // one sample of dy, unpadded
   at::parallel_for(0, chunks * RB, 1, [&](int64_t t0, int64_t t1) {
     // Per-thread padded copies of one group: its input, and its output gradient rows ra..rb.
-    std::vector<T> xs(static_cast<size_t>(x_pad.size(G)));
+    // (pad_group writes every position that is read: no zeroing.)
+    const at::Tensor xs_block = cpu::pooled_scratch<T>(x_pad.size(G));
     Pad rows_pad = dy_pad;
     rows_pad.planes = std::min(rper, M);
-    std::vector<T> ds(static_cast<size_t>(rows_pad.size(G)));
+    const at::Tensor ds_block = cpu::pooled_scratch<T>(rows_pad.size(G));
+    T* const xs = xs_block.data_ptr<T>();
+    T* const ds = ds_block.data_ptr<T>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ch = t / RB, ra = (t % RB) * rper, rb = std::min(M, ra + rper);
       if (ra >= rb) continue;
@@ -344,14 +352,14 @@ void weight_grad_kernel(const T* dy, const Pad& dy_pad, const T* x, const Pad& x
       const int64_t end = std::min(N, (ch + 1) * per);
       for (int64_t n0 = ch * per; n0 < end; n0 += G) {
         const int64_t count = std::min(G, end - n0);
-        pad_group<T>(x + n0 * x_pad.src_size(), x_pad.src_size(), count, G, x_pad, xs.data());
-        pad_group<T>(dy + n0 * dy_sample + ra * dy_pad.h * dy_pad.w, dy_sample, count, G, rows_pad, ds.data());
+        pad_group<T>(x + n0 * x_pad.src_size(), x_pad.src_size(), count, G, x_pad, xs);
+        pad_group<T>(dy + n0 * dy_sample + ra * dy_pad.h * dy_pad.w, dy_sample, count, G, rows_pad, ds);
         for (int64_t nb = 0; nb < L; nb += Tu::kTile) {
           const TileShape ts = tile_shape<W>(L, nb, Tu::kTile);
           const auto fn = cpu::sddmm_tile_for<T, int64_t>(ts.nv, ts.partial);
           for (int64_t r = ra; r < rb; ++r)
-            fn(ds.data() + (r - ra) * G * plane + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1],
-               xs.data() + nb, 1, part, ts.tail);
+            fn(ds + (r - ra) * G * plane + nb, addr.data(), local.data(), rowptr[r], rowptr[r + 1],
+               xs + nb, 1, part, ts.tail);
         }
       }
     }
@@ -372,7 +380,7 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
   TORCH_CHECK_VALUE(Ho == H + 2 * g.ph - g.dh * (g.KH - 1) && Wo == W + 2 * g.pw - g.dw * (g.KW - 1),
                     "sparsestart.conv2d: dy spatial size ", Ho, "x", Wo, " does not match x ", H, "x", W,
                     " under this geometry");
-  auto out = at::zeros({capacity}, dy_in.options());
+  auto out = cpu::pooled_zeros({capacity}, dy_in.options());
   if (N == 0 || M == 0) return out;
   const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
   const Pad x_pad{Cin, H, W, g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw)};
@@ -395,9 +403,10 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
         const int64_t c = I[base + e], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
         addr[e] = ci * G * Hp * Wp + kh * g.dh * Wp + kw * g.dw;
       }
-      std::vector<scalar_t> partial(static_cast<size_t>(chunks * nnz), scalar_t(0));
+      const at::Tensor partial_block = cpu::pooled_scratch<scalar_t>(chunks * nnz, /*zeroed=*/true);
+      const scalar_t* const partial = partial_block.data_ptr<scalar_t>();
       weight_grad_kernel<scalar_t>(dy.data_ptr<scalar_t>(), dy_pad, x.data_ptr<scalar_t>(), x_pad, G, rowptr, addr,
-                                   N, M, per, chunks, partial.data());
+                                   N, M, per, chunks, partial_block.data_ptr<scalar_t>());
       scalar_t* O = out.data_ptr<scalar_t>();
       at::parallel_for(0, nnz, 4096, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {

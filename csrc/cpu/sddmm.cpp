@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "pool.h"
 #include "partition.h"
 #include "sddmm_kernel.h"
 
@@ -67,14 +68,15 @@ void sddmm_launch(const I* ptr, const I* idx, const I* slot, const T* a, const T
     });
     return;
   }
-  std::vector<T> scratch(static_cast<size_t>((nchunks - 1) * elems), T(0));
+  const at::Tensor scratch_block = pooled_scratch<T>((nchunks - 1) * elems, /*zeroed=*/true);
+  T* const scratch = scratch_block.data_ptr<T>();
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
-      run(c == 0 ? out : scratch.data() + (c - 1) * elems, 0, R, c * Tu::kChunkN, std::min(N, (c + 1) * Tu::kChunkN));
+      run(c == 0 ? out : scratch + (c - 1) * elems, 0, R, c * Tu::kChunkN, std::min(N, (c + 1) * Tu::kChunkN));
   });
   at::parallel_for(0, elems, 4096, [&](int64_t s0, int64_t s1) {
     for (int64_t c = 1; c < nchunks; ++c) {
-      const T* src = scratch.data() + (c - 1) * elems;
+      const T* src = scratch + (c - 1) * elems;
       for (int64_t s = s0; s < s1; ++s) out[s] += src[s];
     }
   });
@@ -98,8 +100,8 @@ at::Tensor native_sddmm_cpu(const at::Tensor& ptr, const at::Tensor& idx, const 
                     " rows, not a multiple of the block size ", block_size);
   auto a = a_in.contiguous(), bm = b_in.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
-  auto out = block_size == 1 ? at::zeros({capacity}, a.options())
-                             : at::zeros({capacity, block_size, block_size}, a.options());
+  auto out = block_size == 1 ? pooled_zeros({capacity}, a.options())
+                             : pooled_zeros({capacity, block_size, block_size}, a.options());
   AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "sparsestart_sddmm_cpu_index", [&] {
     check_ptr_ends<index_t>(op, p.data_ptr<index_t>(), R, capacity);
     if (R == 0 || a.size(1) == 0) return;

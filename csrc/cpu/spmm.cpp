@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "pool.h"
 #include "partition.h"
 #include "spmm_kernel.h"
 
@@ -77,7 +78,7 @@ at::Tensor native_spmm_cpu(const at::Tensor& values, const at::Tensor& ptr, cons
   auto vals = values.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
   const int64_t N = x.size(1);
-  auto out = at::empty({rows, N}, x.options());
+  auto out = pooled_empty({rows, N}, x.options());
   AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "sparsestart_spmm_cpu_index", [&] {
     check_ptr_ends<index_t>(op, p.data_ptr<index_t>(), R, ix.numel());
     if (rows == 0 || N == 0) return;
