@@ -258,7 +258,9 @@ class Summary:
     Each row: name, type, shape, numel, nnz, density, ``sparse_bytes`` (all the
     layer stores: values at full capacity, index, bias), ``dense_bytes`` (what
     the dense layer stores), ``param_bytes`` (values at full capacity plus bias:
-    the parameters an optimizer sees), ``index_bytes``, and ``dense_flops`` /
+    the parameters an optimizer sees), ``index_bytes``, ``weight_bytes_per_nnz`` (values at full
+    capacity plus index, per stored weight: what a nonzero really costs; the dense element size
+    for a dense layer) and ``index_bytes_per_nnz`` (None when nnz is 0), and ``dense_flops`` /
     ``sparse_flops``: multiply-adds per sample of the weight product (bias
     additions not counted), dense and counting only stored nonzeros; None for
     a convolution when no ``input_size`` was given to :func:`summary`.
@@ -279,16 +281,18 @@ class Summary:
     def __str__(self) -> str:
         def num(v):
             return "-" if v is None else f"{v:,}"
+        def per(v):
+            return "-" if v is None else f"{v:.1f}"
         head = (f"{'layer':<28} {'type':<13} {'shape':<20} {'nnz':>10} {'density':>8} {'bytes':>12} "
-                f"{'dense bytes':>12} {'sparse MACs':>14} {'dense MACs':>14}")
+                f"{'dense bytes':>12} {'B/nnz':>6} {'sparse MACs':>14} {'dense MACs':>14}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(f"{r['name']:<28} {r['type']:<13} {str(r['shape']):<20} {r['nnz']:>10} "
                          f"{r['density']:>8.4f} {r['sparse_bytes']:>12} {r['dense_bytes']:>12} "
-                         f"{num(r['sparse_flops']):>14} {num(r['dense_flops']):>14}")
+                         f"{per(r['weight_bytes_per_nnz']):>6} {num(r['sparse_flops']):>14} {num(r['dense_flops']):>14}")
         t = self.total
         lines.append(f"{'total':<28} {'':<13} {'':<20} {t['nnz']:>10} {t['density']:>8.4f} "
-                     f"{t['sparse_bytes']:>12} {t['dense_bytes']:>12} {num(t['sparse_flops']):>14} "
+                     f"{t['sparse_bytes']:>12} {t['dense_bytes']:>12} {'':>6} {num(t['sparse_flops']):>14} "
                      f"{num(t['dense_flops']):>14}")
         return "\n".join(lines)
 
@@ -363,13 +367,16 @@ def summary(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Sum
             dense = numel * m.values.element_size() + _bytes(m.bias)
             row = dict(name=name, type=type(m).__name__, shape=tuple(shape), numel=numel, nnz=nnz,
                        density=m.density, sparse_bytes=params + index, dense_bytes=dense, param_bytes=params,
-                       index_bytes=index)
+                       index_bytes=index,
+                       weight_bytes_per_nnz=(_bytes(m.values) + index) / nnz if nnz else None,
+                       index_bytes_per_nnz=index / nnz if nnz else None)
         else:
             numel = m.weight.numel()
             nnz = numel
             b = _bytes(m.weight) + _bytes(m.bias)
             row = dict(name=name, type=type(m).__name__, shape=tuple(m.weight.shape), numel=numel,
-                       nnz=numel, density=1.0, sparse_bytes=b, dense_bytes=b, param_bytes=b, index_bytes=0)
+                       nnz=numel, density=1.0, sparse_bytes=b, dense_bytes=b, param_bytes=b, index_bytes=0,
+                       weight_bytes_per_nnz=float(m.weight.element_size()), index_bytes_per_nnz=0.0)
         row["dense_flops"] = None if pos is None else numel * pos
         row["sparse_flops"] = None if pos is None else nnz * pos
         out.rows.append(row)

@@ -116,7 +116,8 @@ def run_summary(run, cfg: TrainConfig, *, run_id: str, epochs: int, final: dict,
     model_bytes = sum(t.numel() * t.element_size() for t in r.net.parameters()) + \
         sum(t.numel() * t.element_size() for t in r.net.buffers())
     layers = [{k: row[k] for k in ("name", "type", "shape", "numel", "nnz", "density", "sparse_bytes",
-                                   "dense_bytes", "index_bytes", "sparse_flops", "dense_flops")}
+                                   "dense_bytes", "index_bytes", "weight_bytes_per_nnz", "index_bytes_per_nnz",
+                                   "sparse_flops", "dense_flops")}
               for row in s.rows]
     summary = {
         "run_id": run_id,

@@ -276,7 +276,15 @@ def test_sparsify_densify_summary():
     assert [r["name"] for r in s.rows] == ["0", "3", "5"]
     assert s.rows[0]["nnz"] == 108 and s.rows[2]["density"] == 1.0
     assert s.total["nnz"] == 108 + 640 + 20
-    assert "total" in str(s)
+    # int32 index: col, slot, row, slot_t (4 bytes each per slot of capacity) and the row and column
+    # pointers; a 4-byte value per slot
+    for r, m in ((s.rows[0], model[0]), (s.rows[1], model[3])):
+        rows, cols = m.matrix_shape
+        index = 16 * m.sparse_weight.capacity + 4 * (rows + 1 + cols + 1)
+        assert r["index_bytes"] == index and r["index_bytes_per_nnz"] == index / r["nnz"]
+        assert r["weight_bytes_per_nnz"] == (index + 4 * m.sparse_weight.capacity) / r["nnz"]
+    assert s.rows[2]["weight_bytes_per_nnz"] == 4.0 and s.rows[2]["index_bytes_per_nnz"] == 0.0
+    assert "total" in str(s) and "B/nnz" in str(s)
     dense = sparsestart.densify(model)
     assert not any(isinstance(m, sparsestart.nn.SparseLayer) for m in dense.modules())
     torch.testing.assert_close(dense(x), y)
