@@ -269,3 +269,13 @@ def test_claims_between_two_groups_at_chance_decide_nothing(tmp_path):
 def test_bad_chance_settings_are_refused(tmp_path, extra, message):
     with pytest.raises(Exception, match=message):
         _spec(tmp_path / "experiments", extra=extra)
+
+
+def test_claim_text_names_a_metric_other_than_the_findings(tmp_path):
+    claims = "\n".join([ERK_GT_UNIFORM,
+                        '    - {a: {sweep: main, distribution: erk}, op: "<=", b: {sweep: main, density: 1.0}, '
+                        'metric: ece, margin: 0.005}'])
+    spec = _spec(tmp_path / "experiments", claims=claims)
+    texts = [c["text"] for c in rp.evaluate(spec, tmp_path / "docs" / "experiments")["claims"]]
+    assert not texts[0].endswith(" in test_accuracy") and " in " not in texts[0]
+    assert texts[1].endswith(" in ece")
