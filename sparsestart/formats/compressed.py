@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .. import _native
-from .validation import validate_index
+from .validation import remember_valid, validate_index
 
 __all__ = ["SparseMatrix", "CSR", "BSR", "index_dtype_for"]
 
@@ -278,6 +278,7 @@ class SparseMatrix:
         vshape = (C,) if block_size == 1 else (C, block_size, block_size)
         values = torch.zeros(vshape, dtype=dtype, device=device)
         index = [t.to(device) for t in (rowptr_buf, col_buf, slot, colptr, row, slot_t)]
+        remember_valid(index, C)  # the samplers' CSR, checked by their tests: ops skip re-validating
         return cls(values, *index, (M, K))
 
     @classmethod
@@ -437,6 +438,7 @@ class SparseMatrix:
         the position and value, what is allowed). The same check guards the public ops, see
         :func:`sparsestart.formats.validation.validate_index`."""
         validate_index(self.index_tensors(), self.grid, self.capacity, device=self.values.device)
+        remember_valid(self.index_tensors(), self.capacity)
 
     # ------------------------------------------------------- structure updates
     def _write_csr(self, rowptr: torch.Tensor, cols: torch.Tensor) -> None:
@@ -456,6 +458,7 @@ class SparseMatrix:
         self.colptr.copy_(colptr)
         self.row.copy_(row)
         self.slot_t.copy_(slot_t)
+        remember_valid(self.index_tensors(), self.capacity)  # valid by construction: ops skip re-validating
 
     def _store(self, csr: tuple, csc: tuple, free: torch.Tensor) -> None:
         """Write (ptr, minor indices, slots) of both views and the free-slot tails into the buffers."""
@@ -468,6 +471,7 @@ class SparseMatrix:
             idx_buf[nnz:] = 0
             slot_buf[:nnz] = slot.to(idt)
             slot_buf[nnz:] = free.to(idt)
+        remember_valid(self.index_tensors(), self.capacity)  # valid by construction: ops skip re-validating
 
     @torch.no_grad()
     def drop(self, positions) -> torch.Tensor:

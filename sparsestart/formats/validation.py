@@ -17,12 +17,13 @@ naming the tensor, the position, the bad value and what is allowed. Cost O(C + R
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["INDEX_NAMES", "validate_index"]
+__all__ = ["INDEX_NAMES", "validate_index", "known_valid", "remember_valid"]
 
 INDEX_NAMES = ("rowptr", "col", "slot", "colptr", "row", "slot_t")
 
@@ -63,6 +64,39 @@ def validate_index(index: Sequence[Tensor], grid: Optional[tuple[int, int]] = No
         if not good:
             raise ValueError(where + explain(rowptr, col, slot, colptr, row, slot_t, R, Q, C))
 
+
+
+# The verdict of a validation, cached on rowptr per structure version (see sparsestart/ops/library.py).
+_VERDICT = "_sparsestart_index_ok"
+
+
+def _verdict_key(index: Sequence[Tensor], capacity: int) -> Optional[tuple]:
+    """The version counters and data pointers of the six index tensors, or None when a tensor has
+    no version counter (inference tensors) or no storage: then nothing is cached."""
+    try:
+        return (capacity, *(t._version for t in index), *(t.data_ptr() for t in index))
+    except RuntimeError:
+        return None
+
+
+def known_valid(index: Sequence[Tensor], capacity: int) -> bool:
+    """Whether ``index`` was validated (or written valid by the format) and not written since."""
+    key = _verdict_key(index, capacity)
+    cached = getattr(index[0], _VERDICT, None) if key is not None else None
+    # The weak references tell a tensor freed and reallocated at the same address apart.
+    return (cached is not None and cached[0] == key
+            and all(r() is t for r, t in zip(cached[1], index[1:])))
+
+
+def remember_valid(index: Sequence[Tensor], capacity: int) -> None:
+    """Record that ``index`` is valid for ``capacity`` value slots at its tensors' current versions.
+
+    Called after :func:`validate_index` passed, and by the format's own index writers
+    (:meth:`SparseMatrix.replace` and the builders), whose output is valid by construction; any
+    later write through the tensors bumps a version counter and voids the record."""
+    key = _verdict_key(index, capacity)
+    if key is not None:
+        setattr(index[0], _VERDICT, (key, tuple(weakref.ref(t) for t in index[1:])))
 
 # The checks, in the order a message reports them. Each is a 0-d bool tensor computed without host
 # synchronisation. A later check may compute garbage when an earlier one fails (a row number from a

@@ -30,7 +30,11 @@ their identity), so a layer whose structure the library maintains pays only a lo
 those attributes per call (microseconds; bench/index_validation.py), while any in-place
 write (``layer.col[3] = 7``, a structure update, ``load_state_dict``) or a different tensor
 triggers a new O(nnz) validation, with one host synchronisation on a GPU, before the
-kernel runs. Not checked: under torch.compile tracing, fake and meta tensors (they hold no
+kernel runs -- except the index writes of the format itself (``SparseMatrix.replace``, which
+every structure update goes through, and the builders): they produce a valid index by
+construction from checked coordinates and record the verdict for the versions they leave, so
+a RigL/SET update does not pay a whole validation (hundreds of ms on a 4096 x 4096 layer at
+density 0.1) on the next forward. Not checked: under torch.compile tracing, fake and meta tensors (they hold no
 data; a compiled graph runs this real impl, so the check happens at run time), and an index
 first seen during a CUDA graph capture (a host synchronisation is not allowed there: run
 the step once eagerly before capturing, as CUDA graphs need anyway). Inference tensors have
@@ -44,13 +48,12 @@ bump the counter (write through the tensor itself, e.g. ``layer.col[3] = 7``).
 """
 from __future__ import annotations
 
-import weakref
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..formats.validation import validate_index
+from ..formats.validation import known_valid, remember_valid, validate_index
 from . import reference, registry
 
 __all__ = ["spmm", "spmm_t", "sddmm", "conv2d", "conv2d_input_grad", "conv2d_weight_grad", "NATIVE_AVAILABLE"]
@@ -89,31 +92,15 @@ def _check_index(op: str, values: Tensor | None, index: tuple[Tensor, ...]) -> N
 
 # Off only for bench/index_validation.py, which measures what the cached check costs per call.
 _VALIDATE_INDEX = True
-_VERDICT = "_sparsestart_index_ok"
 
 
 def _check_contents(op: str, index: tuple[Tensor, ...], capacity: int) -> None:
     """Validate the index contents the native kernels will trust, once per structure version (see
     the module docstring); run by the real impls only, after the shape and dtype checks."""
-    if not _VALIDATE_INDEX:
-        return
-    rowptr, col, slot, colptr, row, slot_t = index
-    try:
-        key = (capacity, rowptr._version, col._version, slot._version, colptr._version, row._version,
-               slot_t._version, rowptr.data_ptr(), col.data_ptr(), slot.data_ptr(), colptr.data_ptr(),
-               row.data_ptr(), slot_t.data_ptr())
-    except RuntimeError:  # inference tensors have no version counter; tensors without storage
-        key = None
-    if key is not None:
-        cached = getattr(rowptr, _VERDICT, None)
-        # The weak references tell a tensor freed and reallocated at the same address apart.
-        if cached is not None and cached[0] == key and all(r() is t for r, t in zip(cached[1], index[1:])):
-            return
-    if _unvalidatable(rowptr):
+    if not _VALIDATE_INDEX or known_valid(index, capacity) or _unvalidatable(index[0]):
         return
     validate_index(index, capacity=capacity, where=f"sparsestart.{op}: ")
-    if key is not None:
-        setattr(rowptr, _VERDICT, (key, tuple(weakref.ref(t) for t in index[1:])))
+    remember_valid(index, capacity)
 
 
 def _unvalidatable(t: Tensor) -> bool:

@@ -327,33 +327,53 @@ def _step(layer, x):
 def test_one_validation_per_structure_version(count_validations):
     layer = SparseLinear(32, 16, density=0.3, seed=0)
     x = torch.randn(4, 32, requires_grad=True)
+    _step(layer, x)
+    assert len(count_validations) == 0  # built by the library: known valid
+    layer.col[0] = layer.col[0].clone()  # the same value, but a write: a new version
     for _ in range(3):
         _step(layer, x)  # spmm, then sddmm and spmm_t in the backward: one index, one check
     assert len(count_validations) == 1
-    layer.col[0] = layer.col[0].clone()  # the same value, but a write: a new version
-    _step(layer, x)
-    assert len(count_validations) == 2
 
 
-def test_structure_update_by_the_library_is_revalidated_and_computes_right(count_validations):
+def test_structure_update_by_the_library_is_trusted_and_computes_right(count_validations):
+    # SparseMatrix.replace writes a valid index by construction and records the verdict for the
+    # versions it leaves: the next forward does not validate again (a whole validation costs more
+    # than the update on large layers), and the result is right.
     from sparsestart.algorithms.structure import rewire
 
     layer = SparseLinear(32, 16, density=0.3, seed=0, capacity=200)
     x = torch.randn(4, 32)
     _step(layer, x)
+    before = len(count_validations)
     m = layer.sparse_weight
     rows, cols, _ = m.coo()
     present = set(zip(rows.tolist(), cols.tolist()))
     grow = [(r, c) for r in range(16) for c in range(32) if (r, c) not in present][:5]
     rewire(layer, torch.tensor([0, 3, 7]), torch.tensor([g[0] for g in grow]), torch.tensor([g[1] for g in grow]),
            None)
-    layer.validate()
-    before = len(count_validations)
     y = layer(x)
-    assert len(count_validations) == before + 1  # the rewritten index is checked once more ...
-    assert torch.allclose(y, layer.to_dense()(x), atol=1e-5)  # ... and passes
+    _step(layer, x)
+    assert len(count_validations) == before
+    assert torch.allclose(y, layer.to_dense()(x), atol=1e-5)
+    layer.validate()
+    # A write of the user's after the update is validated again (and refused when bad).
+    layer.col[0] = layer.col[0].clone()
     _step(layer, x)
     assert len(count_validations) == before + 1
+    layer.row[0] = 10**6
+    with pytest.raises(ValueError, match=r"row must lie in \[0, 16\)"):
+        layer(x)
+
+
+def test_a_structure_built_by_the_library_needs_no_validation(count_validations):
+    layer = SparseLinear(32, 16, density=0.3, seed=0)
+    _step(layer, torch.randn(4, 32))
+    assert count_validations == []
+    # An index that comes from outside (a state dict) is validated on first use.
+    other = SparseLinear(32, 16, density=0.3, seed=1)
+    other.load_state_dict(layer.state_dict())
+    _step(other, torch.randn(4, 32))
+    assert len(count_validations) == 1
 
 
 def test_another_tensor_with_the_same_contents_is_validated(count_validations):
