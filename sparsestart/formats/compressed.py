@@ -531,30 +531,34 @@ class SparseMatrix:
         # ascending already (RigL/SET grow sorted keys): then one comparison pass replaces the sort.
         stride = max(Q, 1)
         new_keys = rows * stride + cols
-        if k > 1 and bool((new_keys[1:] > new_keys[:-1]).all()):
-            by_key = torch.arange(k, device=dev)
+        if k < 2 or bool((new_keys[1:] > new_keys[:-1]).all()):
+            by_key = None  # already in CSR order
         else:
             new_keys, by_key = torch.sort(new_keys)
             if k > 1 and bool((new_keys[1:] == new_keys[:-1]).any()):
                 raise ValueError("(rows, cols) contain duplicated coordinates")
         if n_keep + k > self.capacity:
             erows, ecols, _ = self.coo()
-            _check_absent(erows * stride + ecols, keep, new_keys, by_key, rows, cols)  # the more useful error first
+            _check_absent(erows * stride + ecols, keep, new_keys,  # the more useful error first
+                          torch.arange(k, device=dev) if by_key is None else by_key, rows, cols)
             raise ValueError(
                 f"growing {k} entries needs capacity {n_keep + k} but the structure has capacity "
                 f"{self.capacity}; build it with a larger capacity"
             )
-        freed = self.slot[:nnz].long()[~keep]
+        freed = self.slot[:nnz][~keep].long()
         # Free slots after the drop: the current tail, then the slots just freed.
         free = torch.cat([self.slot[nnz:].long(), freed])
         new_slots = free[:k].clone()  # in the order of the given coordinates
         dropped = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
         dropped[freed] = True
-        ckeep = ~dropped[self.slot_t[:nnz].long()]  # CSC entries that stay
-        cby_key = torch.sort(cols * max(R, 1) + rows).indices
+        ckeep = dropped[self.slot_t[:nnz]].logical_not_()  # CSC entries that stay (int32 indices index directly)
         total = n_keep + k
-        csr_new = (rows[by_key], cols[by_key], new_slots[by_key])
-        csc_new = (cols[cby_key], rows[cby_key], new_slots[cby_key])
+        csr_new = (rows, cols, new_slots) if by_key is None else (rows[by_key], cols[by_key], new_slots[by_key])
+        # CSC order of the new entries: (col, row). They are in CSR order, so rows ascend within each
+        # column and a stable sort by column alone gives it; in the narrowest integer type that holds
+        # the columns (a 16-bit sort is ~3x faster than a 64-bit one of the (col, row) keys).
+        cby_key = torch.sort(csr_new[1].to(_narrow_int(Q)), stable=True).indices
+        csc_new = (csr_new[1][cby_key], csr_new[0][cby_key], csr_new[2][cby_key])
         merge = _native_merge() if dev.type == "cpu" else None
         if merge is not None:
             # One native merge pass per view (it also rejects a new entry equal to a kept one).
@@ -639,6 +643,11 @@ def _check_absent(keys, keep, new_keys, by_key, rows, cols) -> None:
 def _native_merge():
     """torch.ops.sparsestart._native_merge_index when the C++ extension is loaded, else None."""
     return _native.native_op("_native_merge_index")
+
+
+def _narrow_int(n: int) -> torch.dtype:
+    """The narrowest signed integer dtype that holds 0 .. n - 1."""
+    return torch.int16 if n <= 1 << 15 else torch.int32 if n <= 1 << 31 else torch.int64
 
 
 def _check_range(rows, cols, R, Q, rname, cname):

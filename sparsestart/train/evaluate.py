@@ -16,7 +16,11 @@ from .device import autocast, describe, precision_flags, torch_device
 from .methods import make_algorithm
 from .metrics import _Pixels, basic_metrics, evaluate_model, predict_logits
 from .run import _load_model, _seed_everything, build_model
-from .trainer import BEST, CHECKPOINT, _jsonable, _on_device, _validate_given, shifted_set
+from .resume import validate_given as _validate_given
+from .rundir import BEST, CHECKPOINT
+from .rundir import jsonable as _jsonable
+from .summary import shifted_set
+from .trainer import _on_device
 
 #: What must agree between best.pt and the run's other files when they carry no run id (saved before run ids).
 _DATASET_KEYS = ("name", "shape", "num_classes", "train", "val", "test")
@@ -35,8 +39,6 @@ def check_best_belongs(run_dir, best: dict) -> None:
     run starts, kept on resume); best.pt must carry the id of the run's checkpoint.pt (or, when only the
     summary is left, of summary.json). Files saved before run ids existed are compared by their experiment
     settings and dataset instead."""
-    from .trainer import BEST, CHECKPOINT
-
     run_dir = Path(run_dir)
     best_path = run_dir / BEST
     ref, where = None, None

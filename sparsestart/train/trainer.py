@@ -48,10 +48,8 @@ from .device import precision_flags
 from .metrics import _Pixels, basic_metrics, forward_flops, predict_logits
 from .paths import check_output_dir
 from .resume import check_same_dataset, resumed_config
-from .resume import validate_given as _validate_given  # noqa: F401  (evaluate.py imports it from here)
 from .run import LRFactor, RunState, build_net, build_run  # noqa: F401  (LRFactor, build_net: public here too)
-from .rundir import BEST, CHECKPOINT, RunDirectory  # noqa: F401  (BEST: evaluate.py imports it from here)
-from .rundir import jsonable as _jsonable  # noqa: F401  (evaluate.py imports it from here)
+from .rundir import CHECKPOINT, RunDirectory
 from .summary import dense_gradient_updates, final_evaluation, layer_densities, layer_stats, run_summary, shifted_set
 from .verdict import verdict as verdict_lines
 
