@@ -13,12 +13,16 @@
 // off the CPU) needs a few dozen full passes over the index; this is one sequential pass
 // per view, so an update stays a small fraction of the training time between updates.
 // A new entry equal to a kept one is an error (checked before the caller changes anything:
-// the result is written to fresh tensors).
+// the result is written to fresh tensors). Majors are merged in parallel (see below).
 
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace sparsestart {
 namespace {
@@ -36,6 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_index_cpu(const at::Tensor&
   auto keep = keep_in.contiguous(), major = major_in.contiguous(), minor = minor_in.contiguous(),
        nslot = nslot_in.contiguous();
   const int64_t R = ptr.numel() - 1, k = major.numel();
+  TORCH_CHECK_VALUE(minor.numel() == k && nslot.numel() == k,
+                    "sparsestart.merge_index: new_major, new_minor and new_slot must have equal lengths");
   auto optr = at::empty_like(ptr);
   auto oidx = at::empty({total}, idx.options());
   auto oslot = at::empty({total}, slot.options());
@@ -53,38 +59,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_index_cpu(const at::Tensor&
     index_t* OP = optr.data_ptr<index_t>();
     index_t* OI = oidx.data_ptr<index_t>();
     index_t* OS = oslot.data_ptr<index_t>();
-    int64_t out = 0, j = 0;
+    // Each major's new entries: NB[r] .. NB[r + 1] (one pass; checks the order by major).
+    std::vector<int64_t> NB(R + 1);
+    {
+      int64_t j = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        NB[r] = j;
+        while (j < k && MJ[j] == r) ++j;
+        TORCH_CHECK_VALUE(j >= k || MJ[j] > r, "sparsestart.merge_index: new entries are not sorted by major index");
+      }
+      NB[R] = j;
+      TORCH_CHECK_VALUE(j == k, "sparsestart.merge_index: new entries have major indices outside [0, ", R, ")");
+    }
+    // Majors are merged in parallel chunks: first every major's output count (kept + new), then, from
+    // their prefix sums, each major into its own output range. The result does not depend on the
+    // thread count. A chunk holds enough entries to be worth a task.
+    const int64_t grain = std::max<int64_t>(1, R * int64_t{1 << 15} / std::max<int64_t>(1, nnz + k));
+    std::vector<int64_t> count(R);
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t c = NB[r + 1] - NB[r];
+        for (int64_t e = P[r]; e < P[r + 1]; ++e) c += keepp[e];
+        count[r] = c;
+      }
+    });
+    int64_t out_total = 0;
     OP[0] = 0;
     for (int64_t r = 0; r < R; ++r) {
-      int64_t e = P[r];
-      const int64_t end = P[r + 1];
-      TORCH_CHECK_VALUE(j >= k || MJ[j] >= r, "sparsestart.merge_index: new entries are not sorted by major index");
-      while (true) {
-        while (e < end && !keepp[e]) ++e;
-        const bool has_old = e < end, has_new = j < k && MJ[j] == r;
-        if (!has_old && !has_new) break;
-        if (has_new && (!has_old || MN[j] < static_cast<int64_t>(I[e]))) {
-          TORCH_CHECK_VALUE(j + 1 >= k || MJ[j + 1] > r || MN[j + 1] > MN[j],
-                            "sparsestart.merge_index: new entries are not sorted or contain duplicates");
-          TORCH_CHECK_VALUE(out < total, "sparsestart.merge_index: more entries than total=", total);
-          OI[out] = static_cast<index_t>(MN[j]);
-          OS[out] = static_cast<index_t>(NS[j]);
-          ++out;
-          ++j;
-        } else {
-          TORCH_CHECK_VALUE(!has_new || MN[j] != static_cast<int64_t>(I[e]), "entry (", r, ", ", MN[j],
-                            ") is already stored; grow only adds new entries");
-          TORCH_CHECK_VALUE(out < total, "sparsestart.merge_index: more entries than total=", total);
-          OI[out] = I[e];
-          OS[out] = S[e];
-          ++out;
-          ++e;
+      out_total += count[r];
+      OP[r + 1] = static_cast<index_t>(std::min(out_total, total));
+    }
+    TORCH_CHECK_VALUE(out_total == total, "sparsestart.merge_index: merged ", out_total, " entries, expected total=",
+                      total);
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t e = P[r], j = NB[r], out = OP[r];
+        const int64_t end = P[r + 1], jend = NB[r + 1];
+        while (true) {
+          while (e < end && !keepp[e]) ++e;
+          const bool has_old = e < end, has_new = j < jend;
+          if (!has_old && !has_new) break;
+          if (has_new && (!has_old || MN[j] < static_cast<int64_t>(I[e]))) {
+            TORCH_CHECK_VALUE(j + 1 >= jend || MN[j + 1] > MN[j],
+                              "sparsestart.merge_index: new entries are not sorted or contain duplicates");
+            OI[out] = static_cast<index_t>(MN[j]);
+            OS[out] = static_cast<index_t>(NS[j]);
+            ++out;
+            ++j;
+          } else {
+            TORCH_CHECK_VALUE(!has_new || MN[j] != static_cast<int64_t>(I[e]), "entry (", r, ", ", MN[j],
+                              ") is already stored; grow only adds new entries");
+            OI[out] = I[e];
+            OS[out] = S[e];
+            ++out;
+            ++e;
+          }
         }
       }
-      OP[r + 1] = static_cast<index_t>(out);
-    }
-    TORCH_CHECK_VALUE(j == k, "sparsestart.merge_index: new entries have major indices outside [0, ", R, ")");
-    TORCH_CHECK_VALUE(out == total, "sparsestart.merge_index: merged ", out, " entries, expected total=", total);
+    });
   });
   return {optr, oidx, oslot};
 }

@@ -271,6 +271,30 @@ def test_merge_index_twin_matches_the_native_op_bit_for_bit(index_dtype, view):
             assert t.dtype == w.dtype and torch.equal(t, w), (M, K, n_drop, n_new)
 
 
+@pytest.mark.skipif(compressed._native_merge() is None, reason="C++ extension not built")
+@pytest.mark.parametrize("view", ["csr", "csc"])
+def test_native_merge_is_the_same_on_any_thread_count(view):
+    # Large enough that the native merge splits the majors into several parallel chunks (it takes
+    # about 32k entries per chunk): the result must equal the single-thread one and the twin's.
+    from sparsestart import _native
+
+    g = torch.Generator().manual_seed(5)
+    m = random_matrix(3000, 200, 0.2, capacity_extra=9000, seed=7)
+    args = _merge_inputs(m, g, 30_000, 9000, view)
+    op = compressed._native_merge()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(*args[:8])
+        torch.set_num_threads(max(2, threads))
+        many = op(*args[:8])
+    finally:
+        torch.set_num_threads(threads)
+    twin = _native.merge_index(*args)
+    for a, b, c in zip(one, many, twin):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 @pytest.mark.parametrize("path", MERGE_PATHS)
 def test_merge_index_twin_rejects_what_the_native_op_rejects(path):
     from sparsestart import _native
