@@ -28,7 +28,8 @@ table (mean ± 95% CI over seeds) and plots of :func:`sparsestart.train.report.w
 Besides training sweeps (``kind: train``, the default), a spec may be of ``kind: flow``: flow repair
 measured on untrained networks (``flow:`` models, densities, distributions, seeds, the paper's
 flag counts; :mod:`sparsestart.init.flow_study`), run, resumed and reported by the same commands
-into ``ROOT/NAME/vVERSION/flow/results.json`` and ``docs/experiments/NAME/results.json``; or of
+into ``ROOT/NAME/vVERSION/flow/results.json`` and ``docs/experiments/NAME/results.json``
+(:mod:`sparsestart.train.experiment_flow`); or of
 ``kind: reference``: a finding measured elsewhere (``link:`` a page), listed for
 ``docs/reproduction.md`` only. Every spec may carry ``verdict:`` (the claims that decide its row of
 ``docs/reproduction.md``, written by ``sparsestart experiment reproduction``; see
@@ -44,18 +45,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from .checkpoint import atomic_write_text
 from ..init.flow_study import flow_cell_key
+from .experiment_flow import flow_estimate, flow_report, flow_run, flow_status
 from .experiment_spec import (DOC_ROOT, KINDS, RUN_ROOT, SPEC_DIR, VERSIONS_FILE, ExperimentError,  # noqa: F401
-                              ExperimentSpec, FlowSpec, SweepSpec, _GRID, load_spec)
+                              ExperimentSpec, FlowSpec, SweepSpec, _GRID, code_version, hours, load_spec,
+                              report_header, tally)
 from .sweep import SweepError, sweep
 
 __all__ = ["ExperimentSpec", "FlowSpec", "ExperimentError", "load_spec", "estimate", "run", "status", "report",
@@ -113,7 +113,7 @@ def estimate(spec: ExperimentSpec, root=None, *, log: Callable[[str], None] = pr
     """``{"cells", "done", "left_seconds", "left_cpu_hours", "done_cpu_hours"}``: what the rest will cost."""
     _runnable(spec)
     if spec.kind == "flow":
-        return _flow_estimate(spec, root, log)
+        return flow_estimate(spec, root, log)
     per_sample: dict = {}
     samples: dict = {}
     totals = {"cells": 0, "done": 0, "left_seconds": 0.0, "left_cpu_hours": 0.0, "done_cpu_hours": 0.0}
@@ -154,21 +154,6 @@ def _summary(run_dir: Path) -> Optional[dict]:
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def code_version() -> str:
-    """``git describe --always --dirty`` of the checkout holding this package, else the package version."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=here, capture_output=True,
-                             text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    from .. import __version__
-
-    return f"sparsestart {__version__}"
 
 
 def _record_versions(spec: ExperimentSpec, root) -> None:
@@ -232,7 +217,7 @@ def run(spec: ExperimentSpec, root=None, *, runtime: Optional[dict] = None, esti
     ``docs_root`` (default docs/experiments) whose run directory is gone are restored, not trained again."""
     _runnable(spec)
     if spec.kind == "flow":
-        return _flow_run(spec, root, runtime=dict(runtime or {}), estimate_first=estimate_first, log=log)
+        return flow_run(spec, root, runtime=dict(runtime or {}), estimate_first=estimate_first, log=log)
     runtime = dict(runtime or {})
     names = [s.name for s in spec.sweeps]
     unknown = sorted(set(only or ()) - set(names))
@@ -245,7 +230,7 @@ def run(spec: ExperimentSpec, root=None, *, runtime: Optional[dict] = None, esti
     if estimate_first:
         est = estimate(spec, root, log=log)
         log(f"experiment {spec.tag}: {est['done']} of {est['cells']} run(s) finished "
-            f"({est['done_cpu_hours']:.2f} CPU-hours spent); the rest needs about {_hours(est['left_seconds'])} "
+            f"({est['done_cpu_hours']:.2f} CPU-hours spent); the rest needs about {hours(est['left_seconds'])} "
             f"of wall time, {est['left_cpu_hours']:.2f} CPU-hours, on this machine")
     base.mkdir(parents=True, exist_ok=True)
     atomic_write_text(base / "spec.yaml", spec.path.read_text(encoding="utf-8") if spec.path else "")
@@ -264,11 +249,6 @@ def run(spec: ExperimentSpec, root=None, *, runtime: Optional[dict] = None, esti
     return {"sweeps": results, "failed": failed}
 
 
-def _hours(seconds: float) -> str:
-    h = seconds / 3600
-    return f"{h:.1f} h" if h >= 1 else f"{seconds / 60:.0f} min"
-
-
 def status(spec: ExperimentSpec, root=None) -> list[dict]:
     """One row per run: sweep, cell, state (finished / interrupted / pending), test accuracy, wall seconds."""
     from .trainer import CHECKPOINT
@@ -277,13 +257,7 @@ def status(spec: ExperimentSpec, root=None) -> list[dict]:
     base = spec.run_dir(root)
     rows = []
     if spec.kind == "flow":
-        done = _flow_results(base).get("cells", {})
-        for model, dist, density, seed in spec.flow.cells():
-            key = flow_cell_key(model, dist, density, seed)
-            cell = done.get(key)
-            rows.append(dict(sweep="flow", cell=key, state="finished" if cell else "pending", accuracy=None,
-                             seconds=cell.get("seconds") if cell else None))
-        return rows
+        return flow_status(spec, root)
     for s in spec.sweeps:
         for cell, _, _ in spec.planned(s):
             d = base / s.name / cell.name
@@ -339,15 +313,6 @@ def _command_line(s: SweepSpec, options: dict, out: Path) -> str:
     return " ".join(parts)
 
 
-def _paper_finding_protocol(spec: ExperimentSpec) -> list:
-    """The lines every report opens with: the paper's claim, the finding tested and our protocol."""
-    md = ["**The paper:** " + spec.paper.strip(), ""] if spec.paper else []
-    md += ["**Finding tested:** " + spec.finding.strip(), ""]
-    if spec.protocol:
-        md += ["**Protocol:** " + spec.protocol.strip(), ""]
-    return md
-
-
 def report(spec: ExperimentSpec, root=None, docs_root=None, *, log: Callable[[str], None] = print) -> Path:
     """Write ``docs/experiments/NAME.md`` (and NAME/ with the archived summaries, tables and plots)."""
     from .report import write_report
@@ -356,7 +321,7 @@ def report(spec: ExperimentSpec, root=None, docs_root=None, *, log: Callable[[st
     docs_root = Path(docs_root or DOC_ROOT)
     docs = docs_root / spec.name
     if spec.kind == "flow":
-        return _flow_report(spec, root, docs_root, log)
+        return flow_report(spec, root, docs_root, log)
     docs.mkdir(parents=True, exist_ok=True)
     counts = _archive(spec, root, docs)
     if not any(counts.values()):
@@ -373,10 +338,10 @@ def report(spec: ExperimentSpec, root=None, docs_root=None, *, log: Callable[[st
           f"Experiment `{spec.tag}` (spec: [`experiments/{spec.name}.yaml`](../../experiments/{spec.name}.yaml)). "
           f"Generated by `sparsestart experiment report {spec.name}` from the runs' summaries archived in "
           f"[`{spec.name}/runs/`]({spec.name}/runs/); do not edit by hand.", ""]
-    md += _paper_finding_protocol(spec)
+    md += report_header(spec)
     md += [f"**Runs:** {runs} of {planned} planned finished; {cpu_hours:.2f} CPU-hours (wall time × threads).",
            "", "**Code versions** (git describe of the checkout that finished the runs): "
-           + (", ".join(f"`{v}` ({n} runs)" for v, n in _count(versions.values())) or "not recorded"), "",
+           + (", ".join(f"`{v}` ({n} runs)" for v, n in tally(versions.values())) or "not recorded"), "",
            "**Commands:** `sparsestart experiment run " + spec.name + "` runs every sweep (resumable); "
            "each sweep alone is:", ""]
     for s in spec.sweeps:
@@ -406,189 +371,11 @@ def report(spec: ExperimentSpec, root=None, docs_root=None, *, log: Callable[[st
     return path
 
 
-def _count(values) -> list:
-    out: dict = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return sorted(out.items())
-
-
-# ---------------------------------------------------------------------------------------------- kind: flow
+# ---------------------------------------------------------------------------------------------- shared checks
 def _runnable(spec: ExperimentSpec) -> None:
     if spec.kind == "reference":
         raise ExperimentError(f"experiment {spec.tag} is of kind reference: nothing to run here; it points to "
                               f"{spec.link} (measured elsewhere). See: sparsestart experiment reproduction")
-
-
-FLOW_FILE = "results.json"
-
-
-def _flow_results(base: Path) -> dict:
-    p = base / "flow" / FLOW_FILE
-    if not p.is_file():
-        return {"cells": {}, "cpu_seconds": 0.0}
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ExperimentError(f"{p}: unreadable ({type(exc).__name__}: {exc}); delete it to measure again") from None
-
-
-def _flow_cell(spec: ExperimentSpec, dense: dict, model: str, dist: str, density: float, seed: int) -> dict:
-    import torch
-
-    from ..init.flow_study import build_network, measure_cell
-
-    if model not in dense:
-        m = spec.flow.models[model]
-        dense[model] = build_network(m["model"], m["num_classes"], seed=0)
-    t0 = time.perf_counter()
-    out = measure_cell(dense[model], density, dist, seed, setup=spec.flow.setup, input_shape=spec.flow.input_shape)
-    out["seconds"] = time.perf_counter() - t0
-    out["threads"] = torch.get_num_threads()
-    return out
-
-
-def _flow_estimate(spec: ExperimentSpec, root, log) -> dict:
-    done = _flow_results(spec.run_dir(root))
-    cells = spec.flow.cells()
-    left = [c for c in cells if flow_cell_key(*c) not in done["cells"]]
-    per_model: dict = {}
-    dense: dict = {}
-    for model, dist, density, seed in left:
-        if model not in per_model:  # one timed cell per network (the densest: the slowest to sample)
-            log(f"estimate: timing one flow-repair cell of {model}")
-            _flow_cell(spec, dense, model, dist, max(spec.flow.densities), seed)  # warm-up (first call builds)
-            per_model[model] = _flow_cell(spec, dense, model, dist, max(spec.flow.densities), seed)
-    import torch
-
-    seconds = sum(per_model[m]["seconds"] for m, _, _, _ in left)
-    return {"cells": len(cells), "done": len(cells) - len(left), "left_seconds": seconds,
-            "left_cpu_hours": seconds * torch.get_num_threads() / 3600,
-            "done_cpu_hours": float(done.get("cpu_seconds") or 0.0) / 3600}
-
-
-def _flow_run(spec: ExperimentSpec, root, *, runtime: dict, estimate_first: bool, log) -> dict:
-    import torch
-
-    from .paths import RunLock
-
-    if runtime.get("threads"):
-        torch.set_num_threads(int(runtime["threads"]))
-    base = spec.run_dir(root)
-    (base / "flow").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(base / "spec.yaml", spec.path.read_text(encoding="utf-8") if spec.path else "")
-    lock = RunLock(base / "flow")
-    lock.acquire(f"experiment {spec.tag}")
-    try:
-        if estimate_first:
-            est = estimate(spec, root, log=log)
-            log(f"experiment {spec.tag}: {est['done']} of {est['cells']} cell(s) measured; the rest needs about "
-                f"{_hours(est['left_seconds'])} of wall time, {est['left_cpu_hours']:.3f} CPU-hours")
-        results = _flow_results(base)
-        results.setdefault("cells", {})
-        version = code_version()
-        dense: dict = {}
-        for model, dist, density, seed in spec.flow.cells():
-            key = flow_cell_key(model, dist, density, seed)
-            if key in results["cells"]:
-                continue
-            cell = _flow_cell(spec, dense, model, dist, density, seed)
-            cell["code_version"] = version
-            results["cells"][key] = cell
-            results["cpu_seconds"] = float(results.get("cpu_seconds") or 0.0) + cell["seconds"] * cell["threads"]
-            atomic_write_text(base / "flow" / FLOW_FILE, json.dumps(results, indent=1, sort_keys=True) + "\n")
-            log(f"experiment {spec.tag}: {key}: {cell['edges']} edges added, {cell['flags']} flags "
-                f"({cell['seconds']:.1f} s)")
-    finally:
-        lock.release()
-    log(f"experiment {spec.tag}: done; write the report with: sparsestart experiment report {spec.name}")
-    return {"sweeps": {}, "failed": []}
-
-
-def _pm(values, fmt: str = "{:.1f}") -> str:
-    from .report import mean_ci
-
-    st = mean_ci(values)
-    if st["mean"] is None:
-        return "-"
-    text = fmt.format(st["mean"])
-    return text + (" ± " + fmt.format(st["ci"]) if st["ci"] is not None else f" (n={st['n']})")
-
-
-def _flow_report(spec: ExperimentSpec, root, docs_root: Path, log) -> Path:
-    import platform
-
-    import torch
-
-    docs = docs_root / spec.name
-    src = spec.run_dir(root) / "flow" / FLOW_FILE
-    dst = docs / FLOW_FILE
-    if src.is_file():
-        docs.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-    if not dst.is_file():
-        raise ExperimentError(f"experiment {spec.tag}: nothing measured under {src.parent}; "
-                              f"run: sparsestart experiment run {spec.name}")
-    results = json.loads(dst.read_text(encoding="utf-8"))
-    cells = results.get("cells", {})
-    f = spec.flow
-    versions = _count(c.get("code_version", "not recorded") for c in cells.values())
-    measured = sum(flow_cell_key(*c) in cells for c in f.cells())
-    md = [f"# {spec.title}", "",
-          f"Experiment `{spec.tag}` (spec: [`experiments/{spec.name}.yaml`](../../experiments/{spec.name}.yaml), "
-          f"kind flow: no training). Generated by `sparsestart experiment report {spec.name}` from the measurements "
-          f"archived in [`{spec.name}/{FLOW_FILE}`]({spec.name}/{FLOW_FILE}); do not edit by hand.", ""]
-    md += _paper_finding_protocol(spec)
-    setup = ("exactly round(p_l N_l) weights per layer, budget-exact balanced, one edge removed per edge added "
-             "(`keep_budget=True`)" if f.setup == "exact" else
-             "the released code's choices: Bernoulli masks, the budget-losing balanced rule, no edge removed")
-    md += [f"**Setup:** `{f.setup}`: {setup}; input {tuple(f.input_shape)}; seeds {', '.join(map(str, f.seeds))}; "
-           f"`repair_flow(method=\"random_addition\")`.", "",
-           f"**Cells:** {measured} of {len(f.cells())} measured; "
-           f"{float(results.get('cpu_seconds') or 0.0):.0f} CPU-seconds; code versions: "
-           + ", ".join(f"`{v}` ({n} cells)" for v, n in versions) + f"; {platform.machine()}, torch {torch.__version__}.",
-           "", f"**Command:** `sparsestart experiment run {spec.name} && sparsestart experiment report {spec.name}`"
-           + (f"; see also [{spec.link}]({os.path.relpath(spec.link, docs_root)})" if spec.link else "") + ".", "",
-           "Mean ± 95% CI over seeds (Student t, n − 1 degrees of freedom). *Flags*: (layer, direction) pairs "
-           "with any dead unit before repair, the count the paper's Tables 6-7 print (their released code sums "
-           "`(degree == 0).any()`); *paper*: the tables' value (mean of 3 runs); *edges*: weights really added.", ""]
-    for label, m in f.models.items():
-        mx = next((cells[flow_cell_key(label, d, x, s)]["max_flags"] for d in f.distributions for x in f.densities
-                   for s in f.seeds if flow_cell_key(label, d, x, s) in cells), None)
-        md += [f"## {label} ({m['model']}, {m['num_classes']} classes)", "",
-               f"Flags (at most {mx if mx is not None else '?'}): ours / paper.", "",
-               "| density | " + " | ".join(f"{d} flags" for d in f.distributions) + " |",
-               "|---|" + "---:|" * len(f.distributions)]
-        for i, x in enumerate(f.densities):
-            row = []
-            for d in f.distributions:
-                vals = [cells[k]["flags"] for s in f.seeds if (k := flow_cell_key(label, d, x, s)) in cells]
-                paper = (f.paper_flags.get(label, {}).get(d) or [None] * len(f.densities))[i]
-                row.append(f"{_pm(vals, '{:.2f}')} / {'-' if paper is None else f'{paper:g}'}")
-            md.append(f"| {x:g} | " + " | ".join(row) + " |")
-        md += ["", "Edges (weights) added / dead units before repair:", "",
-               "| density | " + " | ".join(f.distributions) + " |", "|---|" + "---:|" * len(f.distributions)]
-        for x in f.densities:
-            row = []
-            for d in f.distributions:
-                got = [cells[k] for s in f.seeds if (k := flow_cell_key(label, d, x, s)) in cells]
-                row.append(f"{_pm([c['edges'] for c in got], '{:.0f}')} / {_pm([c['dead'] for c in got], '{:.0f}')}")
-            md.append(f"| {x:g} | " + " | ".join(row) + " |")
-        md.append("")
-    if spec.verdict is not None:
-        from .reproduction import evaluate
-
-        r = evaluate(spec, docs_root)
-        md += ["## Verdict", "", f"**{r['verdict']}** (rule: see [docs/reproduction.md](../reproduction.md)).", "",
-               "| cell | ours (flags) | paper | outcome |", "|---|---|---|---|"]
-        md += [f"| {c['text'].split(' ~ ')[0]} | {c['a'] or '-'} | {c['b'] or '-'} | {c['outcome']} |"
-               for c in r["claims"]]
-        md.append("")
-    path = docs_root / f"{spec.name}.md"
-    atomic_write_text(path, "\n".join(md) + "\n")
-    log(f"experiment {spec.tag}: report -> {path}; refresh docs/reproduction.md with: "
-        f"sparsestart experiment reproduction")
-    return path
 
 
 def reproduction(docs_root=None, out=None, spec_dir=None, *, log: Callable[[str], None] = print) -> Path:
@@ -646,7 +433,7 @@ def _main(args) -> int:
         if args.action == "estimate":
             est = estimate(spec, args.root)
             print(f"experiment {spec.tag}: {est['done']} of {est['cells']} run(s) finished "
-                  f"({est['done_cpu_hours']:.2f} CPU-hours spent); the rest: about {_hours(est['left_seconds'])} "
+                  f"({est['done_cpu_hours']:.2f} CPU-hours spent); the rest: about {hours(est['left_seconds'])} "
                   f"wall, {est['left_cpu_hours']:.2f} CPU-hours")
             return 0
         if args.action == "status":

@@ -1,12 +1,16 @@
 """The experiment specs: ``experiments/NAME.yaml`` read and checked before anything runs.
 
 The format is described in :mod:`sparsestart.train.experiment`, which runs and reports specs;
-this module only turns a file into an :class:`ExperimentSpec` (or an :class:`ExperimentError`
+this module turns a file into an :class:`ExperimentSpec` (or an :class:`ExperimentError`
 naming the file, the key and what is allowed), so that :mod:`sparsestart.train.reproduction`
-can read specs without the runner.
+can read specs without the runner, and holds the few helpers both runners share (training
+experiments in :mod:`sparsestart.train.experiment`, flow-repair ones in
+:mod:`sparsestart.train.experiment_flow`): the code version stamped on results, durations and
+the header of a report.
 """
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -238,3 +242,41 @@ def _load_flow(path: Path, body) -> FlowSpec:
                                       f"density ({len(grid['densities'])}) of a rule in distributions")
     return FlowSpec(models=clean, densities=grid["densities"], distributions=grid["distributions"],
                     seeds=grid["seeds"], setup=setup, input_shape=tuple(shape), paper_flags=paper)
+
+
+# ---------------------------------------------------------------------------------------------- shared by the runners
+def code_version() -> str:
+    """``git describe --always --dirty`` of the checkout holding this package, else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from .. import __version__
+
+    return f"sparsestart {__version__}"
+
+
+def hours(seconds: float) -> str:
+    h = seconds / 3600
+    return f"{h:.1f} h" if h >= 1 else f"{seconds / 60:.0f} min"
+
+
+def report_header(spec: "ExperimentSpec") -> list:
+    """The lines every report opens with: the paper's claim, the finding tested and our protocol."""
+    md = ["**The paper:** " + spec.paper.strip(), ""] if spec.paper else []
+    md += ["**Finding tested:** " + spec.finding.strip(), ""]
+    if spec.protocol:
+        md += ["**Protocol:** " + spec.protocol.strip(), ""]
+    return md
+
+
+def tally(values) -> list:
+    """[(value, how often)] sorted by value."""
+    out: dict = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return sorted(out.items())

@@ -134,3 +134,44 @@ def test_repository_specs_are_valid():
         # every finding decides its row of docs/reproduction.md, and its links lead somewhere
         assert spec.verdict is not None or not spec.testable, p
         assert not spec.link or (root / spec.link).is_file(), (p, spec.link)
+
+
+FLOW_SPEC = """\
+name: {name}
+version: 1
+kind: flow
+title: Tiny flow check
+paper: "A paper counts dead units."
+finding: "repair adds edges"
+flow:
+  models:
+    LeNet: {{model: lenet5, num_classes: 10}}
+  input_shape: [1, 28, 28]
+  densities: [0.05, 0.01]
+  distributions: [uniform, erk]
+  seeds: [0, 1]
+  setup: exact
+  paper_flags:
+    LeNet: {{uniform: [0, 2], erk: [0, 1]}}
+"""
+
+
+def test_flow_experiment_runs_resumes_and_reports(tmp_path):
+    # kind: flow is run, resumed, listed and reported by the same entry points as a training experiment.
+    spec = ex.load_spec(_spec(tmp_path, FLOW_SPEC, name="tinyflow"))
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    logs = []
+    ex.run(spec, root, estimate_first=False, log=logs.append)
+    rows = ex.status(spec, root)
+    assert len(rows) == 8 and all(r["state"] == "finished" for r in rows)
+    results = json.loads((spec.run_dir(root) / "flow" / "results.json").read_text())
+    assert set(results["cells"]) == {r["cell"] for r in rows}
+    assert all(c["code_version"] and c["edges"] >= 0 for c in results["cells"].values())
+    # A second run measures nothing again.
+    logs.clear()
+    ex.run(spec, root, estimate_first=False, log=logs.append)
+    assert not any("edges added" in m for m in logs)
+    path = ex.report(spec, root, docs, log=lambda m: None)
+    text = path.read_text()
+    assert "Tiny flow check" in text and "8 of 8 measured" in text and "| 0.01 |" in text
+    assert json.loads((docs / "tinyflow" / "results.json").read_text()) == results
