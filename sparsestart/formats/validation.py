@@ -79,13 +79,27 @@ def _verdict_key(index: Sequence[Tensor], capacity: int) -> Optional[tuple]:
         return None
 
 
+class _Verdict:
+    """The cached verdict: the key it was given for and weak references to the other five tensors
+    (they tell a tensor freed and reallocated at the same address apart). A copy or an unpickled
+    one (``copy.deepcopy``, ``pickle`` of a layer carry the tensor's attributes along) is empty,
+    so a copied index is validated again; weak references could not be pickled anyway."""
+
+    __slots__ = ("key", "refs")
+
+    def __init__(self, key=None, refs=()):
+        self.key, self.refs = key, refs
+
+    def __reduce__(self):
+        return (_Verdict, ())
+
+
 def known_valid(index: Sequence[Tensor], capacity: int) -> bool:
     """Whether ``index`` was validated (or written valid by the format) and not written since."""
     key = _verdict_key(index, capacity)
     cached = getattr(index[0], _VERDICT, None) if key is not None else None
-    # The weak references tell a tensor freed and reallocated at the same address apart.
-    return (cached is not None and cached[0] == key
-            and all(r() is t for r, t in zip(cached[1], index[1:])))
+    return (isinstance(cached, _Verdict) and cached.key is not None and cached.key == key
+            and all(r() is t for r, t in zip(cached.refs, index[1:])))
 
 
 def remember_valid(index: Sequence[Tensor], capacity: int) -> None:
@@ -96,7 +110,7 @@ def remember_valid(index: Sequence[Tensor], capacity: int) -> None:
     later write through the tensors bumps a version counter and voids the record."""
     key = _verdict_key(index, capacity)
     if key is not None:
-        setattr(index[0], _VERDICT, (key, tuple(weakref.ref(t) for t in index[1:])))
+        setattr(index[0], _VERDICT, _Verdict(key, tuple(weakref.ref(t) for t in index[1:])))
 
 # The checks, in the order a message reports them. Each is a 0-d bool tensor computed without host
 # synchronisation. A later check may compute garbage when an earlier one fails (a row number from a

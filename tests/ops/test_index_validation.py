@@ -409,3 +409,19 @@ def test_cuda_index_is_validated(count_validations):
     idx[1][2] = 48
     with pytest.raises(ValueError, match=r"sparsestart.spmm: col must lie in \[0, 48\).*col\[2\]=48"):
         S.spmm(values, *idx, x)
+
+
+def test_a_copied_or_unpickled_layer_is_validated_again(count_validations):
+    # The verdict travels with the tensor's attributes but comes out empty: a copy is checked once.
+    import copy
+    import pickle
+
+    layer = SparseLinear(32, 16, density=0.3, seed=0)
+    x = torch.randn(4, 32)
+    _step(layer, x)
+    assert count_validations == []
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        before = len(count_validations)
+        _step(other, x)
+        _step(other, x)
+        assert len(count_validations) == before + 1
