@@ -75,6 +75,9 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   // and base + i not in the sorted int64 `present`; and membership of sorted values in a sorted set.
   m.def("_native_absent_at_least(Tensor scores, Tensor present, int base, float threshold) -> Tensor");
   m.def("_native_sorted_isin(Tensor values, Tensor set) -> Tensor");
+  // Exact top-k of float32 scores (csrc/cpu/topk.cpp): ascending indices of the k largest (or
+  // smallest) scores, ties to the smaller index, NaN above every number.
+  m.def("_native_top_k(Tensor scores, int k, bool largest) -> Tensor");
 }
 
 // ------------------------------------------------------------------ build facts

@@ -543,6 +543,12 @@ if NATIVE_AVAILABLE:
     def _(values, set):
         return values.new_empty(values.shape, dtype=torch.bool)
 
+    if hasattr(torch.ops.sparsestart, "_native_top_k"):  # absent from builds before it existed
+
+        @torch.library.register_fake("sparsestart::_native_top_k")
+        def _(scores, k, largest):
+            return scores.new_empty(min(max(k, 0), scores.numel()), dtype=torch.long)
+
 
 def _native(name: str):
     return lambda *a: getattr(torch.ops.sparsestart, name)(*a)

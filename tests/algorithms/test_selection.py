@@ -278,3 +278,79 @@ def test_rigl_candidate_pass_runs_on_the_twin_when_the_native_op_is_unavailable(
     for k, w in want.items():
         assert torch.equal(topk_absent_gradient(layer, pairs, k, present), w), k
     assert used and all(fn is _native.absent_at_least for fn in used)
+
+
+def _sort_reference(scores, k, largest):
+    """torch.sort's order (NaN above every number, -0.0 == +0.0, stable: earlier index first)."""
+    order = torch.sort(scores, descending=largest, stable=True).indices
+    return torch.sort(order[:max(0, min(k, scores.numel()))]).values
+
+
+def _awkward(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, generator=g)
+    s[torch.randint(0, n, (max(1, n // 7),), generator=g)] = float("nan")
+    s[torch.randint(0, n, (max(1, n // 11),), generator=g)] = -0.0
+    s[torch.randint(0, n, (max(1, n // 11),), generator=g)] = 0.0
+    s[torch.randint(0, n, (max(1, n // 13),), generator=g)] = float("inf")
+    s[torch.randint(0, n, (max(1, n // 13),), generator=g)] = -float("inf")
+    s[torch.randint(0, n, (max(1, n // 5),), generator=g)] = 1.5  # a big tied block
+    return s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("n", [9, 1000, 70_001])
+@pytest.mark.parametrize("largest", [True, False])
+def test_top_k_ranks_nan_above_every_number_and_returns_exactly_k(dtype, n, largest):
+    # Before: NaN scores never passed the threshold comparisons, so a selection reaching into them
+    # returned fewer than k indices (a silent short result).
+    scores = _awkward(n, seed=n).to(dtype)
+    for k in sorted({1, 2, n // 9, n // 7, n // 2, n - 1}):
+        got = top_k(scores, k, largest=largest)
+        assert got.numel() == k, k
+        assert torch.equal(got, _sort_reference(scores, k, largest)), k
+
+
+def test_rank_keys_order_is_the_sort_order():
+    from sparsestart.selection import rank_keys
+    s = torch.tensor([0.5, -0.0, 0.0, float("nan"), -float("inf"), float("inf"), -2.0, -1.0, 1e-45, -1e-45])
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = s.to(dtype)
+        for largest in (True, False):
+            by_key = torch.sort(rank_keys(x, largest), descending=True, stable=True).indices
+            assert torch.equal(by_key, torch.sort(x, descending=largest, stable=True).indices), (dtype, largest)
+
+
+NATIVE_TOP_K = _native.native_op("_native_top_k") is not None
+
+
+@pytest.mark.skipif(not NATIVE_TOP_K, reason="sparsestart._C not built")
+@pytest.mark.parametrize("n", [1, 2, 9, 65_536, 65_537, 300_001])
+@pytest.mark.parametrize("largest", [True, False])
+def test_native_top_k_equals_the_pytorch_path(monkeypatch, n, largest):
+    layouts = dict(_layouts(n, seed=n + 1), awkward=_awkward(n, seed=n))
+    for name, scores in layouts.items():
+        for k in sorted({0, 1, n // 10, n // 3, n // 2, n - 1, n}):
+            native = torch.ops.sparsestart._native_top_k(scores, k, largest)
+            assert torch.equal(native, _sort_reference(scores, k, largest)), (name, k)
+            with monkeypatch.context() as m:  # the PyTorch path of top_k
+                m.setattr(_native, "native_op_for", lambda *a: None)
+                assert torch.equal(top_k(scores, k, largest=largest), native), (name, k)
+            assert torch.equal(top_k(scores, k, largest=largest), native), (name, k)
+
+
+@pytest.mark.skipif(not NATIVE_TOP_K, reason="sparsestart._C not built")
+def test_native_top_k_is_thread_count_independent_and_checked():
+    scores = _awkward(400_000, seed=3)
+    want = torch.ops.sparsestart._native_top_k(scores, 123_456, True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.sparsestart._native_top_k(scores, 123_456, True), want)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.ops.sparsestart._native_top_k(scores, -3, True).numel() == 0
+    assert torch.equal(torch.ops.sparsestart._native_top_k(scores[:5], 9, False), torch.arange(5))
+    with pytest.raises(TypeError, match="scores must be float32, got Double"):
+        torch.ops.sparsestart._native_top_k(scores.double(), 3, True)
+    torch.library.opcheck(torch.ops.sparsestart._native_top_k, (torch.randn(300), 17, False))

@@ -314,3 +314,23 @@ def test_merge_index_twin_rejects_what_the_native_op_rejects(path):
         with pytest.raises(ValueError, match="not sorted"):
             merge(m.rowptr, m.col, m.slot, keep, torch.tensor([r, r]), torch.tensor(absent[:2][::-1]),
                   torch.tensor([0, 1]), m.nnz + 2)
+
+
+@pytest.mark.parametrize("path", MERGE_PATHS)
+def test_merge_clash_behind_a_valid_new_entry_names_its_coordinates(path):
+    from sparsestart import _native
+
+    m = random_matrix(8, 8, 0.5, capacity_extra=4, seed=5)
+    rows, cols, _ = m.coo()
+    stored = set(zip(rows.tolist(), cols.tolist()))
+    keep = torch.ones(m.nnz, dtype=torch.bool)
+    merge = compressed._native_merge() if path == "native" else (
+        lambda *a: _native.merge_index(*a, m.grid[1]))
+    if merge is None:
+        pytest.skip("C++ extension not built")
+    free = next((r, c) for r in range(4) for c in range(8) if (r, c) not in stored)
+    clash = next((r, c) for r, c in sorted(stored) if r > free[0])
+    with pytest.raises(ValueError, match=rf"entry \({clash[0]}, {clash[1]}\) is already stored"):
+        merge(m.rowptr, m.col, m.slot, keep, torch.tensor([free[0], clash[0]]), torch.tensor([free[1], clash[1]]),
+              torch.tensor([0, 1]), m.nnz + 2)
+    assert set(zip(*[t.tolist() for t in m.coo()[:2]])) == stored

@@ -322,3 +322,18 @@ def test_sparsify_with_flow_repair_on_the_device_equals_the_cpu():
     dense = sparsestart.densify(models[DEV])
     assert not any(isinstance(m, SparseLayer) for m in dense.modules())
     assert all(p.device.type == torch.device(DEV).type for p in dense.parameters())
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_top_k_on_the_device_equals_the_cpu_selection(largest):
+    # On the CPU, float32 goes through the extension's radix selection; on the device through rank keys.
+    g = torch.Generator().manual_seed(7)
+    for n in (9, 70_001, 300_000):
+        scores = torch.randn(n, generator=g)
+        scores[torch.randint(0, n, (n // 9 + 1,), generator=g)] = float("nan")
+        scores[torch.randint(0, n, (n // 5 + 1,), generator=g)] = 0.5
+        scores[torch.randint(0, n, (n // 11 + 1,), generator=g)] = -0.0
+        for k in (1, n // 50, n // 8, n // 2):
+            want = top_k(scores, k, largest=largest)
+            assert want.numel() == k
+            assert torch.equal(top_k(_on(scores), k, largest=largest).cpu(), want), (n, k)
