@@ -75,6 +75,10 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   // and base + i not in the sorted int64 `present`; and membership of sorted values in a sorted set.
   m.def("_native_absent_at_least(Tensor scores, Tensor present, int base, float threshold) -> Tensor");
   m.def("_native_sorted_isin(Tensor values, Tensor set) -> Tensor");
+  // SET's sampling (csrc/cpu/select.cpp): the distinct values of int64 draws in [0, n), ascending;
+  // and the ranks[i]-th non-negative integer absent from the sorted `present`.
+  m.def("_native_sorted_distinct(Tensor values, int n) -> Tensor");
+  m.def("_native_absent_at_ranks(Tensor present, Tensor ranks) -> Tensor");
   // Exact top-k of float32 scores (csrc/cpu/topk.cpp): ascending indices of the k largest (or
   // smallest) scores, ties to the smaller index, NaN above every number.
   m.def("_native_top_k(Tensor scores, int k, bool largest) -> Tensor");

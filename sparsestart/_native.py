@@ -1,11 +1,11 @@
 """Native helper ops of the C++ extension, and their pure-PyTorch twins for every other device.
 
 The selection and structure helpers (``_native_merge_index``, ``_native_absent_at_least``,
-``_native_sorted_isin``) are registered for the CPU only: a CUDA tensor handed to them
+``_native_sorted_isin``, ``_native_sorted_distinct``, ``_native_absent_at_ranks``) are registered for the CPU only: a CUDA tensor handed to them
 would make the dispatcher raise. Callers therefore ask :func:`native_op_for` with the
 tensors they are about to pass: it gives the native op only when all of them live on
 the CPU (and the extension is loaded), and None otherwise; the caller then runs the
-twin defined here (:func:`merge_index`, :func:`absent_at_least`, :func:`sorted_isin`),
+twin defined here (:func:`merge_index`, :func:`absent_at_least`, :func:`sorted_isin`, ...),
 which takes the same arguments, returns the same tensors (same values, dtypes and
 order, bit for bit) and works on any device without a host round trip of the data.
 Tests run both paths by patching :func:`native_op`.
@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["native_op", "native_op_for", "merge_index", "absent_at_least", "sorted_isin"]
+__all__ = ["native_op", "native_op_for", "merge_index", "absent_at_least", "sorted_isin", "sorted_distinct",
+           "absent_at_ranks"]
 
 
 def native_op(name: str) -> Optional[Callable]:
@@ -45,6 +46,20 @@ def sorted_isin(values: torch.Tensor, sorted_set: torch.Tensor) -> torch.Tensor:
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     at = torch.searchsorted(sorted_set, values).clamp_(max=m - 1)
     return sorted_set[at] == values
+
+
+def sorted_distinct(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Twin of ``_native_sorted_distinct``: the distinct values of int64 ``values`` (all in [0, n)),
+    ascending, as ``torch.unique`` gives them."""
+    return torch.unique(values.reshape(-1))
+
+
+def absent_at_ranks(present: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Twin of ``_native_absent_at_ranks``: the ranks[i]-th (from 0) non-negative integer absent from
+    the ascending, distinct int64 ``present``, for ascending ``ranks``. With s_j the present keys,
+    s_j - j absent keys lie below s_j, so the r-th absent key is r + #{j : s_j - j <= r}."""
+    below = present - torch.arange(present.numel(), device=present.device)
+    return ranks + torch.searchsorted(below, ranks, right=True)
 
 
 def absent_at_least(scores: torch.Tensor, present: torch.Tensor, base: int, threshold: float) -> torch.Tensor:

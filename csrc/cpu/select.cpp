@@ -3,6 +3,9 @@
 //   _native_absent_at_least(scores [n] float32/float64, present [p] int64 sorted, base int, threshold float)
 //     -> ascending int64 i in [0, n) with |scores[i]| >= threshold and base + i not in `present`
 //   _native_sorted_isin(values [k] int64 sorted, set [m] int64 sorted) -> bool [k]
+//   _native_sorted_distinct(values [m] int64 in [0, n), n) -> the distinct values, ascending
+//   _native_absent_at_ranks(present [p] int64 sorted distinct, ranks [k] int64 sorted)
+//     -> [k] int64: the ranks[i]-th smallest non-negative integer not in `present`
 //
 // Why native: RigL forms the dense gradient of a layer (16.7M entries for 4096 x 4096) only to
 // find the k absent positions of largest |g|. In PyTorch that is |g|, a scatter of -inf at the
@@ -11,6 +14,13 @@
 // not depend on the thread count. The threshold comes from the caller (a sample estimate); the
 // exact top-k then runs on the few candidates (sparsestart/selection.py). The membership test
 // merges two sorted lists instead of a binary search per value.
+//
+// SET's growth samples k distinct absent positions: draws with replacement made distinct
+// (torch.unique sorts them: O(m log m)) and ranks mapped to keys (a binary search each). Here the
+// distinct values come from a bitmap of [0, n) (n bits, only when n is at most 512 bits per draw)
+// scanned in order, and the ranks are mapped by one merge with the present keys. Both return
+// exactly what their PyTorch twins (sparsestart/_native.py) return, so the random stream and the
+// sampled structure do not depend on which ran.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace sparsestart {
@@ -96,9 +107,65 @@ at::Tensor sorted_isin_cpu(const at::Tensor& values_in, const at::Tensor& set_in
   return out;
 }
 
+at::Tensor sorted_distinct_cpu(const at::Tensor& values_in, int64_t n) {
+  TORCH_CHECK_TYPE(values_in.scalar_type() == at::kLong, "sparsestart.sorted_distinct: values must be int64, got ",
+                   values_in.scalar_type());
+  TORCH_CHECK_VALUE(n >= 0, "sparsestart.sorted_distinct: n must be >= 0, got ", n);
+  auto values = values_in.contiguous().view(-1);
+  const int64_t m = values.numel();
+  const int64_t* V = values.data_ptr<int64_t>();
+  std::vector<uint64_t> bits((n + 63) / 64, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t v = V[i];
+    TORCH_CHECK_VALUE(v >= 0 && v < n, "sparsestart.sorted_distinct: values[", i, "] = ", v, " is outside [0, n=", n,
+                      ")");
+    bits[v >> 6] |= uint64_t{1} << (v & 63);
+  }
+  int64_t count = 0;
+  for (const uint64_t w : bits) count += __builtin_popcountll(w);
+  auto out = at::empty({count}, values.options());
+  int64_t* O = out.data_ptr<int64_t>();
+  for (size_t w = 0; w < bits.size(); ++w) {
+    for (uint64_t word = bits[w]; word; word &= word - 1)
+      *O++ = static_cast<int64_t>(w) * 64 + __builtin_ctzll(word);
+  }
+  return out;
+}
+
+at::Tensor absent_at_ranks_cpu(const at::Tensor& present_in, const at::Tensor& ranks_in) {
+  TORCH_CHECK_TYPE(present_in.scalar_type() == at::kLong && ranks_in.scalar_type() == at::kLong,
+                   "sparsestart.absent_at_ranks: present and ranks must be int64, got ", present_in.scalar_type(),
+                   " and ", ranks_in.scalar_type());
+  auto present = present_in.contiguous().view(-1);
+  auto ranks = ranks_in.contiguous().view(-1);
+  const int64_t p = present.numel(), k = ranks.numel();
+  const int64_t* P = present.data_ptr<int64_t>();
+  const int64_t* Rk = ranks.data_ptr<int64_t>();
+  auto out = at::empty({k}, ranks.options());
+  int64_t* O = out.data_ptr<int64_t>();
+  // With s_j the present keys ascending, s_j - j absent keys lie below s_j, so the r-th absent key
+  // is r + #{j : s_j - j <= r}; ascending ranks move that count forward only.
+  int64_t j = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t r = Rk[i];
+    TORCH_CHECK_VALUE(r >= 0 && (i == 0 || r >= Rk[i - 1]), "sparsestart.absent_at_ranks: ranks must be "
+                      "non-negative and ascending, got ranks[", i, "] = ", r, i ? " after " : "",
+                      i ? std::to_string(Rk[i - 1]) : std::string());
+    while (j < p && P[j] - j <= r) {
+      TORCH_CHECK_VALUE(j == 0 || P[j] > P[j - 1], "sparsestart.absent_at_ranks: present is not sorted and "
+                        "distinct at present[", j, "] = ", P[j]);
+      ++j;
+    }
+    O[i] = r + j;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsestart, CPU, m) {
+  m.impl("_native_sorted_distinct", &sorted_distinct_cpu);
+  m.impl("_native_absent_at_ranks", &absent_at_ranks_cpu);
   m.impl("_native_absent_at_least", &absent_at_least_cpu);
   m.impl("_native_sorted_isin", &sorted_isin_cpu);
 }

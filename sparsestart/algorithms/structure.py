@@ -88,7 +88,8 @@ def sample_absent(present_keys: torch.Tensor, n: int, k: int, generator: torch.G
     Draws k distinct ranks among the n - len(present) absent keys and maps rank
     r to the r-th absent key: with s_i the present keys in ascending order, the
     number of absent keys below s_i is s_i - i, so the r-th absent key is r + j
-    with j = #{i : s_i - i <= r}. Cost O(k log nnz); no rejection, no dense mask.
+    with j = #{i : s_i - i <= r}: one merge on the CPU (O(k + nnz)), a binary search
+    per rank elsewhere. No rejection, no dense mask.
 
     The ranks are drawn by ``generator`` where it lives (the algorithms keep a CPU generator,
     so a structure sampled on a GPU is the one sampled on the CPU, and the generator state in a
@@ -101,8 +102,8 @@ def sample_absent(present_keys: torch.Tensor, n: int, k: int, generator: torch.G
         raise ValueError(f"cannot sample {k} absent positions: only {absent} of {n} are absent")
     dev = present_keys.device
     ranks = sample_without_replacement(absent, k, generator).to(dev)
-    below = present_keys - torch.arange(present_keys.numel(), device=dev)
-    return ranks + torch.searchsorted(below, ranks, right=True)
+    native = _native.native_op_for("_native_absent_at_ranks", present_keys, ranks)
+    return (native or _native.absent_at_ranks)(present_keys, ranks)
 
 
 def isin_sorted(values: torch.Tensor, sorted_set: torch.Tensor, *, values_sorted: bool = False) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .. import _native
 from ..formats.compressed import one_thread
 
 __all__ = ["sample_without_replacement", "er_indices", "check_density"]
@@ -56,9 +57,17 @@ def sample_without_replacement(n: int, k: int, generator: Optional[torch.Generat
     while chosen.numel() < k:
         missing = k - chosen.numel()
         draw = torch.randint(0, n, (int(missing * 1.1) + 16,), generator=generator, device=dev)
-        chosen = torch.unique(torch.cat([chosen, draw]))
+        chosen = _distinct(torch.cat([chosen, draw]), n)
     keep = torch.randperm(chosen.numel(), generator=generator, device=dev)[:k]
     return _sorted_subset(chosen, keep)
+
+
+def _distinct(draws: torch.Tensor, n: int) -> torch.Tensor:
+    """The distinct values of ``draws`` (in [0, n)), ascending: ``torch.unique``, or on the CPU, when a
+    bitmap of n bits is at most 512 bits per draw, the extension's bitmap pass (no sort; the same result,
+    so the random stream is the same on every path)."""
+    native = _native.native_op_for("_native_sorted_distinct", draws) if n <= 512 * draws.numel() else None
+    return native(draws, n) if native is not None else _native.sorted_distinct(draws, n)
 
 
 def _sorted_subset(ascending: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:

@@ -543,6 +543,16 @@ if NATIVE_AVAILABLE:
     def _(values, set):
         return values.new_empty(values.shape, dtype=torch.bool)
 
+    if hasattr(torch.ops.sparsestart, "_native_sorted_distinct"):  # absent from builds before it existed
+
+        @torch.library.register_fake("sparsestart::_native_sorted_distinct")
+        def _(values, n):
+            return values.new_empty(torch.library.get_ctx().new_dynamic_size())
+
+        @torch.library.register_fake("sparsestart::_native_absent_at_ranks")
+        def _(present, ranks):
+            return ranks.new_empty(ranks.numel())
+
     if hasattr(torch.ops.sparsestart, "_native_top_k"):  # absent from builds before it existed
 
         @torch.library.register_fake("sparsestart::_native_top_k")

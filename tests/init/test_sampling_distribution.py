@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import sparsestart.init.sampling as S
+from sparsestart import _native
 from sparsestart.init import er_indices, sample_without_replacement
 
 stats = pytest.importorskip("scipy.stats")
@@ -216,3 +217,46 @@ def test_small_grids_keep_the_single_pass_stream():
         rowptr, col = S.er_csr(grid, p, generator=torch.Generator().manual_seed(8))
         assert torch.equal(torch.repeat_interleave(torch.arange(grid[0]), rowptr.diff()) * grid[1] + col.long(),
                            flat)
+
+
+NATIVE_DISTINCT = _native.native_op("_native_sorted_distinct") is not None
+
+
+@pytest.mark.skipif(not NATIVE_DISTINCT, reason="sparsestart._C not built")
+def test_native_distinct_and_rank_mapping_equal_their_twins():
+    g = torch.Generator().manual_seed(4)
+    for n, m in ((1, 1), (64, 100), (65, 3), (100_003, 20_000), (5_000_000, 40_000)):
+        draws = torch.randint(0, n, (m,), generator=g)
+        got = torch.ops.sparsestart._native_sorted_distinct(draws, n)
+        assert torch.equal(got, _native.sorted_distinct(draws, n)) and torch.equal(got, torch.unique(draws))
+    assert torch.ops.sparsestart._native_sorted_distinct(torch.empty(0, dtype=torch.long), 0).numel() == 0
+    with pytest.raises(ValueError, match=r"values\[1\] = 7 is outside \[0, n=7\)"):
+        torch.ops.sparsestart._native_sorted_distinct(torch.tensor([0, 7]), 7)
+    for n, p, k in ((10, 0, 10), (10, 10, 0), (50, 20, 30), (200_000, 30_000, 50_000)):
+        present = torch.sort(torch.randperm(n, generator=g)[:p]).values
+        ranks = torch.sort(torch.randperm(n - p, generator=g)[:k]).values
+        got = torch.ops.sparsestart._native_absent_at_ranks(present, ranks)
+        absent = torch.tensor(sorted(set(range(n)) - set(present.tolist())), dtype=torch.long)
+        assert torch.equal(got, absent[ranks]) and torch.equal(got, _native.absent_at_ranks(present, ranks))
+    with pytest.raises(ValueError, match="ranks must be non-negative and ascending, got ranks\\[1\\] = 2 after 5"):
+        torch.ops.sparsestart._native_absent_at_ranks(torch.tensor([1, 4]), torch.tensor([5, 2]))
+    with pytest.raises(ValueError, match="present is not sorted and distinct"):
+        torch.ops.sparsestart._native_absent_at_ranks(torch.tensor([4, 1]), torch.tensor([0, 5]))
+    torch.library.opcheck(torch.ops.sparsestart._native_absent_at_ranks, (torch.tensor([1, 4]), torch.tensor([0, 5])))
+    torch.library.opcheck(torch.ops.sparsestart._native_sorted_distinct, (torch.tensor([3, 1, 3]), 5),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.skipif(not NATIVE_DISTINCT, reason="sparsestart._C not built")
+def test_sampling_stream_is_the_same_with_and_without_the_native_helpers(monkeypatch):
+    from sparsestart.algorithms.structure import sample_absent
+
+    def draw():
+        g = torch.Generator().manual_seed(11)
+        present = torch.sort(torch.randperm(3_000_000, generator=g)[:300_000]).values
+        return sample_without_replacement(10_000_000, 90_000, g), sample_absent(present, 3_000_000, 80_000, g)
+
+    native = draw()
+    monkeypatch.setattr(_native, "native_op_for", lambda *a: None)
+    twin = draw()
+    assert all(torch.equal(a, b) for a, b in zip(native, twin))
