@@ -71,6 +71,8 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   m.def(
       "_native_merge_index(Tensor ptr, Tensor idx, Tensor slot, Tensor keep, Tensor new_major, "
       "Tensor new_minor, Tensor new_slot, SymInt total) -> (Tensor, Tensor, Tensor)");
+  // ... and the int64 keys major * minor_extent + minor of its entries where `keep` is true (all without it).
+  m.def("_native_kept_keys(Tensor ptr, Tensor idx, Tensor? keep, int minor_extent) -> Tensor");
   // RigL's growth candidates (csrc/cpu/select.cpp): ascending i with |scores[i]| >= threshold
   // and base + i not in the sorted int64 `present`; and membership of sorted values in a sorted set.
   m.def("_native_absent_at_least(Tensor scores, Tensor present, int base, float threshold) -> Tensor");

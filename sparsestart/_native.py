@@ -1,7 +1,8 @@
 """Native helper ops of the C++ extension, and their pure-PyTorch twins for every other device.
 
 The selection and structure helpers (``_native_merge_index``, ``_native_absent_at_least``,
-``_native_sorted_isin``, ``_native_sorted_distinct``, ``_native_absent_at_ranks``) are registered for the CPU only: a CUDA tensor handed to them
+``_native_sorted_isin``, ``_native_sorted_distinct``, ``_native_absent_at_ranks``,
+``_native_kept_keys``) are registered for the CPU only: a CUDA tensor handed to them
 would make the dispatcher raise. Callers therefore ask :func:`native_op_for` with the
 tensors they are about to pass: it gives the native op only when all of them live on
 the CPU (and the extension is loaded), and None otherwise; the caller then runs the
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["native_op", "native_op_for", "merge_index", "absent_at_least", "sorted_isin", "sorted_distinct",
-           "absent_at_ranks"]
+           "absent_at_ranks", "kept_keys"]
 
 
 def native_op(name: str) -> Optional[Callable]:
@@ -74,6 +75,16 @@ def absent_at_least(scores: torch.Tensor, present: torch.Tensor, base: int, thre
     if present.numel():
         idx = idx[~sorted_isin(idx + base, present)]
     return idx
+
+
+def kept_keys(ptr: torch.Tensor, idx: torch.Tensor, keep: Optional[torch.Tensor], minor_extent: int) -> torch.Tensor:
+    """Twin of ``_native_kept_keys``: int64 keys major * minor_extent + minor of the view's entries in
+    index order, only where ``keep`` is true when it is given."""
+    nnz = int(ptr[-1])
+    counts = (ptr[1:] - ptr[:-1]).long()
+    major = torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts, output_size=nnz)
+    keys = major.mul_(minor_extent).add_(idx[:nnz])
+    return keys if keep is None else keys.masked_select(keep)
 
 
 def merge_index(ptr: torch.Tensor, idx: torch.Tensor, slot: torch.Tensor, keep: torch.Tensor,

@@ -147,8 +147,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_index_cpu(const at::Tensor&
   return {optr, oidx, oslot};
 }
 
+// Keys major * minor_extent + minor of a view's entries in index order, only those where `keep` is
+// true when it is given: what RigL/SET need of the kept entries, without the int64 major, minor and
+// slot copies of the whole index that coo() makes. Majors in parallel chunks (count, prefix, write).
+at::Tensor kept_keys_cpu(const at::Tensor& ptr_in, const at::Tensor& idx_in, const c10::optional<at::Tensor>& keep_in,
+                         int64_t minor_extent) {
+  TORCH_CHECK_VALUE(ptr_in.dim() == 1 && ptr_in.numel() >= 1, "sparsestart.kept_keys: ptr must be 1-D, non-empty");
+  TORCH_CHECK_VALUE(minor_extent >= 0, "sparsestart.kept_keys: minor_extent must be >= 0, got ", minor_extent);
+  auto ptr = ptr_in.contiguous(), idx = idx_in.contiguous();
+  const bool masked = keep_in.has_value() && keep_in->defined();
+  at::Tensor keep;
+  if (masked) {
+    keep = keep_in->contiguous();
+    TORCH_CHECK_TYPE(keep.scalar_type() == at::kBool, "sparsestart.kept_keys: keep must be bool, got ",
+                     keep.scalar_type());
+  }
+  const int64_t R = ptr.numel() - 1;
+  at::Tensor out;
+  AT_DISPATCH_INDEX_TYPES(ptr.scalar_type(), "sparsestart_kept_keys", [&] {
+    const index_t* P = ptr.data_ptr<index_t>();
+    const index_t* I = idx.data_ptr<index_t>();
+    const int64_t nnz = P[R];
+    TORCH_CHECK_VALUE(nnz <= idx.numel(), "sparsestart.kept_keys: ptr ends at ", nnz, " but idx has ", idx.numel(),
+                      " entries");
+    TORCH_CHECK_VALUE(!masked || keep.numel() == nnz, "sparsestart.kept_keys: keep has ", keep.numel(),
+                      " entries, the index ", nnz);
+    const bool* K = masked ? keep.data_ptr<bool>() : nullptr;
+    const int64_t rows_per_chunk = std::max<int64_t>(1, R * int64_t{1 << 16} / std::max<int64_t>(1, nnz));
+    const int64_t chunks = R == 0 ? 0 : (R + rows_per_chunk - 1) / rows_per_chunk;
+    std::vector<int64_t> offset(chunks + 1, 0);
+    if (masked) {
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          int64_t n = 0;
+          const int64_t e1 = P[std::min(R, (c + 1) * rows_per_chunk)];
+          for (int64_t e = P[c * rows_per_chunk]; e < e1; ++e) n += K[e];
+          offset[c + 1] = n;
+        }
+      });
+    } else {
+      for (int64_t c = 0; c < chunks; ++c)
+        offset[c + 1] = P[std::min(R, (c + 1) * rows_per_chunk)] - P[c * rows_per_chunk];
+    }
+    for (int64_t c = 0; c < chunks; ++c) offset[c + 1] += offset[c];
+    out = at::empty({offset[chunks]}, ptr.options().dtype(at::kLong));
+    int64_t* O = out.data_ptr<int64_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int64_t o = offset[c];
+        const int64_t end = offset[c + 1];
+        for (int64_t r = c * rows_per_chunk; r < std::min(R, (c + 1) * rows_per_chunk); ++r) {
+          const int64_t base = r * minor_extent;
+          for (int64_t e = P[r]; e < P[r + 1]; ++e) {
+            if (o < end) O[o] = base + static_cast<int64_t>(I[e]);  // written always, kept when `keep`
+            o += masked ? K[e] : 1;
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsestart, CPU, m) { m.impl("_native_merge_index", &merge_index_cpu); }
+TORCH_LIBRARY_IMPL(sparsestart, CPU, m) {
+  m.impl("_native_merge_index", &merge_index_cpu);
+  m.impl("_native_kept_keys", &kept_keys_cpu);
+}
 
 }  // namespace sparsestart

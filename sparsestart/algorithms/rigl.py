@@ -99,22 +99,19 @@ class _Rewiring(SparseAlgorithm):
             # Nothing is absent: every dropped position would be the only candidate to grow, so the
             # update would regrow exactly what it dropped and leave the layer as it is.
             return
-        rows, cols, _ = matrix.coo()
-        keys = rows * Q + cols
         drop_pos = smallest(entry_magnitude(matrix), k)
-        keep = torch.ones(nnz, dtype=torch.bool, device=keys.device)
-        keep[drop_pos] = False
-        kept_keys = keys[keep]
+        keep = torch.ones(nnz, dtype=torch.bool, device=drop_pos.device).index_fill_(0, drop_pos, False)
+        kept_keys = matrix.keys(keep)
         if self.growth == "gradient":
             grow_keys = topk_absent_gradient(layer, self._capture.pairs[name], k, kept_keys, self.max_chunk_elements,
                                              sync=self.sync)
         else:
-            grow_keys = sample_absent(kept_keys, R * Q, k, self.generator).to(keys.device)
-        dropped_keys = keys[drop_pos]
+            grow_keys = sample_absent(kept_keys, R * Q, k, self.generator).to(kept_keys.device)
+        dropped_keys = matrix.keys_at(drop_pos)
         # Both key lists are ascending (smallest/top-k return ascending positions): merge passes.
         regrown = isin_sorted(grow_keys, dropped_keys, values_sorted=True)
-        really_dropped = drop_pos[~isin_sorted(dropped_keys, grow_keys, values_sorted=True)]
-        new_keys = grow_keys[~regrown]
+        really_dropped = drop_pos.masked_select(isin_sorted(dropped_keys, grow_keys, values_sorted=True).logical_not_())
+        new_keys = grow_keys.masked_select(regrown.logical_not())
         rewire(layer, really_dropped, new_keys // Q, new_keys % Q, self.optimizer)
         self._record(t, name, really_dropped.numel(), new_keys.numel(), event="rewire", k=k,
                      regrown=int(regrown.sum()))

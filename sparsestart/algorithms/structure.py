@@ -32,8 +32,9 @@ def zero_slot_state(optimizer: Optional[torch.optim.Optimizer], param: torch.Ten
     if slots.numel() == 0:
         return
     slots = slots.to(param.device)
+    # index_fill_, not t[slots] = 0: the generic index_put_ path costs several times more per slot.
     if param.grad is not None:
-        param.grad[slots] = 0
+        param.grad.index_fill_(0, slots, 0)
     if optimizer is None:
         return
     state = optimizer.state.get(param)
@@ -41,7 +42,7 @@ def zero_slot_state(optimizer: Optional[torch.optim.Optimizer], param: torch.Ten
         return
     for value in state.values():
         if torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape:
-            value[slots] = 0
+            value.index_fill_(0, slots, 0)
 
 
 def entry_magnitude(matrix: SparseMatrix, values: Optional[torch.Tensor] = None, reduce: str = "sum") -> torch.Tensor:
@@ -53,8 +54,7 @@ def entry_magnitude(matrix: SparseMatrix, values: Optional[torch.Tensor] = None,
     ``values`` replaces ``matrix.values`` (e.g. STR's effective weights).
     """
     vals = matrix.values if values is None else values
-    slots = matrix.slot[:matrix.nnz].long()
-    mag = vals.detach()[slots].abs()
+    mag = vals.detach().index_select(0, matrix.slot[:matrix.nnz]).abs_()
     if mag.dim() == 3:
         mag = mag.double()
         mag = mag.sum(dim=(1, 2)) if reduce == "sum" else mag.mean(dim=(1, 2))

@@ -166,6 +166,24 @@ class SparseMatrix:
         nnz = self.nnz
         return _rows_of(self.rowptr, nnz), self.col[:nnz].long(), self.slot[:nnz].long()
 
+    def keys(self, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """int64 keys row * Q + col (on the R x Q (block) grid) of the live entries in CSR order (ascending),
+        only where the bool ``keep`` [nnz] is true when it is given. One native pass on the CPU; no int64
+        copies of the whole index as ``coo()`` makes."""
+        nnz = self.nnz
+        if keep is not None and (keep.dtype != torch.bool or keep.shape != (nnz,)):
+            raise ValueError(f"keep must be a bool tensor of shape ({nnz},), got {keep.dtype} {tuple(keep.shape)}")
+        Q = self.grid[1]
+        native = _native.native_op_for("_native_kept_keys", self.rowptr, *(() if keep is None else (keep,)))
+        return (native or _native.kept_keys)(self.rowptr, self.col, keep, Q)
+
+    def keys_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """int64 keys row * Q + col of the entries at CSR ``positions`` (in [0, nnz)): a binary search each."""
+        positions = positions.long()
+        rowptr = self.rowptr[1:].long()
+        rows = torch.searchsorted(rowptr, positions, right=True)
+        return rows.mul_(self.grid[1]).add_(self.col.index_select(0, positions))
+
     def __repr__(self) -> str:
         b = f", block_size={self.block_size}" if self.block_size > 1 else ""
         return (
@@ -519,8 +537,7 @@ class SparseMatrix:
             lo, hi = torch.stack([positions.min(), positions.max()]).tolist()  # one host synchronisation
             if lo < 0 or hi >= nnz:
                 raise ValueError(f"positions must lie in [0, nnz={nnz}), got range [{lo}, {hi}]")
-        keep = torch.ones(nnz, dtype=torch.bool, device=dev)
-        keep[positions] = False
+        keep = torch.ones(nnz, dtype=torch.bool, device=dev).index_fill_(0, positions, False)
         n_keep = int(keep.sum())
         if n_keep != nnz - positions.numel():
             raise ValueError("positions contain duplicates")
@@ -545,20 +562,21 @@ class SparseMatrix:
                 f"growing {k} entries needs capacity {n_keep + k} but the structure has capacity "
                 f"{self.capacity}; build it with a larger capacity"
             )
-        freed = self.slot[:nnz][~keep].long()
+        freed = self.slot[:nnz].masked_select(keep.logical_not()).long()
         # Free slots after the drop: the current tail, then the slots just freed.
         free = torch.cat([self.slot[nnz:].long(), freed])
         new_slots = free[:k].clone()  # in the order of the given coordinates
-        dropped = torch.zeros(self.capacity, dtype=torch.bool, device=dev)
-        dropped[freed] = True
-        ckeep = dropped[self.slot_t[:nnz]].logical_not_()  # CSC entries that stay (int32 indices index directly)
+        dropped = torch.zeros(self.capacity, dtype=torch.bool, device=dev).index_fill_(0, freed, True)
+        # CSC entries that stay (index_select takes the int32 slots as they are).
+        ckeep = dropped.index_select(0, self.slot_t[:nnz]).logical_not_()
         total = n_keep + k
-        csr_new = (rows, cols, new_slots) if by_key is None else (rows[by_key], cols[by_key], new_slots[by_key])
+        csr_new = (rows, cols, new_slots) if by_key is None else tuple(t.index_select(0, by_key)
+                                                                        for t in (rows, cols, new_slots))
         # CSC order of the new entries: (col, row). They are in CSR order, so rows ascend within each
         # column and a stable sort by column alone gives it; in the narrowest integer type that holds
         # the columns (a 16-bit sort is ~3x faster than a 64-bit one of the (col, row) keys).
         cby_key = torch.sort(csr_new[1].to(_narrow_int(Q)), stable=True).indices
-        csc_new = (csr_new[1][cby_key], csr_new[0][cby_key], csr_new[2][cby_key])
+        csc_new = tuple(csr_new[i].index_select(0, cby_key) for i in (1, 0, 2))
         merge = _native_merge() if dev.type == "cpu" else None
         if merge is not None:
             # One native merge pass per view (it also rejects a new entry equal to a kept one).
@@ -569,8 +587,7 @@ class SparseMatrix:
             csr = _native.merge_index(self.rowptr, self.col, self.slot, keep, *csr_new, total, Q)
             csc = _native.merge_index(self.colptr, self.row, self.slot_t, ckeep, *csc_new, total, R, check=False)
         self._store(csr, csc, free[k:])
-        self.values.data[freed] = 0
-        self.values.data[new_slots] = 0
+        self.values.data.index_fill_(0, freed, 0).index_fill_(0, new_slots, 0)
         return freed, new_slots
 
 

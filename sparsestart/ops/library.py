@@ -553,6 +553,12 @@ if NATIVE_AVAILABLE:
         def _(present, ranks):
             return ranks.new_empty(ranks.numel())
 
+    if hasattr(torch.ops.sparsestart, "_native_kept_keys"):  # absent from builds before it existed
+
+        @torch.library.register_fake("sparsestart::_native_kept_keys")
+        def _(ptr, idx, keep, minor_extent):
+            return ptr.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.long)
+
     if hasattr(torch.ops.sparsestart, "_native_top_k"):  # absent from builds before it existed
 
         @torch.library.register_fake("sparsestart::_native_top_k")

@@ -334,3 +334,27 @@ def test_merge_clash_behind_a_valid_new_entry_names_its_coordinates(path):
         merge(m.rowptr, m.col, m.slot, keep, torch.tensor([free[0], clash[0]]), torch.tensor([free[1], clash[1]]),
               torch.tensor([0, 1]), m.nnz + 2)
     assert set(zip(*[t.tolist() for t in m.coo()[:2]])) == stored
+
+
+@pytest.mark.parametrize("path", MERGE_PATHS)
+@pytest.mark.parametrize("shape,density,b,index_dtype", [((1, 1), 0.0, 1, torch.int32), ((7, 5), 1.0, 1, torch.int64),
+                                                         ((300, 200), 0.1, 1, torch.int32),
+                                                         ((64, 32), 0.3, 4, torch.int64)])
+def test_keys_and_keys_at_equal_the_coordinates(path, monkeypatch, shape, density, b, index_dtype):
+    from sparsestart import _native
+
+    if path == "python":
+        monkeypatch.setattr(_native, "native_op_for", lambda *a: None)
+    m = random_matrix(*shape, density, block_size=b, seed=3, index_dtype=index_dtype, capacity_extra=3)
+    rows, cols, _ = m.coo()
+    want = rows * m.grid[1] + cols
+    assert torch.equal(m.keys(), want) and m.keys().dtype == torch.long
+    keep = torch.rand(m.nnz, generator=torch.Generator().manual_seed(1)) < 0.6
+    assert torch.equal(m.keys(keep), want[keep])
+    positions = torch.nonzero(~keep).flatten()
+    assert torch.equal(m.keys_at(positions), want[positions])
+    with pytest.raises(ValueError, match=r"keep must be a bool tensor of shape"):
+        m.keys(keep[:-1] if m.nnz else torch.ones(1, dtype=torch.bool))
+    if path == "native" and m.nnz:
+        torch.library.opcheck(torch.ops.sparsestart._native_kept_keys, (m.rowptr, m.col, keep, m.grid[1]))
+        torch.library.opcheck(torch.ops.sparsestart._native_kept_keys, (m.rowptr, m.col, None, m.grid[1]))
