@@ -16,6 +16,7 @@ problem is recorded, and ``wait_quiet`` can hold the run until the machine is id
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
@@ -212,3 +213,27 @@ def break_even(fit: dict, dense_time: float, numel: float) -> Optional[float]:
     if not s or s != s or s <= 0:
         return None
     return (dense_time - a) / (s * numel)
+
+
+# ------------------------------------------------------------------- standalone benchmark modules
+def standalone_parser(doc: str, out, threads: int) -> "argparse.ArgumentParser":
+    """The command line every ``python -m bench.<module>`` measurement shares: --threads, --rounds, --out."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--out", type=Path, default=Path(out))
+    return p
+
+
+def write_standalone(args, module: str, argv, start: float, results: dict, **extra) -> dict:
+    """Write a standalone measurement's JSON (machine, run, ``extra`` fields, results) to ``args.out``."""
+    doc = {"machine": machine_info(args.threads),
+           "run": run_info(f"python -m {module} " + " ".join(argv or []), args.threads, time.perf_counter() - start,
+                           None),
+           **extra, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc

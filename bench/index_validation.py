@@ -15,14 +15,12 @@ and the one-off O(nnz) validation of each layer's index (paid again after each s
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import forward_backward, interleaved, machine_info, run_info
+from bench.common import forward_backward, interleaved, standalone_parser, write_standalone
 from sparsestart.formats.validation import validate_index
 from sparsestart.nn import SparseConv2d, SparseLinear
 from sparsestart.ops import library
@@ -68,11 +66,7 @@ def _validation_seconds(layer, n: int = 3) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--out", type=Path, default=OUT)
-    args = p.parse_args(argv)
+    args = standalone_parser(__doc__, OUT, threads=2).parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     results = {}
@@ -100,13 +94,8 @@ def main(argv=None) -> dict:
                   f"{results[name]['one_off_validation_s'] * 1e3:.1f} ms", flush=True)
     finally:
         library._VALIDATE_INDEX = True
-    doc = {"machine": machine_info(args.threads),
-           "run": run_info("python -m bench.index_validation " + " ".join(argv or []), args.threads,
-                           time.perf_counter() - start, None),
-           "target": "overhead < 3% of a forward + backward step", "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    return doc
+    return write_standalone(args, "bench.index_validation", argv, start, results,
+                            target="overhead < 3% of a forward + backward step")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.library import call_conv2d
 from .build import _generator, _weight_to_matrix
 from .layer import SparseLayer
 
@@ -148,8 +149,7 @@ class SparseConv2d(SparseLayer):
         ho, wo = self._output_size(h, w, conv_padding)
         if algorithm == "direct":
             # Stride 1 and CSR: direct sparse convolution, no unfolded input in memory.
-            return torch.ops.sparsestart.conv2d(values, *self._index(), x,
-                                                list(self.kernel_size), conv_padding, list(self.dilation))
+            return call_conv2d(values, *self._index(), x, list(self.kernel_size), conv_padding, list(self.dilation))
         if algorithm == "dense":
             # Nearly dense layers: torch's dense convolution on the transient dense kernel.
             return F.conv2d(x, self._dense_weight_of(values), None, self.stride, conv_padding, self.dilation)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops  # noqa: F401  registers torch.ops.sparsestart
+from ..ops.library import call_spmm
 from ..formats import BSR, CSR, SparseMatrix
 from ..formats.compressed import one_thread, per_version
 from ..init.sampling import check_density, er_csr
@@ -150,7 +151,7 @@ class SparseLayer(nn.Module):
     def _matmul(self, x: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sparse weight (as [M, K]) times a feature-major [K, N] operand; ``values`` in place of the
         layer's own (the autotuner runs the algorithms on a detached copy)."""
-        return torch.ops.sparsestart.spmm(self.values if values is None else values, *self._index(), x)
+        return call_spmm(self.values if values is None else values, *self._index(), x)
 
     def _tuned_algorithm(self, op: str, x: torch.Tensor, rule: str, valid: tuple, compute, **key_fields) -> str:
         """The algorithm "auto" takes for this call (see :mod:`sparsestart.nn.autotune`): ``rule`` (the
@@ -173,9 +174,13 @@ class SparseLayer(nn.Module):
             autocast=torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None,
             format="csr" if values.dim() == 1 else f"bsr{values.shape[1]}",
             density_bucket=autotune.density_bucket(self._choice_density()), grad=grad, **key_fields)
+        # The cached choice first: every call after a key's first needs nothing else (building the
+        # candidates' runners and asking can_time cost more than a small layer's op).
+        cached = autotune.lookup(key)
+        if cached in valid:
+            return cached
         if not autotune.can_time(x, values):
-            cached = autotune.lookup(key)
-            return cached if cached in valid else rule
+            return rule
         runs = {a: autotune.candidate_runner(lambda v, xi, a=a: compute(a, v, xi), values, x, grad) for a in valid}
         return autotune.choose(key, runs, x.device)
 

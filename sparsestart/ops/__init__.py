@@ -1,7 +1,9 @@
 """Sparse kernels of sparsestart behind one op contract (see library.py).
 
 Convenience wrappers take a :class:`sparsestart.formats.SparseMatrix`; the raw
-ops are ``torch.ops.sparsestart.{spmm, spmm_t, sddmm}``.
+ops are ``torch.ops.sparsestart.{spmm, spmm_t, sddmm}`` (the wrappers and the layers call them
+through ``library.call_*``, the same impl without the dispatcher's host overhead when nothing
+needs it).
 """
 from __future__ import annotations
 
@@ -18,14 +20,14 @@ __all__ = ["matmul", "matmul_t", "sampled_matmul", "use_backend", "backends", "N
 
 def matmul(weight, x: torch.Tensor) -> torch.Tensor:
     """W @ x for a sparse W (M, K) and feature-major x [K, N]; differentiable in values and x."""
-    return torch.ops.sparsestart.spmm(weight.values, *weight.index_tensors(), x)
+    return library.call_spmm(weight.values, *weight.index_tensors(), x)
 
 
 def matmul_t(weight, dy: torch.Tensor) -> torch.Tensor:
     """W^T @ dy for dy [M, N] (the input gradient), walking the CSC view."""
-    return torch.ops.sparsestart.spmm_t(weight.values, *weight.index_tensors(), dy)
+    return library.call_spmm_t(weight.values, *weight.index_tensors(), dy)
 
 
 def sampled_matmul(weight, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(dy @ x^T) at W's stored entries, laid out like W.values (the value gradient)."""
-    return torch.ops.sparsestart.sddmm(*weight.index_tensors(), dy, x, weight.capacity, weight.block_size)
+    return library.call_sddmm(*weight.index_tensors(), dy, x, weight.capacity, weight.block_size)

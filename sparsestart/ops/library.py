@@ -139,8 +139,21 @@ def _dims(values_or_block, rowptr: Tensor, colptr: Tensor) -> tuple[int, int, in
     return (rowptr.shape[0] - 1) * b, (colptr.shape[0] - 1) * b, b
 
 
+# ------------------------------------------------------------------- registration
+# The undecorated impl of every op, for the eager fast path below (call_*).
+_IMPLS: dict = {}
+
+
+def _op(name: str):
+    """``torch.library.custom_op("sparsestart::<name>")``, keeping the undecorated function in _IMPLS."""
+    def register(fn):
+        _IMPLS[name] = fn
+        return torch.library.custom_op(f"sparsestart::{name}", mutates_args=())(fn)
+    return register
+
+
 # --------------------------------------------------------------------------- spmm
-@torch.library.custom_op("sparsestart::spmm", mutates_args=())
+@_op("spmm")
 def spmm(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor,
          slot_t: Tensor, x: Tensor) -> Tensor:
     index = (rowptr, col, slot, colptr, row, slot_t)
@@ -155,7 +168,7 @@ def _(values, rowptr, col, slot, colptr, row, slot_t, x):
     return x.new_empty(M, x.shape[1])
 
 
-@torch.library.custom_op("sparsestart::spmm_t", mutates_args=())
+@_op("spmm_t")
 def spmm_t(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor,
            slot_t: Tensor, dy: Tensor) -> Tensor:
     index = (rowptr, col, slot, colptr, row, slot_t)
@@ -181,7 +194,7 @@ def _check_spmm(op, values, index, dense, transpose):
     return M, K, b
 
 
-@torch.library.custom_op("sparsestart::sddmm", mutates_args=())
+@_op("sddmm")
 def sddmm(rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
           dy: Tensor, x: Tensor, capacity: int, block_size: int) -> Tensor:
     _check_sddmm(rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, block_size)
@@ -223,8 +236,8 @@ def _spmm_backward(ctx, grad):
     grad = grad.contiguous()
     index = (rowptr, col, slot, colptr, row, slot_t)
     b = 1 if values.dim() == 1 else values.shape[1]
-    dvalues = sddmm(*index, grad, x, values.shape[0], b) if ctx.needs_input_grad[0] else None
-    dx = spmm_t(values, *index, grad) if ctx.needs_input_grad[7] else None
+    dvalues = call_sddmm(*index, grad, x, values.shape[0], b) if ctx.needs_input_grad[0] else None
+    dx = call_spmm_t(values, *index, grad) if ctx.needs_input_grad[7] else None
     return dvalues, None, None, None, None, None, None, dx
 
 
@@ -234,8 +247,8 @@ def _spmm_t_backward(ctx, grad):
     index = (rowptr, col, slot, colptr, row, slot_t)
     b = 1 if values.dim() == 1 else values.shape[1]
     # dX = W^T dy, so dL/dW_ij = sum_n dy[i, n] * grad[j, n] and dL/ddy = W grad.
-    dvalues = sddmm(*index, dy, grad, values.shape[0], b) if ctx.needs_input_grad[0] else None
-    ddy = spmm(values, *index, grad) if ctx.needs_input_grad[7] else None
+    dvalues = call_sddmm(*index, dy, grad, values.shape[0], b) if ctx.needs_input_grad[0] else None
+    ddy = call_spmm(values, *index, grad) if ctx.needs_input_grad[7] else None
     return dvalues, None, None, None, None, None, None, ddy
 
 
@@ -247,8 +260,8 @@ def _sddmm_setup(ctx, inputs, output):
 def _sddmm_backward(ctx, grad):
     rowptr, col, slot, colptr, row, slot_t, dy, x = ctx.saved_tensors
     index = (rowptr, col, slot, colptr, row, slot_t)
-    ddy = spmm(grad, *index, x) if ctx.needs_input_grad[6] else None
-    dx = spmm_t(grad, *index, dy) if ctx.needs_input_grad[7] else None
+    ddy = call_spmm(grad, *index, x) if ctx.needs_input_grad[6] else None
+    dx = call_spmm_t(grad, *index, dy) if ctx.needs_input_grad[7] else None
     return None, None, None, None, None, None, ddy, dx, None, None
 
 
@@ -290,7 +303,7 @@ def _conv_sizes(h, w, kernel_size, padding, dilation):
     return ho, wo
 
 
-@torch.library.custom_op("sparsestart::conv2d", mutates_args=())
+@_op("conv2d")
 def conv2d(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
            x: Tensor, kernel_size: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     index = (rowptr, col, slot, colptr, row, slot_t)
@@ -310,7 +323,7 @@ def _(values, rowptr, col, slot, colptr, row, slot_t, x, kernel_size, padding, d
     return x.new_empty(x.shape[0], rowptr.shape[0] - 1, ho, wo)
 
 
-@torch.library.custom_op("sparsestart::conv2d_input_grad", mutates_args=())
+@_op("conv2d_input_grad")
 def conv2d_input_grad(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor,
                       slot_t: Tensor, dy: Tensor, kernel_size: list[int], padding: list[int],
                       dilation: list[int]) -> Tensor:
@@ -330,7 +343,7 @@ def _(values, rowptr, col, slot, colptr, row, slot_t, dy, kernel_size, padding, 
     return dy.new_empty(dy.shape[0], (colptr.shape[0] - 1) // (kernel_size[0] * kernel_size[1]), h, w)
 
 
-@torch.library.custom_op("sparsestart::conv2d_weight_grad", mutates_args=())
+@_op("conv2d_weight_grad")
 def conv2d_weight_grad(rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
                        dy: Tensor, x: Tensor, capacity: int, kernel_size: list[int], padding: list[int],
                        dilation: list[int]) -> Tensor:
@@ -370,12 +383,95 @@ def _conv_backward(ctx, grad):
     values, rowptr, col, slot, colptr, row, slot_t, x = ctx.saved_tensors
     index = (rowptr, col, slot, colptr, row, slot_t)
     grad = grad.contiguous()
-    dvalues = conv2d_weight_grad(*index, grad, x, values.shape[0], *ctx.geometry) if ctx.needs_input_grad[0] else None
-    dx = conv2d_input_grad(values, *index, grad, *ctx.geometry) if ctx.needs_input_grad[7] else None
+    dvalues = (call_conv2d_weight_grad(*index, grad, x, values.shape[0], *ctx.geometry)
+               if ctx.needs_input_grad[0] else None)
+    dx = call_conv2d_input_grad(values, *index, grad, *ctx.geometry) if ctx.needs_input_grad[7] else None
     return dvalues, None, None, None, None, None, None, dx, None, None, None
 
 
 conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ------------------------------------------------------------------ eager fast path
+# An eager call through torch.ops.sparsestart.* walks the dispatcher and torch.library's Python
+# autograd wrapper (autograd_impl, fill_defaults, redispatch, a dynamo-disable frame) before it
+# reaches the impl: ~70 us of host time per spmm forward+backward on the CPU, more than the kernel
+# of a small layer, and on a GPU host time is what bounds a training step. call_<op> runs the same
+# impl (every check included) directly -- wrapped in a torch.autograd.Function with the op's own
+# setup_context and backward when a gradient is needed -- whenever nothing the dispatcher would add
+# is active; otherwise it calls the op. Bypassing the dispatcher is only correct when none of these
+# is in play: torch.compile / make_fx tracing, a dispatch mode (FakeTensorMode, FlopCounterMode,
+# ...), a torch-function mode, a functorch transform (vmap, grad, ...), jit tracing, tensor
+# subclasses or meta tensors. Autocast (CPU, CUDA) is done here as the op's Autocast kernel does it
+# (the same casts, the impl run with that autocast key excluded), because mixed-precision training
+# is where host time matters most. The backward formulas call call_<op> as well, so a backward
+# taken with create_graph=True stays differentiable.
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+# Off only for bench/host_overhead.py, which measures what the fast path saves per call.
+_FAST_PATH = True
+
+
+def _dispatcher_needed(tensors) -> bool:
+    """Whether a call on ``tensors`` must go through the op (see above)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or
+            torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.jit.is_tracing()):
+        return True
+    for t in tensors:
+        if type(t) not in _PLAIN_TYPES or t.is_meta:  # meta tensors take the op's fake impl
+            return True
+    device_type = tensors[0].device.type
+    return device_type not in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type)
+
+
+# What the op's Autocast kernels exclude while they run it (see the autocast section below).
+_AUTOCAST_KEYS = {d: torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + d.upper()))
+                  for d in ("cpu", "cuda")}
+
+
+def _caller(name: str, op, differentiable: tuple, setup=None, backward=None):
+    """call_<name>: the eager fast path of op ``name``; ``differentiable`` are the positions of the tensor
+    arguments that can carry gradients (the values/dense operands), ``setup``/``backward`` the op's
+    autograd formulas (None for an op without autograd: a call needing gradients then takes the op,
+    which raises as it always did)."""
+    impl = _IMPLS[name]
+    function = None
+    if backward is not None:
+        def forward(ctx, *args):
+            # ctx-style forward, not a separate setup_context: with one, Function.apply binds the
+            # arguments through inspect.signature on every call (~50 us).
+            output = impl(*args)
+            setup(ctx, args, output)
+            return output
+        function = type(f"_{name.title().replace('_', '')}Function", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def run(args):
+        if torch.is_grad_enabled() and any(args[i].requires_grad for i in differentiable):
+            return op(*args) if function is None else function.apply(*args)
+        return impl(*args)
+
+    def call(*args):
+        first = args[differentiable[0]]
+        if not _FAST_PATH or _dispatcher_needed([args[i] for i in differentiable]):
+            return op(*args)
+        device_type = first.device.type
+        if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device_type]):
+                return run([_autocast_cast(a, device_type, dtype) for a in args])
+        return run(args)
+    call.__name__ = call.__qualname__ = f"call_{name}"
+    call.__doc__ = f"torch.ops.sparsestart.{name}(*args), by the eager fast path when nothing needs the dispatcher."
+    return call
+
+
+call_spmm = _caller("spmm", spmm, (0, 7), _setup, _spmm_backward)
+call_spmm_t = _caller("spmm_t", spmm_t, (0, 7), _setup, _spmm_t_backward)
+call_sddmm = _caller("sddmm", sddmm, (6, 7), _sddmm_setup, _sddmm_backward)
+call_conv2d = _caller("conv2d", conv2d, (0, 7), _conv_setup, _conv_backward)
+call_conv2d_input_grad = _caller("conv2d_input_grad", conv2d_input_grad, (0, 7))
+call_conv2d_weight_grad = _caller("conv2d_weight_grad", conv2d_weight_grad, (6, 7))
 
 
 # ----------------------------------------------------------------------- autocast

@@ -45,3 +45,19 @@ def test_quick_run_writes_json_and_report(tmp_path, keep_threads):
     md = md_path.read_text()
     assert "## Kernels" in md and "spmm, CSR" in md and "break-even" in md
     assert report.render(saved, source=str(tmp_path / "smoke.json")) == md
+
+
+@pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="the C++ extension sparsestart._C is not built")
+def test_host_overhead_runs_both_paths_and_restores_the_switch(tmp_path, keep_threads):
+    from bench import host_overhead
+    from sparsestart.ops import library
+
+    out = tmp_path / "host.json"
+    doc = host_overhead.main(["--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["results"].keys() == doc["results"].keys()
+    assert doc["run"]["command"].startswith("python -m bench.host_overhead")
+    assert len(doc["results"]) == 8  # 2 layers x (fp32, bf16) x (forward, forward+backward)
+    for r in doc["results"].values():
+        assert set(r["us_per_call"]) == {"fast path", "dispatcher", "torch dense"}
+        assert all(v > 0 for v in r["us_per_call"].values())
+    assert library._FAST_PATH is True
