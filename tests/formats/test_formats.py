@@ -6,22 +6,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsestart.formats import BSR, CSR, compressed, index_dtype_for
+from sparsestart.formats import BSR, CSR, index_dtype_for, update
 from tests.util import random_matrix
 
-MERGE_PATHS = ["native", "python"] if compressed._native_merge() is not None else ["python"]
+MERGE_PATHS = ["native", "python"] if update._native_merge() is not None else ["python"]
 
 
 @contextlib.contextmanager
 def merge_path(path):
     """Run replace() through the native merge or force the pure-PyTorch one."""
-    original = compressed._native_merge
+    original = update._native_merge
     if path == "python":
-        compressed._native_merge = lambda: None
+        update._native_merge = lambda: None
     try:
         yield
     finally:
-        compressed._native_merge = original
+        update._native_merge = original
 
 
 @pytest.mark.parametrize("b", [1, 2, 3])
@@ -174,7 +174,7 @@ def _drop_grow_against_set_model(R, Q, b, density, extra, seed, steps):
 @pytest.mark.parametrize("path", MERGE_PATHS)
 def test_grow_rejects_existing_and_leaves_structure_intact(path, monkeypatch):
     if path == "python":
-        monkeypatch.setattr(compressed, "_native_merge", lambda: None)
+        monkeypatch.setattr(update, "_native_merge", lambda: None)
     m = random_matrix(4, 4, 0.5, capacity_extra=4, seed=2)
     r, c, _ = m.coo()
     before = [t.clone() for t in m.index_tensors()]
@@ -190,7 +190,7 @@ def test_grow_rejects_existing_and_leaves_structure_intact(path, monkeypatch):
 @pytest.mark.parametrize("path", MERGE_PATHS)
 def test_replace_drops_and_grows_in_one_rewrite(path, monkeypatch):
     if path == "python":
-        monkeypatch.setattr(compressed, "_native_merge", lambda: None)
+        monkeypatch.setattr(update, "_native_merge", lambda: None)
     m = random_matrix(6, 6, 0.5, seed=4)  # capacity == nnz: growth must reuse freed slots
     rows, cols, slots = m.coo()
     before = {(int(r), int(c)): m.values[s].item() for r, c, s in zip(rows, cols, slots)}
@@ -210,7 +210,7 @@ def test_replace_drops_and_grows_in_one_rewrite(path, monkeypatch):
         m.replace([], [absent[0][0]], [absent[0][1]])
 
 
-@pytest.mark.skipif(compressed._native_merge() is None, reason="C++ extension not built")
+@pytest.mark.skipif(update._native_merge() is None, reason="C++ extension not built")
 @pytest.mark.parametrize("b,index_dtype", [(1, torch.int32), (1, torch.int64), (2, torch.int32)])
 def test_native_and_python_merge_give_the_same_index(b, index_dtype):
     """The native merge of replace() and the pure-PyTorch one write identical index tensors."""
@@ -252,14 +252,14 @@ def _merge_inputs(m, g, n_drop, n_new, view):
     return m.colptr, m.row, m.slot_t, keep, nc[order], nr[order], nslot[order], total, R
 
 
-@pytest.mark.skipif(compressed._native_merge() is None, reason="C++ extension not built")
+@pytest.mark.skipif(update._native_merge() is None, reason="C++ extension not built")
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("view", ["csr", "csc"])
 def test_merge_index_twin_matches_the_native_op_bit_for_bit(index_dtype, view):
     from sparsestart import _native
 
     g = torch.Generator().manual_seed(11)
-    op = compressed._native_merge()
+    op = update._native_merge()
     for M, K, density, n_drop, n_new in ((1, 1, 0.0, 0, 0), (1, 1, 0.0, 0, 1), (5, 7, 1.0, 35, 0),
                                          (5, 7, 1.0, 10, 10), (40, 30, 0.3, 100, 150), (40, 30, 0.3, 0, 40),
                                          (64, 3, 0.05, 2, 60), (3, 64, 0.9, 170, 0)):
@@ -271,7 +271,7 @@ def test_merge_index_twin_matches_the_native_op_bit_for_bit(index_dtype, view):
             assert t.dtype == w.dtype and torch.equal(t, w), (M, K, n_drop, n_new)
 
 
-@pytest.mark.skipif(compressed._native_merge() is None, reason="C++ extension not built")
+@pytest.mark.skipif(update._native_merge() is None, reason="C++ extension not built")
 @pytest.mark.parametrize("view", ["csr", "csc"])
 def test_native_merge_is_the_same_on_any_thread_count(view):
     # Large enough that the native merge splits the majors into several parallel chunks (it takes
@@ -281,7 +281,7 @@ def test_native_merge_is_the_same_on_any_thread_count(view):
     g = torch.Generator().manual_seed(5)
     m = random_matrix(3000, 200, 0.2, capacity_extra=9000, seed=7)
     args = _merge_inputs(m, g, 30_000, 9000, view)
-    op = compressed._native_merge()
+    op = update._native_merge()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -302,7 +302,7 @@ def test_merge_index_twin_rejects_what_the_native_op_rejects(path):
     m = random_matrix(6, 6, 0.5, capacity_extra=4, seed=3)
     rows, cols, _ = m.coo()
     keep = torch.ones(m.nnz, dtype=torch.bool)
-    merge = compressed._native_merge() if path == "native" else (
+    merge = update._native_merge() if path == "native" else (
         lambda *a: _native.merge_index(*a, m.grid[1]))
     one = torch.tensor([0])
     existing = (rows[:1], cols[:1], one)
@@ -324,7 +324,7 @@ def test_merge_clash_behind_a_valid_new_entry_names_its_coordinates(path):
     rows, cols, _ = m.coo()
     stored = set(zip(rows.tolist(), cols.tolist()))
     keep = torch.ones(m.nnz, dtype=torch.bool)
-    merge = compressed._native_merge() if path == "native" else (
+    merge = update._native_merge() if path == "native" else (
         lambda *a: _native.merge_index(*a, m.grid[1]))
     if merge is None:
         pytest.skip("C++ extension not built")
