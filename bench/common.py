@@ -216,8 +216,9 @@ def break_even(fit: dict, dense_time: float, numel: float) -> Optional[float]:
 
 
 # ------------------------------------------------------------------- standalone benchmark modules
-def standalone_parser(doc: str, out, threads: int) -> "argparse.ArgumentParser":
-    """The command line every ``python -m bench.<module>`` measurement shares: --threads, --rounds, --out."""
+def standalone_args(doc: str, out, threads: int, argv):
+    """Parse the command line every ``python -m bench.<module>`` measurement shares (--threads, --rounds,
+    --out), set torch's thread count and note the start time (``args.start``) for :func:`write_standalone`."""
     import argparse
     from pathlib import Path
 
@@ -225,14 +226,17 @@ def standalone_parser(doc: str, out, threads: int) -> "argparse.ArgumentParser":
     p.add_argument("--threads", type=int, default=threads)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--out", type=Path, default=Path(out))
-    return p
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.start = time.perf_counter()
+    return args
 
 
-def write_standalone(args, module: str, argv, start: float, results: dict, **extra) -> dict:
+def write_standalone(args, module: str, argv, results: dict, **extra) -> dict:
     """Write a standalone measurement's JSON (machine, run, ``extra`` fields, results) to ``args.out``."""
     doc = {"machine": machine_info(args.threads),
-           "run": run_info(f"python -m {module} " + " ".join(argv or []), args.threads, time.perf_counter() - start,
-                           None),
+           "run": run_info(f"python -m {module} " + " ".join(argv or []), args.threads,
+                           time.perf_counter() - args.start, None),
            **extra, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -15,12 +15,11 @@ this benchmark only), against nn.Linear / nn.Conv2d of the same shapes.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import torch
 
-from bench.common import forward_backward, interleaved, standalone_parser, write_standalone
+from bench.common import forward_backward, interleaved, standalone_args, write_standalone
 from sparsestart.nn import SparseConv2d, SparseLinear
 from sparsestart.ops import library
 
@@ -55,9 +54,7 @@ def _under(run, precision: str, grad: bool):
 
 
 def main(argv=None) -> dict:
-    args = standalone_parser(__doc__, OUT, threads=1).parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    args = standalone_args(__doc__, OUT, 1, argv)
     results = {}
     try:
         for name, (layer, dense, x) in _cases().items():
@@ -81,7 +78,7 @@ def main(argv=None) -> dict:
                           f"torch dense {us['torch dense']:.1f} us", flush=True)
     finally:
         library._FAST_PATH = True
-    return write_standalone(args, "bench.host_overhead", argv, start, results)
+    return write_standalone(args, "bench.host_overhead", argv, results)
 
 
 if __name__ == "__main__":

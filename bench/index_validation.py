@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import forward_backward, interleaved, standalone_parser, write_standalone
+from bench.common import forward_backward, interleaved, standalone_args, write_standalone
 from sparsestart.formats.validation import validate_index
 from sparsestart.nn import SparseConv2d, SparseLinear
 from sparsestart.ops import library
@@ -66,9 +66,7 @@ def _validation_seconds(layer, n: int = 3) -> float:
 
 
 def main(argv=None) -> dict:
-    args = standalone_parser(__doc__, OUT, threads=2).parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    args = standalone_args(__doc__, OUT, 2, argv)
     results = {}
     try:
         for name, (layer, x) in _layers().items():
@@ -94,7 +92,7 @@ def main(argv=None) -> dict:
                   f"{results[name]['one_off_validation_s'] * 1e3:.1f} ms", flush=True)
     finally:
         library._VALIDATE_INDEX = True
-    return write_standalone(args, "bench.index_validation", argv, start, results,
+    return write_standalone(args, "bench.index_validation", argv, results,
                             target="overhead < 3% of a forward + backward step")
 
 

@@ -83,9 +83,9 @@ def malloc_settings() -> dict:
 
 
 def _native():
-    from .ops import library
+    from .ops import cpu
 
-    if not library.NATIVE_AVAILABLE:
+    if not cpu.NATIVE_AVAILABLE:
         return None
     from . import _C
 

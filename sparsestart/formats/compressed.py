@@ -32,7 +32,7 @@ import torch
 
 from .. import _native
 from . import update
-from .update import _check_range
+from .update import _check_distinct, _check_range
 from .validation import remember_valid, validate_index
 
 __all__ = ["SparseMatrix", "CSR", "BSR", "index_dtype_for"]
@@ -584,9 +584,7 @@ def _csc_of_csr(rowptr: torch.Tensor, col: torch.Tensor, Q: int, C: int,
 
 def _check_coordinates(rows, cols, R, Q, rname, cname):
     _check_range(rows, cols, R, Q, rname, cname)
-    key = rows * max(Q, 1) + cols
-    if torch.unique(key).numel() != key.numel():
-        raise ValueError(f"({rname}, {cname}) contain duplicated coordinates")
+    _check_distinct(torch.sort(rows * max(Q, 1) + cols).values, max(Q, 1), rname, cname)
 
 
 class CSR(SparseMatrix):

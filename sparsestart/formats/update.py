@@ -32,7 +32,9 @@ def replace(matrix, positions, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
     keep = torch.ones(nnz, dtype=torch.bool, device=dev).index_fill_(0, positions, False)
     n_keep = int(keep.sum())
     if n_keep != nnz - positions.numel():
-        raise ValueError("positions contain duplicates")
+        twice = _first_repeat(positions.sort().values)
+        raise ValueError(f"positions contain duplicates: {twice} is given more than once; each position may be "
+                         f"dropped once")
     R, Q = matrix.grid
     _check_range(rows, cols, R, Q, "rows", "cols")
     k = rows.numel()
@@ -44,8 +46,7 @@ def replace(matrix, positions, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
         by_key = None  # already in CSR order
     else:
         new_keys, by_key = torch.sort(new_keys)
-        if k > 1 and bool((new_keys[1:] == new_keys[:-1]).any()):
-            raise ValueError("(rows, cols) contain duplicated coordinates")
+        _check_distinct(new_keys, stride, "rows", "cols")
     if n_keep + k > matrix.capacity:
         erows, ecols, _ = matrix.coo()
         _check_absent(erows * stride + ecols, keep, new_keys,  # the more useful error first
@@ -112,3 +113,17 @@ def _check_range(rows, cols, R, Q, rname, cname):
         raise ValueError(f"{rname} must lie in [0, {R}), got range [{rlo}, {rhi}]")
     if clo < 0 or chi >= Q:
         raise ValueError(f"{cname} must lie in [0, {Q}), got range [{clo}, {chi}]")
+
+
+def _first_repeat(sorted_values: torch.Tensor):
+    """The smallest value that occurs more than once in the ascending ``sorted_values``, or None."""
+    repeats = sorted_values[1:][sorted_values[1:] == sorted_values[:-1]]
+    return int(repeats[0]) if repeats.numel() else None
+
+
+def _check_distinct(sorted_keys, stride: int, rname: str, cname: str) -> None:
+    """Raise naming a coordinate pair that occurs twice among the ascending keys row * stride + col."""
+    key = _first_repeat(sorted_keys)
+    if key is not None:
+        raise ValueError(f"({rname}, {cname}) contain duplicated coordinates: ({key // stride}, {key % stride}) is "
+                         f"given more than once; each coordinate may be given once")

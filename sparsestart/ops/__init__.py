@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import library, reference, registry
-from .library import NATIVE_AVAILABLE
+from . import cpu, library, reference, registry
+from .cpu import NATIVE_AVAILABLE
 from .registry import NoBackendError, backends, use_backend
 from . import gpu  # noqa: E402,F401  (registers the triton and cuda backends)
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..formats.compressed import per_version
 
-from . import library, reference, registry
+from . import cpu, reference, registry
 
 __all__ = ["triton_available", "triton_unavailable_reason", "cuda_extension_available", "TRITON_PRIORITY",
            "CUDA_PRIORITY", "TRITON_MIN_VERSION"]
@@ -241,14 +241,14 @@ def _capability(index: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def cuda_extension_available() -> bool:
     """Whether sparsestart._C registered CUDA kernels for the native ops (built with CUDA)."""
-    if not library.NATIVE_AVAILABLE:
+    if not cpu.NATIVE_AVAILABLE:
         return False
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     return has("sparsestart::_native_spmm", "CUDA") and has("sparsestart::_native_sddmm", "CUDA")
 
 
 def _cuda_unavailable_reason() -> str:
-    if not library.NATIVE_AVAILABLE:
+    if not cpu.NATIVE_AVAILABLE:
         return "the C++ extension sparsestart._C is not built"
     return ("the C++ extension sparsestart._C was built without CUDA (that needs a CUDA build of torch and nvcc "
             "at install time; see docs/gpu.md)")
@@ -271,7 +271,7 @@ def _cuda_reasons(op: str, tensors: list[Tensor]) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _ordered_spmm_available() -> bool:
     """Whether the extension has the CUDA SpMM that takes a precomputed row order (older builds do not)."""
-    return library.NATIVE_AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(
+    return cpu.NATIVE_AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(
         "sparsestart::_native_spmm_ordered", "CUDA")
 
 
