@@ -53,10 +53,11 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
       "_native_sddmm(Tensor ptr, Tensor idx, Tensor slot, Tensor a, Tensor b, "
       "SymInt capacity, int block_size) -> Tensor");
   // Direct sparse convolution, stride 1, CSR weight viewed as [Cout, Cin*KH*KW]
-  // (layouts in csrc/cpu/conv.cpp): y[N, Cout, Ho, Wo] from x[N, Cin, H, W] ...
+  // (layouts in csrc/cpu/conv.cpp): y[N, Cout, Ho, Wo] from x[N, Cin, H, W], plus bias[Cout] per
+  // output channel when given (added as the output is written: no second pass over y) ...
   m.def(
       "_native_conv2d(Tensor values, Tensor ptr, Tensor idx, Tensor slot, Tensor x, "
-      "int[2] kernel_size, int[2] padding, int[2] dilation) -> Tensor");
+      "int[2] kernel_size, int[2] padding, int[2] dilation, Tensor? bias=None) -> Tensor");
   // ... dx[N, Cin, H, W] from dy, walking the CSC view (ptr=colptr, idx=row, slot=slot_t) ...
   m.def(
       "_native_conv2d_input_grad(Tensor values, Tensor ptr, Tensor idx, Tensor slot, Tensor dy, "

@@ -85,7 +85,7 @@ if NATIVE_AVAILABLE:
         return a.new_empty((capacity,) if block_size == 1 else (capacity, block_size, block_size))
 
     @torch.library.register_fake("sparsestart::_native_conv2d")
-    def _(values, ptr, idx, slot, x, kernel_size, padding, dilation):
+    def _(values, ptr, idx, slot, x, kernel_size, padding, dilation, bias=None):
         ho, wo = _conv_sizes(x.shape[2], x.shape[3], kernel_size, padding, dilation)
         return x.new_empty(x.shape[0], ptr.shape[0] - 1, ho, wo)
 

@@ -303,22 +303,39 @@ def _conv_sizes(h, w, kernel_size, padding, dilation):
     return ho, wo
 
 
+def _check_conv_bias(bias: Tensor | None, x: Tensor, out_channels: int) -> None:
+    if bias is None:
+        return
+    if bias.dim() != 1 or bias.shape[0] != out_channels:
+        raise ValueError(f"sparsestart.conv2d: bias must be 1-D with one entry per output channel ({out_channels}), "
+                         f"got shape {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"sparsestart.conv2d: bias has dtype {bias.dtype} but x has {x.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"sparsestart.conv2d: bias is on {bias.device} but x is on {x.device}")
+
+
 @_op("conv2d")
 def conv2d(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
-           x: Tensor, kernel_size: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+           x: Tensor, kernel_size: list[int], padding: list[int], dilation: list[int],
+           bias: Tensor | None = None) -> Tensor:
+    """y = conv(x, W) (+ bias[Cout] per output channel): the kernels add the bias as they write y,
+    which saves a pass over y and, under glibc's default malloc, a fresh output buffer per call."""
     index = (rowptr, col, slot, colptr, row, slot_t)
     kk = kernel_size[0] * kernel_size[1]
     _check_conv("conv2d", values, index, x, kernel_size, padding, dilation, "x", (colptr.shape[0] - 1) // kk)
+    _check_conv_bias(bias, x, rowptr.shape[0] - 1)
     _check_contents("conv2d", index, values.shape[0])
     return _run("conv2d", [values, rowptr, x], values.contiguous(), rowptr, col, slot, x.contiguous(),
-                kernel_size, padding, dilation)
+                kernel_size, padding, dilation, bias)
 
 
 @conv2d.register_fake
-def _(values, rowptr, col, slot, colptr, row, slot_t, x, kernel_size, padding, dilation):
+def _(values, rowptr, col, slot, colptr, row, slot_t, x, kernel_size, padding, dilation, bias=None):
     kk = kernel_size[0] * kernel_size[1]
     _check_conv("conv2d", values, (rowptr, col, slot, colptr, row, slot_t), x, kernel_size, padding, dilation, "x",
                 (colptr.shape[0] - 1) // kk)
+    _check_conv_bias(bias, x, rowptr.shape[0] - 1)
     ho, wo = _conv_sizes(x.shape[2], x.shape[3], kernel_size, padding, dilation)
     return x.new_empty(x.shape[0], rowptr.shape[0] - 1, ho, wo)
 
@@ -386,7 +403,11 @@ def _conv_backward(ctx, grad):
     dvalues = (call_conv2d_weight_grad(*index, grad, x, values.shape[0], *ctx.geometry)
                if ctx.needs_input_grad[0] else None)
     dx = call_conv2d_input_grad(values, *index, grad, *ctx.geometry) if ctx.needs_input_grad[7] else None
-    return dvalues, None, None, None, None, None, None, dx, None, None, None
+    # The bias is optional: a call through the eager fast path that left it out has 11 inputs, and
+    # gets one gradient per input.
+    n = len(ctx.needs_input_grad)
+    dbias = grad.sum((0, 2, 3)) if n > 11 and ctx.needs_input_grad[11] else None
+    return (dvalues, None, None, None, None, None, None, dx, None, None, None, dbias)[:n]
 
 
 conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -446,21 +467,24 @@ def _caller(name: str, op, differentiable: tuple, setup=None, backward=None):
         function = type(f"_{name.title().replace('_', '')}Function", (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    def run(args):
-        if torch.is_grad_enabled() and any(args[i].requires_grad for i in differentiable):
+    def run(args, operands):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
             return op(*args) if function is None else function.apply(*args)
         return impl(*args)
 
     def call(*args):
-        first = args[differentiable[0]]
-        if not _FAST_PATH or _dispatcher_needed([args[i] for i in differentiable]):
+        # The differentiable tensors passed (an optional one, like conv2d's bias, may be None or absent).
+        operands = [args[i] for i in differentiable if i < len(args) and args[i] is not None]
+        first = operands[0]
+        if not _FAST_PATH or _dispatcher_needed(operands):
             return op(*args)
         device_type = first.device.type
         if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device_type]):
-                return run([_autocast_cast(a, device_type, dtype) for a in args])
-        return run(args)
+                cast = [_autocast_cast(a, device_type, dtype) for a in args]
+                return run(cast, [cast[i] for i in differentiable if i < len(cast) and cast[i] is not None])
+        return run(args, operands)
     call.__name__ = call.__qualname__ = f"call_{name}"
     call.__doc__ = f"torch.ops.sparsestart.{name}(*args), by the eager fast path when nothing needs the dispatcher."
     return call
@@ -469,7 +493,7 @@ def _caller(name: str, op, differentiable: tuple, setup=None, backward=None):
 call_spmm = _caller("spmm", spmm, (0, 7), _setup, _spmm_backward)
 call_spmm_t = _caller("spmm_t", spmm_t, (0, 7), _setup, _spmm_t_backward)
 call_sddmm = _caller("sddmm", sddmm, (6, 7), _sddmm_setup, _sddmm_backward)
-call_conv2d = _caller("conv2d", conv2d, (0, 7), _conv_setup, _conv_backward)
+call_conv2d = _caller("conv2d", conv2d, (0, 7, 11), _conv_setup, _conv_backward)
 call_conv2d_input_grad = _caller("conv2d_input_grad", conv2d_input_grad, (0, 7))
 call_conv2d_weight_grad = _caller("conv2d_weight_grad", conv2d_weight_grad, (6, 7))
 

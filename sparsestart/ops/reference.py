@@ -69,7 +69,7 @@ def unfold_conv_kernels(spmm, sddmm) -> dict:
     (native-kernel signatures)."""
     F = torch.nn.functional
 
-    def conv2d(values, ptr, idx, slot, x, kernel_size, padding, dilation):
+    def conv2d(values, ptr, idx, slot, x, kernel_size, padding, dilation, bias=None):
         n, _, h, w = x.shape
         ho = h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1)
         wo = w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1)
@@ -77,6 +77,8 @@ def unfold_conv_kernels(spmm, sddmm) -> dict:
         xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
         m = ptr.shape[0] - 1
         y = spmm(values, ptr, idx, slot, xt, m, False)
+        if bias is not None:  # on the [Cout, n * positions] product, before the layout copy
+            y = y.view(m, -1).add_(bias.view(m, 1))
         return y.view(m, n, ho * wo).transpose(0, 1).reshape(n, m, ho, wo)
 
     def conv2d_input_grad(values, ptr, idx, slot, dy, kernel_size, padding, dilation):

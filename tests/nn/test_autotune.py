@@ -53,9 +53,9 @@ def record_algorithms(monkeypatch, layer) -> list:
     name = "_conv" if isinstance(layer, SparseConv2d) else "_linear"
     real = getattr(layer, name)
 
-    def spy(algorithm, values, x):
+    def spy(algorithm, values, x, *bias):
         used.append(algorithm)
-        return real(algorithm, values, x)
+        return real(algorithm, values, x, *bias)
     monkeypatch.setattr(layer, name, spy)
     return used
 

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsestart import ops
+from sparsestart.ops import library
 from tests.util import assert_close_to_reference, random_matrix, threads
 
 BACKENDS = [b for b in ("reference", "cpu") if b == "reference" or ops.NATIVE_AVAILABLE]
@@ -22,6 +23,12 @@ CASES = [
     (19, 2, 3, 5, 6, (3, 3), (3, 2), (1, 1), 0.5),   # padding beyond the kernel; batch not a multiple of the chunks
     (37, 8, 6, 2, 2, (3, 3), (1, 1), (1, 1), 0.5),   # 2x2 maps: groups of 16 samples per flat row, last one short
     (21, 5, 7, 4, 3, (3, 2), (2, 1), (2, 1), 0.4),   # small maps, dilation, uneven padding: groups of 7
+    # Enough channels for the kernels' channel blocks (csrc/cpu/conv.cpp, ChannelBlocks): 48 input
+    # channels at 20x20 are 2-3 blocks in the forward, 40 output channels 2 in the input gradient,
+    # more in float64 and in the weight gradient's wider tile; at density 0.02 most rows have entries
+    # in some blocks only (a row's first block with entries may be a later one).
+    (2, 48, 40, 20, 20, (3, 3), (1, 1), (1, 1), 0.3),
+    (3, 48, 40, 20, 20, (3, 3), (1, 1), (1, 1), 0.02),
 ]
 
 
@@ -111,3 +118,64 @@ def test_conv_cpu_same_bits_for_any_thread_count(case):
                          S.conv2d_weight_grad(*idx, dy.float(), x.float(), m.capacity, *geo)))
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+# ------------------------------------------------------------------ fused bias
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[9], CASES[10]],
+                         ids=["3x3", "1x1", "nnz0", "2x2-groups", "dilation"])
+def test_conv_bias_is_added_per_output_channel(backend, dtype, case):
+    """conv2d(..., bias) == F.conv2d(x, W, bias), also where a channel has no weights (empty row 0: only the
+    bias) and where samples are grouped into one flat row (the bias must not leak across samples)."""
+    m, x, wd, y_ref, dy, k, p, d = _setup(case, dtype)
+    bias = torch.randn(wd.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    idx, geo = m.index_tensors(), (list(k), list(p), list(d))
+    with ops.use_backend(backend):
+        y = S.conv2d(m.values, *idx, x.to(dtype), *geo, bias.to(dtype))
+    ref = F.conv2d(x, wd, bias, padding=p, dilation=d)
+    assert_close_to_reference(y, ref, F.conv2d(x.abs(), wd.abs(), bias.abs(), padding=p, dilation=d), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_bias_gradcheck(backend):
+    m, x, wd, y, dy, k, p, d = _setup(CASES[3], torch.float64, seed=1)
+    idx = m.index_tensors()
+    values = m.values.detach().clone().requires_grad_()
+    x = x[:, :, :5, :6].clone().requires_grad_()
+    bias = torch.randn(wd.shape[0], dtype=torch.float64, requires_grad=True)
+    geo = (list(k), list(p), list(d))
+    with ops.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda v, x, b: S.conv2d(v, *idx, x, *geo, b), (values, x, bias))
+        # Through the eager fast path (the layers' caller), with and without the bias argument.
+        assert torch.autograd.gradcheck(lambda v, x, b: library.call_conv2d(v, *idx, x, *geo, b), (values, x, bias))
+        assert torch.autograd.gradcheck(lambda v, x: library.call_conv2d(v, *idx, x, *geo), (values, x))
+
+
+def test_conv_bias_opcheck():
+    m, x, wd, y, dy, k, p, d = _setup(CASES[0], torch.float32, seed=2)
+    idx = m.index_tensors()
+    values = m.values.detach().clone().requires_grad_()
+    x = x.float().requires_grad_()
+    bias = torch.randn(wd.shape[0], requires_grad=True)
+    geo = (list(k), list(p), list(d))
+    torch.library.opcheck(S.conv2d.default, (values, *idx, x, *geo, bias))
+    if ops.NATIVE_AVAILABLE:
+        torch.library.opcheck(S._native_conv2d.default,
+                              (values.detach(), idx[0], idx[1], idx[2], x.detach(), *geo, bias.detach()),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_bad_bias(backend):
+    m, x, wd, y, dy, k, p, d = _setup(CASES[0], torch.float32)
+    idx, geo, x = m.index_tensors(), (list(k), list(p), list(d)), x.float()
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match=r"bias must be 1-D with one entry per output channel \(5\), got shape \(4,\)"):
+            S.conv2d(m.values, *idx, x, *geo, torch.zeros(4))
+        with pytest.raises(ValueError, match=r"got shape \(1, 5\)"):
+            S.conv2d(m.values, *idx, x, *geo, torch.zeros(1, 5))
+        with pytest.raises(TypeError, match="bias has dtype torch.float64 but x has torch.float32"):
+            S.conv2d(m.values, *idx, x, *geo, torch.zeros(5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+            S.conv2d(m.values, *idx, x, *geo, torch.zeros(5, device="meta"))
