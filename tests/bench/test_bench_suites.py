@@ -59,6 +59,23 @@ def test_layer_fits_slope_intercept_and_break_even():
 
 
 @needs_native
+def test_layer_free_bound_counts_only_the_time_outside_the_layers():
+    """A sparse step of 100 ms whose profile spends 60 of 80 ms in layer ops (sparse kernels, their autograd
+    functions, dense convolutions) leaves 25 ms elsewhere: against a 200 ms dense step at most 8x."""
+    from bench import report
+
+    ops_ = [{"op": "sparsestart::_native_conv2d", "self_ms": 30.0}, {"op": "_Conv2DFunctionBackward", "self_ms": 5.0},
+            {"op": "aten::mkldnn_convolution", "self_ms": 25.0}, {"op": "aten::native_batch_norm", "self_ms": 15.0},
+            {"op": "aten::max_pool2d_with_indices", "self_ms": 5.0}]
+    rec = {"model": "vgg11", "density": 0.01, "malloc": "default", "title": "VGG", "distribution": "erk", "batch": 2,
+           "times": {"sparse": {"median": 0.1}, "dense": {"median": 0.2}}, "speedup_vs_dense": 2.0,
+           "profile": {"sparse": {"total_ms": 80.0, "ops": ops_}}}
+    assert report.layer_free_bound(rec) == pytest.approx(8.0)
+    (row,) = report._step_targets([rec])
+    assert row[1] == "2.00x" and "missed" in row[2] and "allows 8.00x" in row[2]
+    assert report.layer_free_bound({**rec, "profile": {}}) is None
+
+
 def test_training_and_algorithm_suites(tmp_path):
     from bench import report
 
