@@ -12,23 +12,23 @@
 //   out: y [N, Cout, Ho, Wo], dx [N, Cin, H, W], dV [C] (zero in free slots)
 // with Ho = H + 2*ph - dh*(KH-1), Wo = W + 2*pw - dw*(KW-1).
 //
-// The idea: flatten each zero-padded plane of one sample. In a padded plane of
-// width Wp, output pixel (h, w) of a 3x3 convolution reads input pixels
+// The idea: flatten each zero-padded plane of one sample. In a padded plane with
+// rows Wp apart, output pixel (h, w) of a 3x3 convolution reads input pixels
 // (h + kh*dh, w + kw*dw), i.e. flat position h*Wp + w plus the constant offset
 // kh*dh*Wp + kw*dw. So over the flat axis q = h*Wp + w (w running over the whole
-// padded width, the extra Wp - Wo columns computed and thrown away), every
+// row stride, the extra Wp - Wo columns computed and thrown away), every
 // stored weight is one shifted contiguous input row:
 //
-//   forward      y'[co, q]  = sum_e v_e * xp[ci_e*Hp*Wp + kh_e*dh*Wp + kw_e*dw + q]
-//   input grad   dx'[ci, q] = sum_e v_e * dyp[co_e*Hq*Wq + (shift of kh_e, kw_e) + q]
+//   forward      y'[co, q]  = sum_e v_e * xp[ci_e*plane + kh_e*dh*Wp + kw_e*dw + q]
+//   input grad   dx'[ci, q] = sum_e v_e * dyp[co_e*plane + (shift of kh_e, kw_e) + q]
 //   weight grad  dV[e]      = sum_n sum_q dyw[n, co_e, q] * xp[n, (offset of e) + q]
 //
 // These are exactly the CSR SpMM and SDDMM of spmm_kernel.h / sddmm_kernel.h
 // with an input "row" given by a per-entry address instead of column * N, so
 // the convolution runs on the same register-tiled SIMD kernels (tiles of up to
-// 256 floats, full vectors except the last of a plane, weights broadcast once
-// per tile) instead of small 2-D tiles with scalar edges. Each thread pads one
-// group of G samples at a time into its own buffer (Cin*G*Hp*Wp floats), which
+// 128 floats, kConvTile, full vectors except the last of a plane, weights broadcast
+// once per tile) instead of small 2-D tiles with scalar edges. Each thread pads one
+// group of G samples at a time into its own buffer (Cin*G*plane floats), which
 // stays in L2 while every output channel sweeps it; no padded copy of the batch
 // exists. The G samples' padded planes of one channel lie one after another, so
 // the same constant offsets hold across them and one flat product covers the
@@ -37,8 +37,9 @@
 // Each output element has one writer and a fixed summation order, and the
 // weight gradient sums over a fixed number of sample chunks in chunk order, so
 // results are bitwise identical for any thread count.
-// Reads past the last real column of a plane land in the next row or, for the
-// last plane, in `slack` zeros appended to the padded buffer.
+// Neighbouring rows and planes share their zero margins (see Pad). Reads past the
+// last real column of a row land in the zeros before the next row's values or,
+// for the last plane, in the tail rows and `slack` zeros appended to the buffer.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -98,44 +99,63 @@ inline void fill_row(T* dst, int64_t n, T v) {
   if (i < n) V::store_n(dst + i, a, static_cast<int>(n - i));
 }
 
-// Zero padding of planes [P, h, w] into [P, h + top + bottom, w + left + right] at (top, left).
+// Zero padding of planes [P, h, w] with shared margins. Each row holds `left` zeros and then its
+// w values, rows `ld` apart: the ld - w zeros after a row's values are also the left margin of
+// the next row. Each plane holds `top` zero rows and then its h rows, planes `rows` rows apart:
+// the zero rows after a plane's data are also the top margin of the next plane, and `tail` zero
+// rows follow the last plane. A convolution reading up to `right` columns past a row (`bottom`
+// rows past a plane) sees zeros as long as right <= ld - w (bottom <= rows - h + the next plane's
+// top): with the margins shared, a 3x3 "same" convolution pads a row by one zero instead of two
+// and a plane by one zero row instead of two, so the flat products below compute fewer thrown-away
+// positions (4x4 maps: 25 positions per sample instead of 36; 2x2: 9 instead of 16).
 struct Pad {
-  int64_t planes, h, w, top, bottom, left, right, slack;
-  int64_t H2() const { return h + top + bottom; }
-  int64_t W2() const { return w + left + right; }
-  int64_t plane() const { return H2() * W2(); }
+  int64_t planes, h, w;  // source planes [planes, h, w]
+  int64_t top, left;     // zero rows above a plane's data, zeros before a row's values
+  int64_t ld, rows;      // row stride (>= left + w), rows per plane (>= top + h)
+  int64_t tail, slack;   // zero rows after the last plane, then zero elements
+  int64_t plane() const { return rows * ld; }
   int64_t src_size() const { return planes * h * w; }
   // A group of G samples: every plane holds the G samples' padded planes one after another.
-  int64_t size(int64_t G) const { return planes * G * plane() + slack; }
+  int64_t size(int64_t G) const { return planes * G * plane() + tail * ld + slack; }
 };
 
+// Symmetric margins (top = bottom, left = right), the layout of the forward and input-gradient
+// operands: the shared margins are enough on both sides. The flat product writes output (h, w)
+// at h * ld + w of its sample's plane, so a plane also has at least `out_rows` rows and a row at
+// least `out_cols` columns (more than h + top and w + left only when the padding exceeds the
+// kernel's reach, e.g. padding 2 around a 3x3 kernel).
+Pad shared_pad(int64_t planes, int64_t h, int64_t w, int64_t top, int64_t left, int64_t out_rows, int64_t out_cols,
+               int64_t slack) {
+  return {planes, h, w, top, left, std::max(w + left, out_cols), std::max(h + top, out_rows), top, slack};
+}
+
 // Samples 0 .. count - 1 of `src` (sample stride `stride`) into the group layout
-// [planes][G][H2][W2] of `dst` (Pad::size(G) elements; missing samples and the `slack` tail are
+// [planes][G][rows][ld] of `dst` (Pad::size(G) elements; missing samples, margins and the tail are
 // zero), serially: the kernels pad one group into a small per-thread buffer right before using
 // it, so the padded copy stays in cache and no padded copy of the whole batch is ever allocated
 // (a fresh buffer of that size costs page faults on every call, more than the arithmetic at
 // low density).
 template <typename T>
 void pad_group(const T* src, int64_t stride, int64_t count, int64_t G, const Pad& pd, T* dst) {
-  const int64_t W2 = pd.W2(), plane = pd.plane();
+  const int64_t ld = pd.ld, plane = pd.plane();
   for (int64_t pl = 0; pl < pd.planes; ++pl)
     for (int64_t g = 0; g < G; ++g) {
       T* d = dst + (pl * G + g) * plane;
-      if (g >= count) {
+      if (g >= count || pd.h == 0) {
         fill_row(d, plane, T(0));
         continue;
       }
       const T* s = src + g * stride + pl * pd.h * pd.w;
-      fill_row(d, pd.top * W2 + pd.left, T(0));
+      fill_row(d, pd.top * ld + pd.left, T(0));
       for (int64_t r = 0; r < pd.h; ++r) {
-        // Row r's values, then the right margin of row r and the left margin of row r + 1 (adjacent).
-        T* row = d + (pd.top + r) * W2 + pd.left;
+        // Row r's values, then zeros up to the next row's values (or to the end of the plane).
+        T* row = d + (pd.top + r) * ld + pd.left;
         copy_row(s + r * pd.w, pd.w, row);
-        fill_row(row + pd.w, pd.right + pd.left, T(0));
+        const int64_t end = r + 1 < pd.h ? ld : plane - (pd.top + r) * ld - pd.left;
+        fill_row(row + pd.w, end - pd.w, T(0));
       }
-      fill_row(d + (pd.top + pd.h) * W2 + pd.left, plane - (pd.top + pd.h) * W2 - pd.left, T(0));
     }
-  fill_row(dst + pd.planes * G * plane, pd.slack, T(0));
+  fill_row(dst + pd.planes * G * plane, pd.tail * ld + pd.slack, T(0));
 }
 
 // Samples per group. One sample's flat row (`row` = rows x padded width positions) of at least
@@ -388,9 +408,9 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, c
   auto out = cpu::pooled_empty({N, M, Ho, Wo}, x_in.options());
   if (out.numel() == 0) return out;
   const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
-  const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
-  const Pad pd{Cin, H, W, g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw)};
-  const int64_t G = group_size(N, Ho * Wp, Hp * Wp);
+  const Pad pd = shared_pad(Cin, H, W, g.ph, g.pw, Ho, Wo, slack_for((g.KW - 1) * g.dw));
+  const int64_t ld = pd.ld, plane = pd.plane();
+  const int64_t G = group_size(N, Ho * ld, plane);
   auto x = x_in.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
   auto vals = values.contiguous();
@@ -402,11 +422,11 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& values, const at::Tensor& ptr, c
       entry_lists(p.data_ptr<index_t>(), sl.data_ptr<index_t>(), vals.data_ptr<scalar_t>(), M,
                   [&](int64_t, int64_t e) {
                     const int64_t c = I[e], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
-                    return ci * G * Hp * Wp + kh * g.dh * Wp + kw * g.dw;
+                    return ci * G * plane + kh * g.dh * ld + kw * g.dw;
                   },
                   rowptr, addr, w);
-      shifted_conv<scalar_t>(x.data_ptr<scalar_t>(), pd, G, rowptr, addr, w, N, M, Ho, Wp, 0, Wo,
-                             (g.KH - 1) * g.dh * Wp + (g.KW - 1) * g.dw, has_bias ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
+      shifted_conv<scalar_t>(x.data_ptr<scalar_t>(), pd, G, rowptr, addr, w, N, M, Ho, ld, 0, Wo,
+                             (g.KH - 1) * g.dh * ld + (g.KW - 1) * g.dw, has_bias ? bias.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
     });
   });
   return out;
@@ -432,13 +452,13 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
   // dx[h][w] = sum over (co, kh, kw) of v * dy[h + ph - kh*dh][w + pw - kw*dw] (zero outside dy).
   // Pad dy by `top` rows so the smallest row index, ph - dh*(KH-1), lands at >= 0; the largest,
   // H - 1 + ph, then needs the same margin below (likewise for columns). Over the flat axis
-  // q = h*Wq + w the read for entry (co, kh, kw) is at co*Hq*Wq + (ph + top - kh*dh)*Wq +
+  // q = h*Wq + w the read for entry (co, kh, kw) is at co*plane + (ph + top - kh*dh)*Wq +
   // (pw + left - kw*dw) + q, reaching pw + left past the last plane.
   const int64_t top = std::max<int64_t>(0, g.dh * (g.KH - 1) - g.ph);
   const int64_t left = std::max<int64_t>(0, g.dw * (g.KW - 1) - g.pw);
-  const int64_t Hq = Ho + 2 * top, Wq = Wo + 2 * left;
-  const Pad pd{M, Ho, Wo, top, top, left, left, slack_for(g.pw + left)};
-  const int64_t G = group_size(N, H * Wq, Hq * Wq);
+  const Pad pd = shared_pad(M, Ho, Wo, top, left, H, W, slack_for(g.pw + left));
+  const int64_t Wq = pd.ld, plane = pd.plane();
+  const int64_t G = group_size(N, H * Wq, plane);
   auto dy = dy_in.contiguous();
   auto p = colptr.contiguous(), ix = row.contiguous(), sl = slot_t.contiguous();
   auto vals = values.contiguous();
@@ -457,7 +477,7 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& values, const at::Tensor& col
                   [&](int64_t, int64_t e) {
                     while (P[c + 1] <= e) ++c;
                     const int64_t k = c % KK, kh = k / g.KW, kw = k % g.KW;
-                    return static_cast<int64_t>(I[e]) * G * Hq * Wq + (g.ph + top - kh * g.dh) * Wq + g.pw + left -
+                    return static_cast<int64_t>(I[e]) * G * plane + (g.ph + top - kh * g.dh) * Wq + g.pw + left -
                            kw * g.dw;
                   },
                   rowptr, addr, w);
@@ -485,7 +505,7 @@ void weight_grad_kernel(const T* dy, const Pad& dy_pad, const T* x, const Pad& x
   using Tu = cpu::SddmmTuning<T>;
   constexpr int W = Tu::W;
   const int64_t nnz = rowptr[M], plane = x_pad.plane();
-  const int64_t L = (G - 1) * plane + dy_pad.h * x_pad.W2();
+  const int64_t L = (G - 1) * plane + dy_pad.h * x_pad.ld;
   std::vector<int64_t> local(static_cast<size_t>(nnz));
   for (int64_t e = 0; e < nnz; ++e) local[e] = e;
   const ChannelBlocks cb = block_by_channel<T>(rowptr, M, x_pad.planes,
@@ -542,14 +562,15 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
                     " under this geometry");
   auto out = cpu::pooled_zeros({capacity}, dy_in.options());
   if (N == 0 || M == 0) return out;
-  const int64_t Hp = H + 2 * g.ph, Wp = W + 2 * g.pw;
-  const Pad x_pad{Cin, H, W, g.ph, g.ph, g.pw, g.pw, slack_for((g.KW - 1) * g.dw)};
-  const Pad dy_pad{M, Ho, Wo, 0, Hp - Ho, 0, Wp - Wo, 0};  // widened to the padded plane
+  const Pad x_pad = shared_pad(Cin, H, W, g.ph, g.pw, Ho, Wo, slack_for((g.KW - 1) * g.dw));
+  const int64_t Wp = x_pad.ld, plane = x_pad.plane();
+  // dy at the positions of the outputs in x's layout: rows Wp apart, planes of x's plane apart.
+  const Pad dy_pad{M, Ho, Wo, 0, 0, Wp, x_pad.rows, 0, 0};
   auto x = x_in.contiguous(), dy = dy_in.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
   // A fixed number of sample chunks (at most 16, each a multiple of the group size but the
   // last): enough parallel work, bounded partial-sum memory, independent of the thread count.
-  const int64_t G = group_size(N, Ho * Wp, Hp * Wp);
+  const int64_t G = group_size(N, Ho * Wp, plane);
   const int64_t per = std::max<int64_t>((N + 15) / 16 + G - 1, G) / G * G, chunks = (N + per - 1) / per;
   AT_DISPATCH_FLOATING_TYPES(dy_in.scalar_type(), "sparsestart_conv2d_weight_grad_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "sparsestart_conv2d_weight_grad_cpu_index", [&] {
@@ -561,7 +582,7 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& ptr, const at::Tensor& idx, 
       for (int64_t r = 0; r <= M; ++r) rowptr[r] = P[r] - base;
       for (int64_t e = 0; e < nnz; ++e) {
         const int64_t c = I[base + e], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
-        addr[e] = ci * G * Hp * Wp + kh * g.dh * Wp + kw * g.dw;
+        addr[e] = ci * G * plane + kh * g.dh * Wp + kw * g.dw;
       }
       const at::Tensor partial_block = cpu::pooled_scratch<scalar_t>(chunks * nnz, /*zeroed=*/true);
       const scalar_t* const partial = partial_block.data_ptr<scalar_t>();
