@@ -514,7 +514,12 @@ def render(result: dict, source: Optional[str] = None) -> str:
               "of rowptr); each CSR output row keeps a tile of up to 256 floats in 16 zmm registers for the whole row "
               "and does one broadcast-FMA per gathered input row segment; values are gathered per chunk so the "
               "transposed (CSC) walk reads them sequentially; for N wider than a tile the input panel is packed "
-              "contiguously and reused by all rows. BSR keeps an 8-row x 48-column register tile over all blocks "
+              "contiguously and reused by all rows; when that panel is larger than half the L2 cache (as reported "
+              "by the C library, or `SPARSESTART_L2_BYTES`), CSR SpMM and SDDMM run K panel by panel so the "
+              "gathered rows come from L2 (csrc/cpu/panels.h; the same bits as without). The direct convolution "
+              "runs the same tiles along flattened padded planes whose rows and planes share their zero margins, "
+              "its entries grouped by input-channel blocks whose window fits L1, the bias added as the output is "
+              "written. BSR keeps an 8-row x 48-column register tile over all blocks "
               "of a block row. SDDMM keeps a tile of dY's row in registers and computes 8 gathered dot products "
               "at once with one transposed reduction. Every output element has one writer and a summation order "
               "that depends on the shape only, so results are bitwise reproducible for any thread count.", ""]

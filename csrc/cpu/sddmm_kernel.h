@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "panels.h"
 #include "simd.h"
 
 namespace sparsestart {
@@ -169,6 +170,12 @@ void sddmm_csr_part(const I* ptr, const I* idx, const I* slot, const T* a, const
     }
     return;
   }
+  // K panels (panels.h): all rows of the part run panel by panel; an entry's sum over the tiles
+  // keeps its order, so results do not change.
+  const int64_t per = k_panel_rows(K, std::min<int64_t>(Tu::kTile, n1 - n0), sizeof(T), nnz, r1 - r0,
+                                   kMinPanelEntries);
+  const int64_t P = (K + per - 1) / std::max<int64_t>(1, per);
+  const std::vector<int64_t> bounds = P > 1 ? panel_bounds(ptr, idx, r0, r1, P, per) : std::vector<int64_t>();
   for (int64_t nb = n0; nb < n1; nb += Tu::kTile) {
     int tail;
     const sddmm_tile_fn<T, I> fn = tile_fn(nb, &tail);
@@ -179,6 +186,14 @@ void sddmm_csr_part(const I* ptr, const I* idx, const I* slot, const T* a, const
       for (int64_t k = 0; k < K; ++k) std::copy(bm + k * N + nb, bm + k * N + nb + width, panel.data() + k * Tu::kTile);
       bs = panel.data();
       ld = Tu::kTile;
+    }
+    if (P > 1) {
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t* b = bounds.data() + (r - r0) * (P + 1);
+          if (b[p] < b[p + 1]) fn(a + r * N + nb, idx, slot, b[p], b[p + 1], bs, ld, out, tail);
+        }
+      continue;
     }
     for (int64_t r = r0; r < r1; ++r) {
       if (ptr[r] == ptr[r + 1]) continue;

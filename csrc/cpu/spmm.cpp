@@ -24,6 +24,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
+#include <cstdlib>
 #include <vector>
 
 #include "checks.h"
@@ -33,6 +36,21 @@
 
 namespace sparsestart {
 namespace cpu {
+
+int64_t k_panel_bytes() {
+  // Read on every call (a getenv, against milliseconds of kernel): tests and benchmarks can set
+  // the override without a new process.
+  if (const char* env = std::getenv("SPARSESTART_L2_BYTES")) {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v) / 2;
+  }
+  static const int64_t l2 = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{1} << 20;
+  }();
+  return l2 / 2;
+}
+
 namespace {
 
 template <typename T, typename I>

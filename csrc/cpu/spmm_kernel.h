@@ -28,11 +28,14 @@
 // - For N wider than a tile, the N tile loop is outside the row loop so the
 //   input panel x[:, n0:n0+T] is reused by all rows of the part, and it is
 //   packed contiguously first when the part reuses its rows (rows N apart
-//   alias in the caches when N is a large power of two). Blocking over K as
-//   well (column panels that fit L2) was measured and lost at every density
-//   tried (0.1, 0.01, 0.001): gathers from L3 are only ~25% slower than from
-//   L2 on this machine, less than the extra output read-modify-write per
-//   panel costs.
+//   alias in the caches when N is a large power of two).
+// - Blocking over K as well (panels.h): when the tile's panel of x is larger
+//   than half the L2 cache, all rows of a part run K panel by panel, each row
+//   carrying its partial tile through `out` from one panel to the next, so the
+//   gathered rows come from L2 instead of L3 (spmm 4096 x 4096 x 256 at d=0.1
+//   on the Xeon of bench/results: 25 -> 10 ms). On Zen 4 an earlier version
+//   lost (its L3 gathers were only ~25% slower than L2's); it was not
+//   measured there again.
 // - That tile-outer order needs reuse: a part with fewer entries than x has
 //   rows (very sparse, or few rows against a long N) instead runs row-outer,
 //   each row sweeping its whole N range, so every gathered x row is one long
@@ -51,6 +54,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "panels.h"
 #include "simd.h"
 
 namespace sparsestart {
@@ -74,6 +78,7 @@ struct SpmmTuning {
   static constexpr int64_t kChunk = 4096;    // positions per gathered value chunk
   static constexpr int kPrefetch = 8;        // entries ahead for the input-row prefetch
 };
+
 
 // ---------------------------------------------------------------- CSR
 //
@@ -184,20 +189,31 @@ void spmm_csr_part(const T* values, const I* ptr, const I* idx, const I* slot, c
   // 256 x 2304 x 4096 without packing).
   const bool pack = tile_outer && N > Tu::kTile && nnz >= 2 * K;
   std::vector<T> panel(pack ? static_cast<size_t>(K * Tu::kTile) : 0);
+  // K panels (tile-outer only): `per` rows of x per panel, P panels. All rows of the part run
+  // panel by panel (the values of the whole part gathered once, not by chunks: a chunk covers only
+  // a few rows, and the panel must serve every row of the part before the next one is read). A
+  // row's entries are still summed in entry order (its panels in column order), so the blocking
+  // does not change a bit of the result.
+  const int64_t per = tile_outer ? k_panel_rows(K, std::min<int64_t>(Tu::kTile, n1 - n0), sizeof(T), nnz, r1 - r0,
+                                                kMinPanelEntries)
+                                 : K;
+  const int64_t P = (K + per - 1) / std::max<int64_t>(1, per);
   // Values of a chunk of positions, gathered once per chunk (once per call
   // when the part fits one chunk) so the inner loop reads them sequentially.
   std::vector<T> wbuf(static_cast<size_t>(std::min<int64_t>(Tu::kChunk, std::max<int64_t>(1, nnz))));
   const bool one_chunk = nnz <= Tu::kChunk;
-  auto gather = [&](int64_t c0, int64_t c1) {
+  // values[slot[e]] for e in [c0, c1) into dst[0 ..).
+  auto gather_into = [&](int64_t c0, int64_t c1, T* dst) {
     // For spmm_t slot is a random permutation: prefetch ahead to have more
     // loads in flight than the out-of-order window finds (~5% on spmm_t).
     constexpr int64_t kAhead = 32;
     for (int64_t e = c0; e < c1; ++e) {
       if (e + kAhead < c1) simd::prefetch(values + slot[e + kAhead]);
-      wbuf[e - c0] = values[slot[e]];
+      dst[e - c0] = values[slot[e]];
     }
   };
-  if (one_chunk) gather(pbeg, pend);
+  auto gather = [&](int64_t c0, int64_t c1) { gather_into(c0, c1, wbuf.data()); };
+  if (one_chunk && P == 1) gather(pbeg, pend);
 
   struct Tile {
     int64_t nb;
@@ -217,8 +233,34 @@ void spmm_csr_part(const T* values, const I* ptr, const I* idx, const I* slot, c
     const int64_t e0 = std::max<int64_t>(ptr[r], c0), e1 = std::min<int64_t>(ptr[r + 1], c1);
     t.fn(wbuf.data() + (e0 - c0), idx + e0, e1 - e0, xs, ld, out + r * N + t.nb, t.tail, ptr[r] >= c0);
   };
+  auto run_panels = [&](const Tile& t, const T* xs, int64_t ld, const T* w, const std::vector<int64_t>& bounds) {
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t* b = bounds.data() + (r - r0) * (P + 1);
+        if (b[p] == b[p + 1] && !(p == 0 && ptr[r] == ptr[r + 1])) continue;
+        // The row's first panel with entries starts the tile (an empty row: zeros in panel 0).
+        const bool first = b[p] == ptr[r];
+        t.fn(w + (b[p] - pbeg), idx + b[p], b[p + 1] - b[p], xs, ld, out + r * N + t.nb, t.tail, first);
+      }
+  };
 
-  if (tile_outer) {
+  if (P > 1) {
+    const std::vector<int64_t> bounds = panel_bounds(ptr, idx, r0, r1, P, per);
+    std::vector<T> wall(static_cast<size_t>(nnz));
+    gather_into(pbeg, pend, wall.data());
+    for (int64_t nb = n0; nb < n1; nb += Tu::kTile) {
+      const Tile t = tile_at(nb);
+      const T* xs = x + nb;
+      int64_t ld = N;
+      if (pack) {
+        const int64_t tw = std::min<int64_t>(Tu::kTile, n1 - nb);
+        for (int64_t k = 0; k < K; ++k) std::copy(x + k * N + nb, x + k * N + nb + tw, panel.data() + k * Tu::kTile);
+        xs = panel.data();
+        ld = Tu::kTile;
+      }
+      run_panels(t, xs, ld, wall.data(), bounds);
+    }
+  } else if (tile_outer) {
     for (int64_t nb = n0; nb < n1; nb += Tu::kTile) {
       const Tile t = tile_at(nb);
       const T* xs = x + nb;

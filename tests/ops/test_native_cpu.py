@@ -252,3 +252,35 @@ if given is not None:
         m = random_matrix(M * b, K * b, density, block_size=b, dtype=dtype, capacity_extra=seed % 3, seed=seed,
                           index_dtype=torch.int64 if i64 else torch.int32)
         _check(m, N, dtype, thread_counts=(1,))
+
+
+# K-panel blocking (csrc/cpu/panels.h): with SPARSESTART_L2_BYTES small, x's tile panel no longer
+# fits and the CSR spmm / spmm_t / sddmm run K panel by panel. (M, K, density, N, L2 bytes): one tile
+# with a masked tail, two tiles, and N wider than a tile with enough entries per x row for the packed
+# panel; the L2 size is chosen so that each part (one per thread) has >= 8 entries per row and panel
+# (kMinPanelEntries) in float32 and float64 alike: 3-6 panels of 51-102 rows for the first, 4-8
+# panels of 87-175 rows for the others.
+PANEL_CASES = [(60, 300, 0.3, 40, 32 * 1024), (33, 700, 0.2, 300, 360 * 1024), (40, 520, 0.9, 600, 360 * 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", PANEL_CASES, ids=["one-tile", "two-tiles", "packed"])
+def test_k_panels_give_the_unblocked_bits(case, dtype, monkeypatch):
+    """Blocked results equal the unblocked ones bit for bit (each row's or entry's summation order is kept),
+    match the reference, and do not depend on the thread count; empty rows and columns included, and rows
+    whose first entries lie in a later panel (density 0.2 over 700 columns in panels of ~50)."""
+    M, K, d, N, l2 = case
+    for index_dtype in (torch.int32, torch.int64):
+        m = random_matrix(M, K, d, dtype=dtype, capacity_extra=3, empty_rows=(0, M - 1), empty_cols=(2, K - 1),
+                          seed=K, index_dtype=index_dtype)
+        x64, dy64 = _operands(m, N, dtype)
+        x, dy = x64.to(dtype), dy64.to(dtype)
+        monkeypatch.setenv("SPARSESTART_L2_BYTES", str(1 << 40))  # one panel: the plain kernels
+        with threads(2):
+            plain = _run_native(m, x, dy)
+        monkeypatch.setenv("SPARSESTART_L2_BYTES", str(l2))  # panels of half that
+        _check(m, N, dtype)
+        with threads(2):
+            blocked = _run_native(m, x, dy)
+        for name, a, b in zip(("spmm", "spmm_t", "sddmm"), blocked, plain):
+            assert torch.equal(a, b), f"{name}: K panels changed the result"
