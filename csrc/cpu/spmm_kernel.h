@@ -244,38 +244,32 @@ void spmm_csr_part(const T* values, const I* ptr, const I* idx, const I* slot, c
       }
   };
 
+  // The tile-outer loop: for each N tile, the panel of x it reads (packed if `pack`), then `body`.
+  auto for_tiles = [&](auto&& body) {
+    for (int64_t nb = n0; nb < n1; nb += Tu::kTile) {
+      const T* xs = x + nb;
+      int64_t ld = N;
+      if (pack) {
+        const int64_t tw = std::min<int64_t>(Tu::kTile, n1 - nb);
+        for (int64_t k = 0; k < K; ++k) std::copy(x + k * N + nb, x + k * N + nb + tw, panel.data() + k * Tu::kTile);
+        xs = panel.data();
+        ld = Tu::kTile;
+      }
+      body(tile_at(nb), xs, ld);
+    }
+  };
   if (P > 1) {
     const std::vector<int64_t> bounds = panel_bounds(ptr, idx, r0, r1, P, per);
     std::vector<T> wall(static_cast<size_t>(nnz));
     gather_into(pbeg, pend, wall.data());
-    for (int64_t nb = n0; nb < n1; nb += Tu::kTile) {
-      const Tile t = tile_at(nb);
-      const T* xs = x + nb;
-      int64_t ld = N;
-      if (pack) {
-        const int64_t tw = std::min<int64_t>(Tu::kTile, n1 - nb);
-        for (int64_t k = 0; k < K; ++k) std::copy(x + k * N + nb, x + k * N + nb + tw, panel.data() + k * Tu::kTile);
-        xs = panel.data();
-        ld = Tu::kTile;
-      }
-      run_panels(t, xs, ld, wall.data(), bounds);
-    }
+    for_tiles([&](const Tile& t, const T* xs, int64_t ld) { run_panels(t, xs, ld, wall.data(), bounds); });
   } else if (tile_outer) {
-    for (int64_t nb = n0; nb < n1; nb += Tu::kTile) {
-      const Tile t = tile_at(nb);
-      const T* xs = x + nb;
-      int64_t ld = N;
-      if (pack) {
-        const int64_t tw = std::min<int64_t>(Tu::kTile, n1 - nb);
-        for (int64_t k = 0; k < K; ++k) std::copy(x + k * N + nb, x + k * N + nb + tw, panel.data() + k * Tu::kTile);
-        xs = panel.data();
-        ld = Tu::kTile;
-      }
+    for_tiles([&](const Tile& t, const T* xs, int64_t ld) {
       for_chunks(ptr, r0, r1, Tu::kChunk, [&](int64_t c0, int64_t c1, int64_t ra, int64_t rb) {
         if (!one_chunk) gather(c0, c1);
         for (int64_t r = ra; r < rb; ++r) run(t, xs, ld, r, c0, c1);
       });
-    }
+    });
   } else {
     for_chunks(ptr, r0, r1, Tu::kChunk, [&](int64_t c0, int64_t c1, int64_t ra, int64_t rb) {
       if (!one_chunk) gather(c0, c1);
