@@ -20,6 +20,8 @@
 
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // the at::Tensor type caster (pooled_empty)
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
@@ -214,4 +216,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The CPU ops' output-buffer pool (csrc/cpu/pool.h): free bytes kept, their limit, hits, misses.");
   m.def("set_output_pool_limit", &sparsestart::cpu::pool_set_limit, py::arg("bytes"),
         "Keep at most this many free bytes in the CPU ops' output-buffer pool (0: none).");
+  m.def(
+      "pooled_empty",
+      [](const std::vector<int64_t>& sizes, const at::Tensor& like) {
+        TORCH_CHECK_VALUE(like.device().is_cpu(), "pooled_empty: `like` must be a CPU tensor, got ", like.device());
+        return sparsestart::cpu::pooled_empty(sizes, like.options());
+      },
+      py::arg("sizes"), py::arg("like"),
+      "An uninitialised CPU tensor of `sizes` with `like`'s dtype from the output-buffer pool (for Python-side "
+      "scratch that is formed again and again, e.g. RigL's dense-gradient chunks).");
 }

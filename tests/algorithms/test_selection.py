@@ -159,6 +159,27 @@ def test_large_layer_growth_is_the_same_on_the_native_and_python_paths(monkeypat
             assert any(native_chunks), "the native candidate path was never taken"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_gradient_of_several_pairs_reuses_the_pooled_buffer(dtype):
+    """A layer called twice in a step has two (input, output gradient) pairs: the dense gradient is the sum of
+    both products, whether formed into a pooled scratch buffer (CPU, native extension) or a fresh tensor; a
+    second update of the same size takes its buffer from the pool instead of allocating."""
+    from sparsestart import runtime
+    from sparsestart.ops import NATIVE_AVAILABLE
+
+    g = torch.Generator().manual_seed(3)
+    layer = SparseLinear(300, 400, density=0.1, seed=1, dtype=dtype)  # 400 x 300 gradient: 0.5-1 MB, pooled
+    pairs = [(torch.randn(8, 300, generator=g, dtype=dtype), torch.randn(8, 400, generator=g, dtype=dtype))
+             for _ in range(2)]
+    want = sum(dy.t() @ x for x, dy in pairs)
+    torch.testing.assert_close(gradient.dense_gradient(layer, pairs), want)
+    torch.testing.assert_close(gradient.dense_gradient(layer, pairs, rows=slice(7, 91)), want[7:91])
+    if NATIVE_AVAILABLE:
+        before = runtime.output_pool_stats()["hits"]
+        gradient.dense_gradient(layer, pairs)
+        assert runtime.output_pool_stats()["hits"] > before
+
+
 @pytest.mark.parametrize("estimate", ["too-high", "too-low"])
 def test_a_misleading_sample_changes_time_not_results(monkeypatch, estimate):
     """Force the sampled threshold to the worst values: the result must not change."""
