@@ -24,7 +24,8 @@ constexpr int64_t kMinPanelEntries = 8;
 
 // Bytes of x one K panel of the CSR kernels may hold: half the L2 cache of the core (the rest
 // for the output tiles, the entry lists and the other hyperthread), SPARSESTART_L2_BYTES
-// overriding what the C library reports (1 MiB when it reports nothing).
+// overriding what the C library reports (1 MiB when it reports nothing); a value that is not a
+// positive whole number raises ValueError naming it.
 int64_t k_panel_bytes();
 
 // Rows of x per K panel for a tile of `tile` elements of `elem` bytes, or K (one panel: no

@@ -41,8 +41,12 @@ int64_t k_panel_bytes() {
   // Read on every call (a getenv, against milliseconds of kernel): tests and benchmarks can set
   // the override without a new process.
   if (const char* env = std::getenv("SPARSESTART_L2_BYTES")) {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v) / 2;
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && v > 0,
+                      "SPARSESTART_L2_BYTES must be a positive whole number of bytes (the L2 cache size the CPU "
+                      "kernels block for), got '", env, "'");
+    return static_cast<int64_t>(v) / 2;
   }
   static const int64_t l2 = [] {
     const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);

@@ -284,3 +284,12 @@ def test_k_panels_give_the_unblocked_bits(case, dtype, monkeypatch):
             blocked = _run_native(m, x, dy)
         for name, a, b in zip(("spmm", "spmm_t", "sddmm"), blocked, plain):
             assert torch.equal(a, b), f"{name}: K panels changed the result"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "2MB", ""])
+def test_a_bad_l2_size_is_named(value, monkeypatch):
+    m = random_matrix(60, 300, 0.3, dtype=torch.float32, seed=1)
+    x, dy = (t.float() for t in _operands(m, 40, torch.float32))
+    monkeypatch.setenv("SPARSESTART_L2_BYTES", value)
+    with pytest.raises(ValueError, match=f"SPARSESTART_L2_BYTES must be a positive whole number of bytes.*got '{value}'"):
+        _run_native(m, x, dy)
