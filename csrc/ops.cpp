@@ -76,6 +76,12 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
       "Tensor new_minor, Tensor new_slot, SymInt total) -> (Tensor, Tensor, Tensor)");
   // ... and the int64 keys major * minor_extent + minor of its entries where `keep` is true (all without it).
   m.def("_native_kept_keys(Tensor ptr, Tensor idx, Tensor? keep, int minor_extent) -> Tensor");
+  // RigL/SET's structure update in one op: drop the entries at CSR positions `drop`, grow the keys
+  // row * Q + col in `grow` (both int64, ascending); a grown key of a dropped entry keeps that entry.
+  // Returns fresh (rowptr, col, slot, colptr, row, slot_t, free_tail, freed_slots, new_slots).
+  m.def(
+      "_native_rewire(Tensor rowptr, Tensor col, Tensor slot, Tensor colptr, Tensor row, Tensor slot_t, "
+      "Tensor drop, Tensor grow) -> Tensor[]");
   // RigL's growth candidates (csrc/cpu/select.cpp): ascending i with |scores[i]| >= threshold
   // and base + i not in the sorted int64 `present`; and membership of sorted values in a sorted set.
   m.def("_native_absent_at_least(Tensor scores, Tensor present, int base, float threshold) -> Tensor");

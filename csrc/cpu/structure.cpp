@@ -27,6 +27,33 @@
 namespace sparsestart {
 namespace {
 
+// Branch-free merge of one major's kept entries (minor KI[KP[a]], slot KS[KP[a]]) with its new ones
+// (minor NI[b], slot NS[b]), both ascending by minor, into OI/OS: the data-dependent branch of a plain
+// merge mispredicts about half the time on random keys.
+template <typename index_t>
+void merge_major(const int64_t* KP, int64_t nk, const index_t* KI, const index_t* KS, const int64_t* NI,
+                 const int64_t* NS, int64_t nn, index_t* OI, index_t* OS) {
+  int64_t a = 0, b = 0, out = 0;
+  while (a < nk && b < nn) {
+    const int64_t e = KP[a];
+    const int64_t old_minor = static_cast<int64_t>(KI[e]), new_minor = NI[b];
+    const bool take_new = new_minor < old_minor;
+    OI[out] = static_cast<index_t>(take_new ? new_minor : old_minor);
+    OS[out] = take_new ? static_cast<index_t>(NS[b]) : KS[e];
+    ++out;
+    b += take_new;
+    a += !take_new;
+  }
+  for (; a < nk; ++a, ++out) {
+    OI[out] = KI[KP[a]];
+    OS[out] = KS[KP[a]];
+  }
+  for (; b < nn; ++b, ++out) {
+    OI[out] = static_cast<index_t>(NI[b]);
+    OS[out] = static_cast<index_t>(NS[b]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_index_cpu(const at::Tensor& ptr_in, const at::Tensor& idx_in,
                                                                const at::Tensor& slot_in, const at::Tensor& keep_in,
                                                                const at::Tensor& major_in, const at::Tensor& minor_in,
@@ -107,25 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_index_cpu(const at::Tensor&
           kept[c] = e;
           c += keepp[e];
         }
-        int64_t a = 0, j = j0, out = OP[r];
-        while (a < c && j < jend) {
-          const int64_t old_e = kept[a];
-          const int64_t old_minor = static_cast<int64_t>(I[old_e]), new_minor = MN[j];
-          const bool take_new = new_minor < old_minor;
-          OI[out] = static_cast<index_t>(take_new ? new_minor : old_minor);
-          OS[out] = take_new ? static_cast<index_t>(NS[j]) : S[old_e];
-          ++out;
-          j += take_new;
-          a += !take_new;
-        }
-        for (; a < c; ++a, ++out) {
-          OI[out] = I[kept[a]];
-          OS[out] = S[kept[a]];
-        }
-        for (; j < jend; ++j, ++out) {
-          OI[out] = static_cast<index_t>(MN[j]);
-          OS[out] = static_cast<index_t>(NS[j]);
-        }
+        merge_major<index_t>(kept.data(), c, I, S, MN + j0, NS + j0, jend - j0, OI + OP[r], OS + OP[r]);
+        const int64_t out = OP[r] + c + (jend - j0);
         bool ordered = true;
         for (int64_t o = OP[r] + 1; o < out; ++o) ordered &= OI[o] > OI[o - 1];
         bad[r] = !ordered;
@@ -209,11 +219,246 @@ at::Tensor kept_keys_cpu(const at::Tensor& ptr_in, const at::Tensor& idx_in, con
   return out;
 }
 
+// Strictly ascending check of an int64 list with values in [lo, hi): branch-free over the list, the
+// first offending element named afterwards.
+void check_ascending_in(const int64_t* v, int64_t n, int64_t lo, int64_t hi, const char* what) {
+  if (n == 0) return;
+  bool ordered = true;
+  for (int64_t i = 1; i < n; ++i) ordered &= v[i] > v[i - 1];
+  if (!ordered) {
+    int64_t i = 1;
+    while (v[i] > v[i - 1]) ++i;
+    TORCH_CHECK_VALUE(false, "sparsestart.rewire: ", what, " must be ascending and distinct, but ", v[i - 1],
+                      " at index ", i - 1, " is followed by ", v[i]);
+  }
+  TORCH_CHECK_VALUE(v[0] >= lo && v[n - 1] < hi, "sparsestart.rewire: ", what, " must lie in [", lo, ", ", hi,
+                    "), got range [", v[0], ", ", v[n - 1], "]");
+}
+
+// RigL/SET's whole structure rewrite in one op: drop the entries at the CSR positions `drop` and grow
+// the entries with keys row * Q + col in `grow` (both int64, ascending, distinct). A grown key that is
+// the key of a dropped entry keeps that entry as it is (its slot, so its value and optimizer state:
+// RigL's "regrown" positions); a grown key equal to an entry that is not dropped is an error. New
+// entries take free slots in CSR order: first the current free tail slot[nnz:], then the slots freed
+// here in CSR order. Returns fresh tensors
+//   (rowptr', col', slot', colptr', row', slot_t', free_tail', freed, new_slots)
+// where free_tail' [C - nnz'] is the new tail of slot/slot_t, freed (int64) the slots of the dropped
+// entries (CSR order) and new_slots (int64) the slots of the new entries (CSR order). The same result,
+// bit for bit, as keys_at + isin_sorted + replace (sparsestart/formats/update.py), which runs off the
+// CPU; here: a byte map per thread instead of searches, and no int64 copies of the index.
+std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor& col_in, const at::Tensor& slot_in,
+                                   const at::Tensor& colptr_in, const at::Tensor& row_in,
+                                   const at::Tensor& slot_t_in, const at::Tensor& drop_in,
+                                   const at::Tensor& grow_in) {
+  TORCH_CHECK_VALUE(rowptr_in.dim() == 1 && rowptr_in.numel() >= 1 && colptr_in.dim() == 1 &&
+                        colptr_in.numel() >= 1,
+                    "sparsestart.rewire: rowptr and colptr must be 1-D, non-empty");
+  for (const at::Tensor* t : {&col_in, &slot_in, &colptr_in, &row_in, &slot_t_in})
+    TORCH_CHECK_TYPE(t->scalar_type() == rowptr_in.scalar_type(),
+                     "sparsestart.rewire: index tensors must share one dtype, got ", rowptr_in.scalar_type(),
+                     " and ", t->scalar_type());
+  TORCH_CHECK_TYPE(drop_in.scalar_type() == at::kLong && grow_in.scalar_type() == at::kLong,
+                   "sparsestart.rewire: drop positions and grow keys must be int64, got ", drop_in.scalar_type(),
+                   " and ", grow_in.scalar_type());
+  TORCH_CHECK_VALUE(drop_in.dim() == 1 && grow_in.dim() == 1, "sparsestart.rewire: drop and grow must be 1-D");
+  auto rowptr = rowptr_in.contiguous(), col = col_in.contiguous(), slot = slot_in.contiguous();
+  auto colptr = colptr_in.contiguous(), row = row_in.contiguous(), slot_t = slot_t_in.contiguous();
+  auto drop = drop_in.contiguous(), grow = grow_in.contiguous();
+  const int64_t R = rowptr.numel() - 1, Q = colptr.numel() - 1, C = col.numel();
+  TORCH_CHECK_VALUE(slot.numel() == C && row.numel() == C && slot_t.numel() == C,
+                    "sparsestart.rewire: col, slot, row and slot_t must have the capacity's length ", C);
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_INDEX_TYPES(rowptr.scalar_type(), "sparsestart_rewire", [&] {
+    const index_t* P = rowptr.data_ptr<index_t>();
+    const index_t* I = col.data_ptr<index_t>();
+    const index_t* S = slot.data_ptr<index_t>();
+    const index_t* CP = colptr.data_ptr<index_t>();
+    const index_t* RI = row.data_ptr<index_t>();
+    const index_t* ST = slot_t.data_ptr<index_t>();
+    const int64_t nnz = P[R];
+    TORCH_CHECK_VALUE(nnz >= 0 && nnz <= C && static_cast<int64_t>(CP[Q]) == nnz,
+                      "sparsestart.rewire: rowptr ends at ", nnz, ", colptr at ", static_cast<int64_t>(CP[Q]),
+                      ", capacity ", C);
+    const int64_t* D = drop.data_ptr<int64_t>();
+    const int64_t* G = grow.data_ptr<int64_t>();
+    const int64_t nd = drop.numel(), ng = grow.numel();
+    check_ascending_in(D, nd, 0, nnz, "drop positions");
+    check_ascending_in(G, ng, 0, R * Q, "grow keys");
+    // Each row's drops DB[r]..DB[r+1] and grows GB[r]..GB[r+1].
+    std::vector<int64_t> DB(R + 1), GB(R + 1);
+    {
+      int64_t d = 0, g = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        DB[r] = d;
+        GB[r] = g;
+        while (d < nd && D[d] < static_cast<int64_t>(P[r + 1])) ++d;
+        while (g < ng && G[g] < (r + 1) * Q) ++g;
+      }
+      DB[R] = nd;  // every drop lies below nnz = P[R] and every grow below R * Q (checked above)
+      GB[R] = ng;
+    }
+    const int64_t grain = std::max<int64_t>(1, R * int64_t{1 << 15} / std::max<int64_t>(1, nnz + ng));
+    // Pass 1, per row with a byte map over the columns (1 kept, 2 dropped, | 4 grown): which drops are
+    // regrown (dflag), which grows regrow a dropped entry (gflag), and a grow onto a kept entry (bad).
+    std::vector<uint8_t> dflag(nd), gflag(ng);
+    std::vector<int64_t> FO(R + 1, 0), NO(R + 1, 0);  // counts, then offsets, of freed / new entries
+    std::vector<char> bad(R, 0);
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<uint8_t> map(Q, 0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = r * Q;
+        for (int64_t e = P[r]; e < P[r + 1]; ++e) map[I[e]] = 1;
+        for (int64_t d = DB[r]; d < DB[r + 1]; ++d) map[I[D[d]]] = 2;
+        int64_t regrown = 0;
+        uint8_t hit = 0;
+        for (int64_t g = GB[r]; g < GB[r + 1]; ++g) {
+          const int64_t c = G[g] - base;
+          const uint8_t v = map[c];
+          hit |= v == 1;
+          gflag[g] = v == 2;
+          regrown += v == 2;
+          map[c] = v | 4;
+        }
+        for (int64_t d = DB[r]; d < DB[r + 1]; ++d) dflag[d] = map[I[D[d]]] >> 2;
+        for (int64_t e = P[r]; e < P[r + 1]; ++e) map[I[e]] = 0;
+        for (int64_t g = GB[r]; g < GB[r + 1]; ++g) map[G[g] - base] = 0;
+        bad[r] = hit;
+        FO[r + 1] = DB[r + 1] - DB[r] - regrown;
+        NO[r + 1] = GB[r + 1] - GB[r] - regrown;
+      }
+    });
+    const int64_t first_bad = std::find(bad.begin(), bad.end(), 1) - bad.begin();
+    if (first_bad < R) {
+      const int64_t r = first_bad;
+      for (int64_t g = GB[r]; g < GB[r + 1]; ++g) {
+        const int64_t c = G[g] - r * Q;
+        for (int64_t e = P[r], d = DB[r]; e < P[r + 1]; ++e) {
+          while (d < DB[r + 1] && D[d] < e) ++d;
+          const bool dropped = d < DB[r + 1] && D[d] == e;
+          TORCH_CHECK_VALUE(dropped || static_cast<int64_t>(I[e]) != c, "entry (", r, ", ", c,
+                            ") is already stored; grow only adds new entries");
+        }
+      }
+      TORCH_CHECK(false, "sparsestart.rewire: row ", r, " flagged a grow onto a kept entry that was not found");
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      FO[r + 1] += FO[r];
+      NO[r + 1] += NO[r];
+    }
+    const int64_t n_freed = FO[R], n_new = NO[R], tail = C - nnz;
+    const int64_t total = nnz - n_freed + n_new;
+    TORCH_CHECK_VALUE(n_new <= tail + n_freed, "growing ", n_new, " entries needs capacity ", total,
+                      " but the structure has capacity ", C, "; build it with a larger capacity");
+    auto iopt = rowptr.options();
+    auto orowptr = at::empty({R + 1}, iopt), ocol = at::empty({total}, iopt), oslot = at::empty({total}, iopt);
+    auto ocolptr = at::empty({Q + 1}, iopt), orow = at::empty({total}, iopt), oslot_t = at::empty({total}, iopt);
+    auto ofree = at::empty({C - total}, iopt);
+    auto freed = at::empty({n_freed}, iopt.dtype(at::kLong)), new_slots = at::empty({n_new}, iopt.dtype(at::kLong));
+    int64_t* F = freed.data_ptr<int64_t>();
+    int64_t* NSL = new_slots.data_ptr<int64_t>();
+    // Pass 2: the freed slots in CSR order, and which slots they are (for the CSC view).
+    std::vector<uint8_t> slot_freed(C, 0);
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t o = FO[r];
+        const int64_t end = FO[r + 1];
+        for (int64_t d = DB[r]; d < DB[r + 1]; ++d) {
+          const int64_t s = static_cast<int64_t>(S[D[d]]);
+          const bool freed_here = !dflag[d];
+          if (o < end) F[o] = s;  // written always, kept when freed
+          o += freed_here;
+          slot_freed[s] |= freed_here;
+        }
+      }
+    });
+    // The i-th free slot after the drop: the old tail, then the freed slots.
+    auto free_slot = [&](int64_t i) -> int64_t { return i < tail ? static_cast<int64_t>(S[nnz + i]) : F[i - tail]; };
+    index_t* OP = orowptr.data_ptr<index_t>();
+    OP[0] = 0;
+    for (int64_t r = 0; r < R; ++r)
+      OP[r + 1] = static_cast<index_t>(OP[r] + (P[r + 1] - P[r]) - (FO[r + 1] - FO[r]) + (NO[r + 1] - NO[r]));
+    // Pass 3: every row's kept and new entries merged; the new entries' slots and columns kept for the CSC.
+    std::vector<int64_t> new_col(n_new);
+    index_t* OI = ocol.data_ptr<index_t>();
+    index_t* OS = oslot.data_ptr<index_t>();
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<int64_t> kept;
+      std::vector<uint8_t> gone;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t e0 = P[r], e1 = P[r + 1], n0 = NO[r];
+        gone.assign(e1 - e0, 0);
+        for (int64_t d = DB[r]; d < DB[r + 1]; ++d) gone[D[d] - e0] = !dflag[d];
+        kept.resize(e1 - e0);
+        int64_t nk = 0;
+        for (int64_t e = e0; e < e1; ++e) {
+          kept[nk] = e;
+          nk += !gone[e - e0];
+        }
+        int64_t nn = 0;
+        for (int64_t g = GB[r]; g < GB[r + 1]; ++g) {
+          if (n0 + nn < NO[r + 1]) new_col[n0 + nn] = G[g] - r * Q;
+          nn += !gflag[g];
+        }
+        for (int64_t j = 0; j < nn; ++j) NSL[n0 + j] = free_slot(n0 + j);
+        merge_major<index_t>(kept.data(), nk, I, S, new_col.data() + n0, NSL + n0, nn, OI + OP[r],
+                                      OS + OP[r]);
+      }
+    });
+    // The CSC view: the new entries by column (a stable counting sort keeps their rows ascending), then
+    // every column's kept entries (slot not freed) merged with them.
+    std::vector<int64_t> NCB(Q + 1, 0), new_row(n_new), new_slot_c(n_new);
+    for (int64_t j = 0; j < n_new; ++j) ++NCB[new_col[j] + 1];
+    for (int64_t q = 0; q < Q; ++q) NCB[q + 1] += NCB[q];
+    {
+      std::vector<int64_t> next(NCB.begin(), NCB.end() - 1);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = NO[r]; j < NO[r + 1]; ++j) {
+          const int64_t at_ = next[new_col[j]]++;
+          new_row[at_] = r;
+          new_slot_c[at_] = NSL[j];
+        }
+    }
+    std::vector<int64_t> ckept(Q);
+    const int64_t cgrain = std::max<int64_t>(1, Q * int64_t{1 << 15} / std::max<int64_t>(1, nnz + ng));
+    at::parallel_for(0, Q, cgrain, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        int64_t c = 0;
+        for (int64_t e = CP[q]; e < CP[q + 1]; ++e) c += !slot_freed[ST[e]];
+        ckept[q] = c;
+      }
+    });
+    index_t* OCP = ocolptr.data_ptr<index_t>();
+    OCP[0] = 0;
+    for (int64_t q = 0; q < Q; ++q) OCP[q + 1] = static_cast<index_t>(OCP[q] + ckept[q] + NCB[q + 1] - NCB[q]);
+    index_t* OR = orow.data_ptr<index_t>();
+    index_t* OST = oslot_t.data_ptr<index_t>();
+    at::parallel_for(0, Q, cgrain, [&](int64_t q0, int64_t q1) {
+      std::vector<int64_t> kept;
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t e0 = CP[q], e1 = CP[q + 1];
+        kept.resize(e1 - e0);
+        int64_t nk = 0;
+        for (int64_t e = e0; e < e1; ++e) {
+          kept[nk] = e;
+          nk += !slot_freed[ST[e]];
+        }
+        merge_major<index_t>(kept.data(), nk, RI, ST, new_row.data() + NCB[q], new_slot_c.data() + NCB[q],
+                                      NCB[q + 1] - NCB[q], OR + OCP[q], OST + OCP[q]);
+      }
+    });
+    index_t* OF = ofree.data_ptr<index_t>();
+    for (int64_t i = 0; i < C - total; ++i) OF[i] = static_cast<index_t>(free_slot(n_new + i));
+    out = {orowptr, ocol, oslot, ocolptr, orow, oslot_t, ofree, freed, new_slots};
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsestart, CPU, m) {
   m.impl("_native_merge_index", &merge_index_cpu);
   m.impl("_native_kept_keys", &kept_keys_cpu);
+  m.impl("_native_rewire", &rewire_cpu);
 }
 
 }  // namespace sparsestart

@@ -43,7 +43,7 @@ from ..formats import SparseMatrix
 from ..nn.modules import SparseLayer
 from .base import SparseAlgorithm, check_density_arg, check_positive_int, new_generator
 from .gradient import feature_major
-from .structure import isin_sorted, rewire, top_k
+from .structure import isin_sorted, rewire_keys, top_k
 
 __all__ = ["EdgePopup"]
 
@@ -205,7 +205,7 @@ class EdgePopup(SparseAlgorithm):
             leave = (~isin_sorted(keys, chosen, values_sorted=True)).nonzero().flatten()
             enter = chosen[~isin_sorted(chosen, keys, values_sorted=True)]
             if leave.numel() or enter.numel():
-                _, new_slots = rewire(layer, leave, enter // Q, enter % Q, None)
+                _, new_slots = rewire_keys(layer, leave, enter, None)
                 at = torch.searchsorted(er_keys, enter)
                 layer.values[new_slots] = er.values[er_slots[at]]
             self._pending[name][0] += leave.numel()

@@ -23,7 +23,7 @@ from torch import nn
 from ..nn.modules import SparseLayer
 from .base import SparseAlgorithm, check_fraction, check_positive_int, new_generator
 from .gradient import DEFAULT_MAX_CHUNK_ELEMENTS, GradientCapture, topk_absent_gradient
-from .structure import entry_magnitude, isin_sorted, rewire, sample_absent, smallest
+from .structure import entry_magnitude, rewire_keys, sample_absent, smallest
 
 __all__ = ["RigL", "SET"]
 
@@ -107,14 +107,10 @@ class _Rewiring(SparseAlgorithm):
                                              sync=self.sync)
         else:
             grow_keys = sample_absent(kept_keys, R * Q, k, self.generator).to(kept_keys.device)
-        dropped_keys = matrix.keys_at(drop_pos)
-        # Both key lists are ascending (smallest/top-k return ascending positions): merge passes.
-        regrown = isin_sorted(grow_keys, dropped_keys, values_sorted=True)
-        really_dropped = drop_pos.masked_select(isin_sorted(dropped_keys, grow_keys, values_sorted=True).logical_not_())
-        new_keys = grow_keys.masked_select(regrown.logical_not())
-        rewire(layer, really_dropped, new_keys // Q, new_keys % Q, self.optimizer)
-        self._record(t, name, really_dropped.numel(), new_keys.numel(), event="rewire", k=k,
-                     regrown=int(regrown.sum()))
+        # One index rewrite: a grown key of a dropped entry keeps that entry (regrown), the rest are
+        # dropped or new (drop_pos and both key lists are ascending, as smallest/top-k return them).
+        freed, new = rewire_keys(layer, drop_pos, grow_keys, self.optimizer)
+        self._record(t, name, freed.numel(), new.numel(), event="rewire", k=k, regrown=k - freed.numel())
 
     # ------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:

@@ -14,11 +14,12 @@ import torch
 
 from .. import _native
 from ..formats import SparseMatrix
+from ..formats.update import touched_slots
 from ..init.sampling import sample_without_replacement
 from ..nn.modules import SparseLayer
 from ..selection import smallest, top_k  # noqa: F401  (re-exported: the algorithms select with them)
 
-__all__ = ["zero_slot_state", "entry_magnitude", "rewire", "prune", "sample_absent", "top_k", "smallest",
+__all__ = ["zero_slot_state", "entry_magnitude", "rewire", "rewire_keys", "prune", "sample_absent", "top_k", "smallest",
            "isin_sorted", "smallest_global"]
 
 
@@ -70,8 +71,23 @@ def rewire(layer: SparseLayer, drop_positions: torch.Tensor, grow_rows: torch.Te
     weight survives into a new one. Returns (freed slots, new slots).
     """
     # One index rewrite for both (drop then grow would rewrite the whole index twice).
-    freed, new = layer.sparse_weight.replace(drop_positions, grow_rows, grow_cols)
-    zero_slot_state(optimizer, layer.values, torch.cat([freed, new]))
+    matrix = layer.sparse_weight
+    tail = matrix.capacity - matrix.nnz
+    freed, new = matrix.replace(drop_positions, grow_rows, grow_cols)
+    zero_slot_state(optimizer, layer.values, touched_slots(freed, new, tail))
+    return freed, new
+
+
+def rewire_keys(layer: SparseLayer, drop_positions: torch.Tensor, grow_keys: torch.Tensor,
+                optimizer: Optional[torch.optim.Optimizer]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the entries at CSR ``drop_positions`` and grow the keys row * Q + col in ``grow_keys`` (both
+    ascending), where a grown key of a dropped entry keeps that entry unchanged (RigL's regrown positions):
+    :meth:`SparseMatrix.rewire`, one native op on the CPU. Freed and new slots hold 0 and their optimizer
+    state and gradient are zeroed, as in :func:`rewire`. Returns (freed slots, new slots)."""
+    matrix = layer.sparse_weight
+    tail = matrix.capacity - matrix.nnz
+    freed, new = matrix.rewire(drop_positions, grow_keys)
+    zero_slot_state(optimizer, layer.values, touched_slots(freed, new, tail))
     return freed, new
 
 

@@ -526,6 +526,19 @@ class SparseMatrix:
         """
         return update.replace(self, positions, rows, cols)
 
+    @torch.no_grad()
+    def rewire(self, positions, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the entries at CSR ``positions`` and grow the entries with keys row * Q + col (on the
+        (block) grid) in ``keys``; both int64, ascending and distinct.
+
+        What RigL and SET do at an update, in one index rewrite: a grown key that is the key of a
+        dropped entry keeps that entry as it is (slot, value, optimizer state), a grown key of an entry
+        that is not dropped is an error. Returns (freed slots, new slots), int64 in CSR order; both are
+        zeroed. All checks happen before anything changes. On the CPU one native op (three passes over
+        the index); elsewhere the same result, bit for bit, from :meth:`keys_at` and :meth:`replace`.
+        """
+        return update.rewire(self, positions, keys)
+
 
 # Entries per chunk of the CSC counting sort (the result does not depend on it): large enough
 # that each column's entries of a chunk land as a run in the CSC arrays rather than one scattered

@@ -79,9 +79,60 @@ def replace(matrix, positions, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
         # The same merge in PyTorch, on the index's own device (the native op is CPU-only).
         csr = _native.merge_index(matrix.rowptr, matrix.col, matrix.slot, keep, *csr_new, total, Q)
         csc = _native.merge_index(matrix.colptr, matrix.row, matrix.slot_t, ckeep, *csc_new, total, R, check=False)
+    tail = matrix.capacity - nnz
     matrix._store(csr, csc, free[k:])
-    matrix.values.data.index_fill_(0, freed, 0).index_fill_(0, new_slots, 0)
+    matrix.values.data.index_fill_(0, touched_slots(freed, new_slots, tail), 0)
     return freed, new_slots
+
+
+@torch.no_grad()
+def rewire(matrix, positions, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the entries of ``matrix`` at CSR ``positions`` and grow the entries with keys row * Q + col in
+    ``keys`` (both int64, ascending, distinct), where a grown key of a dropped entry keeps that entry as it
+    is; returns (freed slots, new slots). See :meth:`sparsestart.formats.SparseMatrix.rewire`."""
+    dev = matrix.rowptr.device
+    positions = torch.as_tensor(positions, device=dev).long().flatten()
+    keys = torch.as_tensor(keys, device=dev).long().flatten()
+    tail = matrix.capacity - matrix.nnz
+    native = _native.native_op_for("_native_rewire", matrix.rowptr, positions, keys)
+    if native is not None:
+        # One native op: the index rewritten in three passes over it, checks included (it raises
+        # before anything changes: its results are fresh tensors).
+        *index, free_tail, freed, new_slots = native(*matrix.index_tensors(), positions, keys)
+        matrix._store(tuple(index[:3]), tuple(index[3:6]), free_tail)
+        matrix.values.data.index_fill_(0, touched_slots(freed, new_slots, tail), 0)
+        return freed, new_slots
+    # The same in PyTorch (off the CPU, or without the extension): same checks, same result bit for bit.
+    R, Q = matrix.grid
+    _check_ascending_in(positions, 0, matrix.nnz, "drop positions")
+    _check_ascending_in(keys, 0, R * Q, "grow keys")
+    dropped_keys = matrix.keys_at(positions)
+    regrown = _native.sorted_isin(keys, dropped_keys)
+    really_dropped = positions.masked_select(_native.sorted_isin(dropped_keys, keys).logical_not_())
+    new_keys = keys.masked_select(regrown.logical_not_())
+    return replace(matrix, really_dropped, new_keys // max(Q, 1), new_keys % max(Q, 1))
+
+
+def touched_slots(freed: torch.Tensor, new_slots: torch.Tensor, tail: int) -> torch.Tensor:
+    """The slots a structure update voids, each once: the freed ones and the new ones that came from the
+    free tail of ``tail`` slots before the update (new slots are taken from that tail first, then from
+    the freed ones)."""
+    return torch.cat([freed, new_slots[:tail]])
+
+
+def _check_ascending_in(values: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    """Raise unless ``values`` is strictly ascending within [lo, hi) (the native op's checks and messages)."""
+    n = values.numel()
+    if n == 0:
+        return
+    step = values[1:] - values[:-1]
+    first, last, worst = torch.stack([values[0], values[-1], step.min() if n > 1 else values.new_ones(())]).tolist()
+    if worst <= 0:
+        i = int((step <= 0).nonzero()[0]) + 1
+        raise ValueError(f"sparsestart.rewire: {what} must be ascending and distinct, but {int(values[i - 1])} at "
+                         f"index {i - 1} is followed by {int(values[i])}")
+    if first < lo or last >= hi:
+        raise ValueError(f"sparsestart.rewire: {what} must lie in [{lo}, {hi}), got range [{first}, {last}]")
 
 
 def _check_absent(keys, keep, new_keys, by_key, rows, cols) -> None:

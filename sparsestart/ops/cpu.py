@@ -127,6 +127,16 @@ if NATIVE_AVAILABLE:
         def _(ptr, idx, keep, minor_extent):
             return ptr.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.long)
 
+    if hasattr(torch.ops.sparsestart, "_native_rewire"):  # absent from builds before it existed
+
+        @torch.library.register_fake("sparsestart::_native_rewire")
+        def _(rowptr, col, slot, colptr, row, slot_t, drop, grow):
+            ctx = torch.library.get_ctx()
+            total, n_freed, n_new = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
+            return [rowptr.new_empty(rowptr.shape), col.new_empty(total), slot.new_empty(total),
+                    colptr.new_empty(colptr.shape), row.new_empty(total), slot_t.new_empty(total),
+                    slot.new_empty(col.numel() - total), drop.new_empty(n_freed), drop.new_empty(n_new)]
+
     if hasattr(torch.ops.sparsestart, "_native_top_k"):  # absent from builds before it existed
 
         @torch.library.register_fake("sparsestart::_native_top_k")
