@@ -72,8 +72,11 @@ def test_native_absent_at_least_matches_torch():
     op = torch.ops.sparsestart._native_absent_at_least
     g = torch.Generator().manual_seed(2)
     for dtype in (torch.float32, torch.float64):
-        for n, p in ((0, 0), (1, 0), (1, 1), (1000, 0), (300_000, 20_000)):
+        # Ranges of 65536 scores with many candidates (a bitmap of the present keys), few (binary
+        # searches), a dense present set, a tail shorter than a vector, NaN (never a candidate).
+        for n, p in ((0, 0), (1, 0), (1, 1), (1000, 0), (300_000, 20_000), (200_003, 150_000)):
             scores = torch.randn(n, generator=g, dtype=dtype)
+            scores[::97] = float("nan")
             base = 12345
             present = torch.sort(torch.randperm(n + 50, generator=g)[:p] + base - 25).values
             for threshold in (0.0, 0.7, 3.0, float("inf")):
