@@ -8,10 +8,11 @@
 // Why native: every RigL/SET update selects the k smallest of a layer's nnz magnitudes (k up to
 // 30% of nnz, where sampling a threshold filters nothing) and RigL the k best of its gradient
 // candidates. torch.topk/kthvalue plus the tie pass cost ~10 passes and temporaries of size n;
-// here each score becomes a 32-bit key whose unsigned order is the ranking, three histogram passes
-// over the keys' 11/11/10-bit digits find the k-th best key, and one counting pass plus one
-// writing pass emit the result, every pass split into fixed ranges (the result does not depend on
-// the thread count). The pure-PyTorch path (sparsestart/selection.py) computes the same indices.
+// here each score becomes a 32-bit key whose unsigned order is the ranking; a histogram pass over
+// the keys' top 11 bits and a pass that collects the keys of the bucket holding the k-th best find
+// it (the lower 11 and 10 bits on those candidates only), and one writing pass emits the result:
+// three passes over the scores, each split into fixed ranges (the result does not depend on the
+// thread count). The pure-PyTorch path (sparsestart/selection.py) computes the same indices.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,6 +22,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace sparsestart {
@@ -55,52 +57,71 @@ at::Tensor top_k_cpu(const at::Tensor& scores_in, int64_t k, bool largest) {
   const float* S = scores.data_ptr<float>();
   const int64_t ranges = (n + kRange - 1) / kRange;
 
-  // The k-th best key, digit by digit from the top: among the keys that share the prefix found so
-  // far, the histogram of the next digit says which digit value holds the `need`-th best.
-  constexpr std::array<int, 3> kShift = {21, 10, 0};
-  constexpr std::array<int, 3> kBits = {11, 11, 10};
-  uint32_t prefix = 0, prefix_mask = 0;
+  // The k-th best key, digit by digit from the top. Pass 1: the histogram of every key's top 11
+  // bits says which digit value (bucket) holds the k-th best. Pass 2: per range, the keys above that
+  // bucket are counted and the positions of those in it collected (usually a few percent of n; all of
+  // them when the scores are all alike). The next two digits are then found on those candidates
+  // only, which also gives each range's keys above and equal to the k-th best. Pass 3 writes.
+  constexpr int kTopShift = 21;
+  constexpr uint32_t kTopBins = 1u << 11;
+  std::vector<int64_t> hist(static_cast<size_t>(ranges) * kTopBins, 0);
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t* h = hist.data() + r * kTopBins;
+      const int64_t hi = std::min(n, (r + 1) * kRange);
+      for (int64_t i = r * kRange; i < hi; ++i) ++h[rank_key(S[i], largest) >> kTopShift];
+    }
+  });
+  std::vector<int64_t> total(kTopBins, 0);
+  for (int64_t r = 0; r < ranges; ++r)
+    for (uint32_t b = 0; b < kTopBins; ++b) total[b] += hist[r * kTopBins + b];
   int64_t need = k;  // rank of the k-th best among the keys matching the prefix
-  for (int d = 0; d < 3; ++d) {
-    const int shift = kShift[d];
-    const uint32_t bins = 1u << kBits[d], digit_mask = bins - 1;
-    std::vector<int64_t> hist(static_cast<size_t>(ranges) * bins, 0);
-    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t* h = hist.data() + r * bins;
-        const int64_t hi = std::min(n, (r + 1) * kRange);
-        for (int64_t i = r * kRange; i < hi; ++i) {
-          const uint32_t key = rank_key(S[i], largest);
-          // Branch-free: keys outside the prefix land in a digit value, weighted 0.
-          h[(key >> shift) & digit_mask] += (key & prefix_mask) == prefix;
-        }
+  uint32_t bucket = kTopBins - 1;
+  while (total[bucket] < need) need -= total[bucket--];
+  // Per range: keys above the bucket, and the offsets (within the range) of the keys in it.
+  std::vector<int64_t> above(ranges), equal(ranges);
+  std::vector<std::vector<uint16_t>> cand(ranges);
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<uint16_t> buf(kRange);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t lo = r * kRange, hi = std::min(n, (r + 1) * kRange);
+      int64_t a = 0, c = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        const uint32_t top = rank_key(S[i], largest) >> kTopShift;
+        a += top > bucket;
+        buf[c] = static_cast<uint16_t>(i - lo);  // written always, kept when in the bucket
+        c += top == bucket;
       }
-    });
-    std::vector<int64_t> total(bins, 0);
+      above[r] = a;
+      cand[r].assign(buf.begin(), buf.begin() + c);
+    }
+  });
+  // The remaining 21 bits (11, then 10) among the candidates.
+  uint32_t prefix = bucket << kTopShift, prefix_mask = ~0u << kTopShift;
+  for (const auto [shift, bits] : {std::pair<int, int>{10, 11}, std::pair<int, int>{0, 10}}) {
+    const uint32_t bins = 1u << bits, digit_mask = bins - 1;
+    std::vector<int64_t> h(bins, 0);
     for (int64_t r = 0; r < ranges; ++r)
-      for (uint32_t b = 0; b < bins; ++b) total[b] += hist[r * bins + b];
+      for (const uint16_t off : cand[r]) {
+        const uint32_t key = rank_key(S[r * kRange + off], largest);
+        h[(key >> shift) & digit_mask] += (key & prefix_mask) == prefix;
+      }
     uint32_t b = bins - 1;
-    while (total[b] < need) need -= total[b--];
+    while (h[b] < need) need -= h[b--];
     prefix |= b << shift;
     prefix_mask |= digit_mask << shift;
   }
   const uint32_t kth = prefix;  // the k-th best key; `need` of the keys equal to it are taken
-
-  // Per range: keys above kth and keys equal to it; then the ties each range takes (earliest first).
-  std::vector<int64_t> above(ranges), equal(ranges);
-  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t a = 0, e = 0;
-      const int64_t hi = std::min(n, (r + 1) * kRange);
-      for (int64_t i = r * kRange; i < hi; ++i) {
-        const uint32_t key = rank_key(S[i], largest);
-        a += key > kth;
-        e += key == kth;
-      }
-      above[r] = a;
-      equal[r] = e;
+  for (int64_t r = 0; r < ranges; ++r) {
+    int64_t a = 0, e = 0;
+    for (const uint16_t off : cand[r]) {
+      const uint32_t key = rank_key(S[r * kRange + off], largest);
+      a += key > kth;
+      e += key == kth;
     }
-  });
+    above[r] += a;
+    equal[r] = e;
+  }
   std::vector<int64_t> offset(ranges + 1), ties(ranges);
   int64_t ties_left = need;
   offset[0] = 0;

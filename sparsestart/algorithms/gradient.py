@@ -239,6 +239,9 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
         else:
             score = score[top]
         # Earlier chunks hold smaller keys and top_k returns ascending indices, so the keys stay ascending.
+        if best_keys.numel() == 0:  # the first chunk's top-k is the running top-k (no copies of it)
+            best_scores, best_keys = score, top.add_(r0 * Q)
+            continue
         cand_scores = torch.cat([best_scores, score])
         cand_keys = torch.cat([best_keys, top + r0 * Q])
         keep = top_k(cand_scores, k, keys=cand_keys)
@@ -286,4 +289,4 @@ def _absent_candidates(native, flat: torch.Tensor, present: torch.Tensor, base: 
     safe = floor is not None and bool(threshold <= floor)
     if idx.numel() < k and not safe:
         return None
-    return idx, flat[idx].abs()
+    return idx, flat.index_select(0, idx).abs_()
