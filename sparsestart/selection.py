@@ -27,6 +27,7 @@ fixed-seed generator there), so a selection on a GPU equals the CPU's.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -54,10 +55,18 @@ def sample_threshold(sample: torch.Tensor, fraction: float, *, largest: bool = T
     return torch.kthvalue(sample, m - rank + 1 if largest else rank).values
 
 
-def random_positions(n: int, size: int, device) -> torch.Tensor:
-    """``size`` positions in [0, n) from a fixed-seed generator (the global RNG is not touched)."""
+def random_positions(n: int, size: int, device, *, ascending: bool = False) -> torch.Tensor:
+    """``size`` positions in [0, n) from a fixed-seed generator (the global RNG is not touched), in draw
+    order or ``ascending``. The same (n, size, device) always gives the same positions, so the last few
+    are kept (RigL asks for the same layer's sample at every update; don't modify the result in place)."""
+    return _random_positions(int(n), int(size), torch.device(device), bool(ascending))
+
+
+@functools.lru_cache(maxsize=16)
+def _random_positions(n: int, size: int, device: torch.device, ascending: bool) -> torch.Tensor:
     gen = torch.Generator(device=device).manual_seed(0)
-    return torch.randint(n, (size,), generator=gen, device=device)
+    positions = torch.randint(n, (size,), generator=gen, device=device)
+    return torch.sort(positions).values if ascending else positions
 
 
 _RANK_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,

@@ -286,16 +286,27 @@ std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor
     const int64_t nd = drop.numel(), ng = grow.numel();
     check_ascending_in(D, nd, 0, nnz, "drop positions");
     check_ascending_in(G, ng, 0, R * Q, "grow keys");
-    // Each row's drops DB[r]..DB[r+1] and grows GB[r]..GB[r+1]: a binary search per row boundary (every
-    // drop lies below nnz = P[R] and every grow below R * Q, checked above, so DB[R] = nd, GB[R] = ng).
+    const int64_t grain = std::max<int64_t>(1, R * int64_t{1 << 15} / std::max<int64_t>(1, nnz + ng));
+    // Rows in `parts` fixed ranges for the passes that keep per-part state.
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / grain));
+    // Each row's drops DB[r]..DB[r+1] and grows GB[r]..GB[r+1]: per part, a binary search for its first
+    // row, then one sweep (every drop lies below nnz = P[R] and every grow below R * Q, checked above).
     std::vector<int64_t> DB(R + 1), GB(R + 1);
-    at::parallel_for(0, R + 1, 1024, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        DB[r] = std::lower_bound(D, D + nd, static_cast<int64_t>(P[r])) - D;
-        GB[r] = std::lower_bound(G, G + ng, r * Q) - G;
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t part = p0; part < p1; ++part) {
+        const int64_t r0 = R * part / parts, r1 = R * (part + 1) / parts;
+        int64_t d = std::lower_bound(D, D + nd, static_cast<int64_t>(P[r0])) - D;
+        int64_t g = std::lower_bound(G, G + ng, r0 * Q) - G;
+        for (int64_t r = r0; r < r1; ++r) {
+          DB[r] = d;
+          GB[r] = g;
+          while (d < nd && D[d] < static_cast<int64_t>(P[r + 1])) ++d;
+          while (g < ng && G[g] < (r + 1) * Q) ++g;
+        }
       }
     });
-    const int64_t grain = std::max<int64_t>(1, R * int64_t{1 << 15} / std::max<int64_t>(1, nnz + ng));
+    DB[R] = nd;
+    GB[R] = ng;
     // Pass 1, per row with a map over the columns (low bits 1 kept, 2 dropped, | 4 grown; above them the
     // row's stamp r + 1, so the map is never cleared): which drops are regrown (dflag), which grows
     // regrow a dropped entry (gflag), and a grow onto a kept entry (bad).
@@ -366,9 +377,7 @@ std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor
     // (for the CSC view; counted per part of the rows and summed, so no atomics).
     auto slot_freed_t = cpu::pooled_scratch<uint8_t>(C, /*zeroed=*/true);
     uint8_t* slot_freed = slot_freed_t.data_ptr<uint8_t>();
-    // Rows in `parts` fixed ranges, one column count per range.
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / grain));
-    std::vector<std::vector<int64_t>> col_freed(parts);
+    std::vector<std::vector<int64_t>> col_freed(parts);  // one column count per part
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t part = p0; part < p1; ++part) {
         auto& lost = col_freed[part];

@@ -232,12 +232,12 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
             if floor is not None:
                 # Only scores reaching the current k-th best can enter: usually a small fraction of the chunk.
                 idx = (score >= floor).nonzero().flatten()
-                score = score[idx]
+                score = score.index_select(0, idx)
         top = top_k(score, k)
         if idx is not None:
-            top, score = idx[top], score[top]
+            top, score = idx.index_select(0, top), score.index_select(0, top)
         else:
-            score = score[top]
+            score = score.index_select(0, top)
         # Earlier chunks hold smaller keys and top_k returns ascending indices, so the keys stay ascending.
         if best_keys.numel() == 0:  # the first chunk's top-k is the running top-k (no copies of it)
             best_scores, best_keys = score, top.add_(r0 * Q)
@@ -276,7 +276,7 @@ def _absent_candidates(native, flat: torch.Tensor, present: torch.Tensor, base: 
     if n < 4 * SAMPLE_SIZE or n_absent <= 0:
         return None
     # Sorted, so the membership test is one merge pass over `present` instead of random binary searches.
-    sample = torch.sort(random_positions(n, SAMPLE_SIZE, flat.device)).values
+    sample = random_positions(n, SAMPLE_SIZE, flat.device, ascending=True)
     sample = sample[~isin_sorted(sample + base, present, values_sorted=True)]
     threshold = sample_threshold(flat[sample].abs(), k / n_absent) if sample.numel() else None
     if threshold is None:
