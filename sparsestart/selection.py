@@ -58,8 +58,9 @@ def sample_threshold(sample: torch.Tensor, fraction: float, *, largest: bool = T
 def random_positions(n: int, size: int, device, *, ascending: bool = False) -> torch.Tensor:
     """``size`` positions in [0, n) from a fixed-seed generator (the global RNG is not touched), in draw
     order or ``ascending``. The same (n, size, device) always gives the same positions, so the last few
-    are kept (RigL asks for the same layer's sample at every update; don't modify the result in place)."""
-    return _random_positions(int(n), int(size), torch.device(device), bool(ascending))
+    are kept (RigL asks for the same layer's sample at every update) and a copy is returned: drawing and
+    sorting cost ~0.7 ms, the copy ~20 us, and a caller may then modify its positions freely."""
+    return _random_positions(int(n), int(size), torch.device(device), bool(ascending)).clone()
 
 
 @functools.lru_cache(maxsize=16)

@@ -378,3 +378,14 @@ def test_native_top_k_is_thread_count_independent_and_checked():
     with pytest.raises(TypeError, match="scores must be float32, got Double"):
         torch.ops.sparsestart._native_top_k(scores.double(), 3, True)
     torch.library.opcheck(torch.ops.sparsestart._native_top_k, (torch.randn(300), 17, False))
+
+
+def test_random_positions_are_fixed_and_a_caller_may_modify_them():
+    from sparsestart.selection import random_positions
+
+    first = random_positions(10_000, 300, "cpu", ascending=True)
+    assert torch.equal(first, torch.sort(random_positions(10_000, 300, "cpu")).values)
+    assert bool((first[1:] >= first[:-1]).all()) and 0 <= int(first.min()) and int(first.max()) < 10_000
+    expected = first.clone()
+    first.fill_(-1)  # the kept copy must not see this
+    assert torch.equal(random_positions(10_000, 300, "cpu", ascending=True), expected)
