@@ -84,7 +84,7 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
       "Tensor drop, Tensor grow) -> Tensor[]");
   // RigL's growth candidates (csrc/cpu/select.cpp): ascending i with |scores[i]| >= threshold
   // and base + i not in the sorted int64 `present`; and membership of sorted values in a sorted set.
-  m.def("_native_absent_at_least(Tensor scores, Tensor present, int base, float threshold) -> Tensor");
+  m.def("_native_absent_at_least(Tensor scores, Tensor present, int base, float threshold) -> (Tensor, Tensor)");
   m.def("_native_sorted_isin(Tensor values, Tensor set) -> Tensor");
   // SET's sampling (csrc/cpu/select.cpp): the distinct values of int64 draws in [0, n), ascending;
   // and the ranks[i]-th non-negative integer absent from the sorted `present`.

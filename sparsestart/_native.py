@@ -63,9 +63,10 @@ def absent_at_ranks(present: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     return ranks + torch.searchsorted(below, ranks, right=True)
 
 
-def absent_at_least(scores: torch.Tensor, present: torch.Tensor, base: int, threshold: float) -> torch.Tensor:
-    """Twin of ``_native_absent_at_least``: ascending int64 i with |scores[i]| >= threshold and
-    base + i not in the ascending ``present``.
+def absent_at_least(scores: torch.Tensor, present: torch.Tensor, base: int,
+                    threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of ``_native_absent_at_least``: (ascending int64 i with |scores[i]| >= threshold and
+    base + i not in the ascending ``present``, |scores[i]| there).
 
     The threshold is compared in the dtype of ``scores`` (a Python scalar is cast to it, as the
     native op casts it to scalar_t).
@@ -74,7 +75,7 @@ def absent_at_least(scores: torch.Tensor, present: torch.Tensor, base: int, thre
     idx = (scores.abs() >= threshold).nonzero().flatten()
     if present.numel():
         idx = idx[~sorted_isin(idx + base, present)]
-    return idx
+    return idx, scores.index_select(0, idx).abs_()
 
 
 def kept_keys(ptr: torch.Tensor, idx: torch.Tensor, keep: Optional[torch.Tensor], minor_extent: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 // Candidate selection for RigL's growth on CPU: one pass over a dense gradient chunk.
 //
 //   _native_absent_at_least(scores [n] float32/float64, present [p] int64 sorted, base int, threshold float)
-//     -> ascending int64 i in [0, n) with |scores[i]| >= threshold and base + i not in `present`
+//     -> (ascending int64 i in [0, n) with |scores[i]| >= threshold and base + i not in `present`,
+//         |scores[i]| at those i)
 //   _native_sorted_isin(values [k] int64 sorted, set [m] int64 sorted) -> bool [k]
 //   _native_sorted_distinct(values [m] int64 in [0, n), n) -> the distinct values, ascending
 //   _native_absent_at_ranks(present [p] int64 sorted distinct, ranks [k] int64 sorted)
@@ -23,6 +24,8 @@
 // sampled structure do not depend on which ran.
 
 #include <ATen/Parallel.h>
+
+#include "pool.h"
 #include <torch/library.h>
 #include <torch/torch.h>
 
@@ -30,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -98,8 +102,8 @@ void collect_range(const scalar_t* s, int64_t lo, int64_t hi, const int64_t* pre
   out.assign(buf, buf + w);
 }
 
-at::Tensor absent_at_least_cpu(const at::Tensor& scores_in, const at::Tensor& present_in, int64_t base,
-                               double threshold) {
+std::tuple<at::Tensor, at::Tensor> absent_at_least_cpu(const at::Tensor& scores_in, const at::Tensor& present_in,
+                                                       int64_t base, double threshold) {
   TORCH_CHECK_VALUE(scores_in.dim() == 1, "sparsestart.absent_at_least: scores must be 1-D, got ", scores_in.dim(),
                     "-D");
   TORCH_CHECK_TYPE(present_in.scalar_type() == at::kLong, "sparsestart.absent_at_least: present must be int64, got ",
@@ -113,24 +117,37 @@ at::Tensor absent_at_least_cpu(const at::Tensor& scores_in, const at::Tensor& pr
   // Fixed ranges (not one per thread): the result is the same for every thread count.
   constexpr int64_t kRange = 1 << 16;
   const int64_t ranges = (n + kRange - 1) / kRange;
-  std::vector<std::vector<int32_t>> found(ranges);  // offsets from each range's start
+  at::Tensor out, magnitudes;
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "sparsestart_absent_at_least", [&] {
     const scalar_t* S = scores.data_ptr<scalar_t>();
+    // Per range: the candidates' offsets from its start and their |score|, read while the range is
+    // in cache (a gather afterwards would stream the whole gradient from memory again).
+    std::vector<std::vector<int32_t>> found(ranges);
+    std::vector<std::vector<scalar_t>> found_abs(ranges);
     at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
       std::vector<int32_t> buf(kRange + 16);
       std::vector<uint64_t> bits(kRange / 64);
-      for (int64_t r = r0; r < r1; ++r)
+      for (int64_t r = r0; r < r1; ++r) {
         collect_range(S, r * kRange, std::min(n, (r + 1) * kRange), P, p, base, threshold, buf.data(), bits,
                       found[r]);
+        found_abs[r].resize(found[r].size());
+        for (size_t j = 0; j < found[r].size(); ++j) found_abs[r][j] = std::abs(S[r * kRange + found[r][j]]);
+      }
+    });
+    std::vector<int64_t> offset(ranges + 1, 0);
+    for (int64_t r = 0; r < ranges; ++r) offset[r + 1] = offset[r] + static_cast<int64_t>(found[r].size());
+    out = cpu::pooled_empty({offset[ranges]}, present.options());
+    magnitudes = cpu::pooled_empty({offset[ranges]}, scores.options());
+    int64_t* O = out.data_ptr<int64_t>();
+    scalar_t* A = magnitudes.data_ptr<scalar_t>();
+    at::parallel_for(0, ranges, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (size_t j = 0; j < found[r].size(); ++j) O[offset[r] + j] = r * kRange + found[r][j];
+        std::copy(found_abs[r].begin(), found_abs[r].end(), A + offset[r]);
+      }
     });
   });
-  int64_t total = 0;
-  for (const auto& f : found) total += static_cast<int64_t>(f.size());
-  auto out = at::empty({total}, present.options());
-  int64_t* O = out.data_ptr<int64_t>();
-  for (int64_t r = 0; r < ranges; ++r)
-    for (const int32_t off : found[r]) *O++ = r * kRange + off;
-  return out;
+  return {out, magnitudes};
 }
 
 at::Tensor sorted_isin_cpu(const at::Tensor& values_in, const at::Tensor& set_in) {

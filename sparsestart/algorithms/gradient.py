@@ -285,8 +285,8 @@ def _absent_candidates(native, flat: torch.Tensor, present: torch.Tensor, base: 
         threshold = floor
     elif floor is not None:
         threshold = torch.maximum(threshold, floor.to(threshold.dtype))
-    idx = native(flat, present, base, float(threshold))
+    idx, magnitude = native(flat, present, base, float(threshold))
     safe = floor is not None and bool(threshold <= floor)
     if idx.numel() < k and not safe:
         return None
-    return idx, flat.index_select(0, idx).abs_()
+    return idx, magnitude

@@ -105,7 +105,8 @@ if NATIVE_AVAILABLE:
 
     @torch.library.register_fake("sparsestart::_native_absent_at_least")
     def _(scores, present, base, threshold):
-        return present.new_empty(torch.library.get_ctx().new_dynamic_size())
+        n = torch.library.get_ctx().new_dynamic_size()
+        return present.new_empty(n), scores.new_empty(n)
 
     @torch.library.register_fake("sparsestart::_native_sorted_isin")
     def _(values, set):

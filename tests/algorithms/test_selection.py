@@ -80,10 +80,11 @@ def test_native_absent_at_least_matches_torch():
             base = 12345
             present = torch.sort(torch.randperm(n + 50, generator=g)[:p] + base - 25).values
             for threshold in (0.0, 0.7, 3.0, float("inf")):
-                got = op(scores, present, base, threshold)
+                got, magnitude = op(scores, present, base, threshold)
                 keys = torch.arange(n) + base
                 want = ((scores.abs() >= threshold) & ~torch.isin(keys, present)).nonzero().flatten()
                 assert got.dtype == torch.long and torch.equal(got, want), (dtype, n, p, threshold)
+                assert magnitude.dtype == dtype and torch.equal(magnitude, scores.abs()[want]), (dtype, n, p)
 
 
 @pytest.mark.skipif(not NATIVE, reason="sparsestart._C not built")
@@ -244,7 +245,8 @@ def test_absent_at_least_twin_matches_the_native_op_bit_for_bit():
     for dtype, n, p, scores, present, base, threshold in _absent_cases():
         want = op(scores, present, base, threshold)
         got = _native.absent_at_least(scores, present, base, threshold)
-        assert got.dtype == want.dtype == torch.long and torch.equal(got, want), (dtype, n, p, threshold)
+        assert got[0].dtype == want[0].dtype == torch.long and torch.equal(got[0], want[0]), (dtype, n, p, threshold)
+        assert got[1].dtype == want[1].dtype == dtype and torch.equal(got[1], want[1]), (dtype, n, p, threshold)
 
 
 def test_absent_at_least_twin_matches_its_definition():
@@ -252,7 +254,8 @@ def test_absent_at_least_twin_matches_its_definition():
         keys = torch.arange(n) + base
         t = torch.tensor(threshold, dtype=dtype)
         want = ((scores.abs() >= t) & ~torch.isin(keys, present)).nonzero().flatten()
-        assert torch.equal(_native.absent_at_least(scores, present, base, threshold), want), (dtype, n, p)
+        got, magnitude = _native.absent_at_least(scores, present, base, threshold)
+        assert torch.equal(got, want) and torch.equal(magnitude, scores.abs()[want]), (dtype, n, p)
 
 
 @pytest.mark.skipif(not NATIVE, reason="sparsestart._C not built")
