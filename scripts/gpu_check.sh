@@ -122,9 +122,13 @@ if want tests; then
   XDIST=()
   if [[ $DRY == 0 ]] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${JOBS:-4}"); fi
   if [[ $DRY == 1 ]]; then
-    # The interpreter suite, and the GPU test modules' CPU-side logic (they skip without CUDA).
+    # The interpreter suite, and the GPU test modules' CPU-side logic (they skip without CUDA);
+    # then the algorithms' device file run on the CPU against itself (its whole code path: it once
+    # found a direct-convolution output that an in-place ReLU could not modify).
     step tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_triton.py tests/gpu \
       --junitxml="$OUT/tests.xml"
+    step algorithms-on-cpu 300 env SPARSESTART_ALGO_TEST_DEVICE=cpu "$PY" -m pytest -q -p no:cacheprovider \
+      tests/gpu/test_gpu_algorithms.py --junitxml="$OUT/tests-algorithms-cpu.xml"
   else
     # -rA -v: every test's outcome is in the log as it finishes (a run cut off by its limit still
     # says which tests failed; the first H200 run lost that); --timeout: a hanging test fails alone.

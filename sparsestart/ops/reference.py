@@ -79,7 +79,10 @@ def unfold_conv_kernels(spmm, sddmm) -> dict:
         y = spmm(values, ptr, idx, slot, xt, m, False)
         if bias is not None:  # on the [Cout, n * positions] product, before the layout copy
             y = y.view(m, -1).add_(bias.view(m, 1))
-        return y.view(m, n, ho * wo).transpose(0, 1).reshape(n, m, ho, wo)
+        # A fresh NCHW tensor, not a view: splitting the last dim of the transposed product would
+        # be a strided view of it, and a custom op's output that is a view cannot be modified in
+        # place (nn.ReLU(inplace=True) after the layer raised on every backend built on these kernels).
+        return y.view(m, n, ho, wo).transpose(0, 1).clone(memory_format=torch.contiguous_format)
 
     def conv2d_input_grad(values, ptr, idx, slot, dy, kernel_size, padding, dilation):
         n, m, ho, wo = dy.shape

@@ -65,6 +65,36 @@ def test_every_conv_algorithm_matches_dense(algorithm, cfg):
     compare_with_dense(layer, torch.randn(3, 7, 7))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_kind,algorithm", [("conv", "direct"), ("conv", "unfold"), ("conv", "dense"),
+                                                  ("linear", "sparse"), ("linear", "dense")])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_an_in_place_activation_may_follow_every_layer_path(backend, layer_kind, algorithm, batch):
+    # A layer's output must not be a view created inside the op's autograd Function: autograd forbids
+    # modifying such a view in place, and nn.ReLU(inplace=True) after the layer raised on the
+    # reference backend's direct convolution (what the CUDA and Triton backends run too).
+    if layer_kind == "conv":
+        layer = SparseConv2d(3, 5, 3, padding=1, density=0.5, seed=4)
+        layer.conv_algorithm = algorithm
+        x = torch.randn(batch, 3, 6, 7)
+    else:
+        layer = SparseLinear(7, 5, density=0.5, seed=4)
+        layer.linear_algorithm = algorithm
+        x = torch.randn(batch, 7)
+    dense = layer.to_dense()
+    model = nn.Sequential(layer, nn.ReLU(inplace=True))
+    with ops.use_backend(backend):
+        x1 = x.clone().requires_grad_()
+        y = model(x1)
+        y.square().sum().backward()
+    twin = nn.Sequential(dense, nn.ReLU())
+    x2 = x.clone().requires_grad_()
+    want = twin(x2)
+    want.square().sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["heuristic", "auto-untuned"])
 def test_heuristic_conv_algorithm_follows_density_fan_in_and_plane_size(mode, monkeypatch):
     """The threshold rule: conv_algorithm="heuristic", and "auto" while tuning is off."""
