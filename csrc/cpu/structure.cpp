@@ -202,7 +202,7 @@ at::Tensor kept_keys_cpu(const at::Tensor& ptr_in, const at::Tensor& idx_in, con
         offset[c + 1] = P[std::min(R, (c + 1) * rows_per_chunk)] - P[c * rows_per_chunk];
     }
     for (int64_t c = 0; c < chunks; ++c) offset[c + 1] += offset[c];
-    out = at::empty({offset[chunks]}, ptr.options().dtype(at::kLong));
+    out = cpu::pooled_empty({offset[chunks]}, ptr.options().dtype(at::kLong));  // MBs at every RigL/SET update
     int64_t* O = out.data_ptr<int64_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {

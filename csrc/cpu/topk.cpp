@@ -15,6 +15,8 @@
 // thread count). The pure-PyTorch path (sparsestart/selection.py) computes the same indices.
 
 #include <ATen/Parallel.h>
+
+#include "pool.h"
 #include <torch/library.h>
 #include <torch/torch.h>
 
@@ -47,7 +49,9 @@ at::Tensor top_k_cpu(const at::Tensor& scores_in, int64_t k, bool largest) {
   auto scores = scores_in.contiguous().view(-1);
   const int64_t n = scores.numel();
   k = std::min(std::max<int64_t>(k, 0), n);
-  auto out = at::empty({k}, scores.options().dtype(at::kLong));
+  // From the extension's pool: RigL/SET select hundreds of thousands of entries per layer and
+  // update, and a fresh block of MBs is page-faulted on every call under glibc's default malloc.
+  auto out = cpu::pooled_empty({k}, scores.options().dtype(at::kLong));
   if (k == 0) return out;
   int64_t* O = out.data_ptr<int64_t>();
   if (k == n) {

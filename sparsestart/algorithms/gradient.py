@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from ..ops.cpu import NATIVE_AVAILABLE
+from ..ops.cpu import pooled_empty
 from ..nn.modules import SparseConv2d, SparseLayer, SparseLinear
 from ..selection import SAMPLE_SIZE, random_positions, sample_threshold, top_k
 from .structure import isin_sorted
@@ -135,15 +135,10 @@ def _prepared(layer: SparseLayer, pairs: list[Pair]) -> list[Pair]:
 
 
 def _scratch(shape: tuple, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """An uninitialised CPU tensor from the C++ extension's output-buffer pool (csrc/cpu/pool.h), or None
-    (CUDA, half precision, no extension). RigL forms a dense-gradient chunk of the same size at every update
-    (64 MB for a 4096 x 4096 layer); a fresh one is page-faulted anew under glibc's default malloc: the
-    4096 x 256 x 4096 product took 46 ms into a fresh buffer and 28 ms into a reused one."""
-    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64) or not NATIVE_AVAILABLE:
-        return None
-    from .. import _C
-
-    return _C.pooled_empty(list(shape), like)
+    """:func:`sparsestart.ops.cpu.pooled_empty`: RigL forms a dense-gradient chunk of the same size at every
+    update (64 MB for a 4096 x 4096 layer); a fresh one is page-faulted anew under glibc's default malloc:
+    the 4096 x 256 x 4096 product took 46 ms into a fresh buffer and 28 ms into a reused one."""
+    return pooled_empty(shape, like)
 
 
 def _gradient_rows(layer: SparseLayer, prepared: list[Pair], r0: int, r1: int) -> torch.Tensor:

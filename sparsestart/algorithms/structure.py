@@ -17,6 +17,7 @@ from ..formats import SparseMatrix
 from ..formats.update import touched_slots
 from ..init.sampling import sample_without_replacement
 from ..nn.modules import SparseLayer
+from ..ops.cpu import pooled_empty
 from ..selection import smallest, top_k  # noqa: F401  (re-exported: the algorithms select with them)
 
 __all__ = ["zero_slot_state", "entry_magnitude", "rewire", "rewire_keys", "prune", "sample_absent", "top_k", "smallest",
@@ -54,8 +55,10 @@ def entry_magnitude(matrix: SparseMatrix, values: Optional[torch.Tensor] = None,
     mean (``"mean"``, comparable with single weights) of |w| over the block.
     ``values`` replaces ``matrix.values`` (e.g. STR's effective weights).
     """
-    vals = matrix.values if values is None else values
-    mag = vals.detach().index_select(0, matrix.slot[:matrix.nnz]).abs_()
+    vals = (matrix.values if values is None else values).detach()
+    slots = matrix.slot[:matrix.nnz]
+    out = pooled_empty(slots.shape + vals.shape[1:], vals)  # MBs at every update of a large layer
+    mag = (vals.index_select(0, slots) if out is None else torch.index_select(vals, 0, slots, out=out)).abs_()
     if mag.dim() == 3:
         mag = mag.double()
         mag = mag.sum(dim=(1, 2)) if reduce == "sum" else mag.mean(dim=(1, 2))

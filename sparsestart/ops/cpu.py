@@ -14,7 +14,7 @@ from torch import Tensor
 from . import registry
 from .library import _FLOAT_TYPES, _conv_sizes
 
-__all__ = ["NATIVE_AVAILABLE"]
+__all__ = ["NATIVE_AVAILABLE", "pooled_empty"]
 
 
 def _load_native() -> bool:
@@ -34,6 +34,18 @@ def _load_native() -> bool:
 
 
 NATIVE_AVAILABLE = _load_native()
+
+
+def pooled_empty(shape, like: Tensor):
+    """An uninitialised CPU tensor of ``shape`` in ``like``'s dtype from the extension's buffer pool
+    (csrc/cpu/pool.h), or None (not a CPU float32/float64 tensor, or no extension): for temporaries of
+    several MB that a loop forms again and again (RigL's dense-gradient chunk and entry magnitudes), which
+    glibc's default malloc would hand back fresh, to be page-faulted in, every time."""
+    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64) or not NATIVE_AVAILABLE:
+        return None
+    from .. import _C
+
+    return _C.pooled_empty(list(shape), like)
 
 
 _HALF = (torch.float16, torch.bfloat16)
