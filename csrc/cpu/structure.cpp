@@ -29,30 +29,44 @@
 namespace sparsestart {
 namespace {
 
-// Branch-free merge of one major's kept entries (minor KI[KP[a]], slot KS[KP[a]]) with its new ones
-// (minor NI[b], slot NS[b]), both ascending by minor, into OI/OS: the data-dependent branch of a plain
-// merge mispredicts about half the time on random keys.
+// Compacts the entries e0..e1 of a view where keep(e) into (minor, slot) arrays KI/KS (room for
+// e1 - e0), branch-free; returns their number.
+template <typename index_t, typename Keep>
+int64_t compact_kept(const index_t* I, const index_t* S, int64_t e0, int64_t e1, Keep&& keep, index_t* KI,
+                     index_t* KS) {
+  int64_t c = 0;
+  for (int64_t e = e0; e < e1; ++e) {
+    KI[c] = I[e];
+    KS[c] = S[e];
+    c += keep(e);
+  }
+  return c;
+}
+
+// Merge of one major's kept entries (minor KI[a], slot KS[a], compacted) with its new ones (minor
+// NI[b], slot NS[b]), both ascending by minor, into OI/OS. Run by run: before each new entry the
+// kept ones below it are copied in a loop whose exit is the only hard-to-predict branch, one per new
+// entry (RigL/SET add about one new entry per three kept); a merge deciding every element on its own
+// chains each step's loads to the previous comparison.
 template <typename index_t>
-void merge_major(const int64_t* KP, int64_t nk, const index_t* KI, const index_t* KS, const int64_t* NI,
-                 const int64_t* NS, int64_t nn, index_t* OI, index_t* OS) {
-  int64_t a = 0, b = 0, out = 0;
-  while (a < nk && b < nn) {
-    const int64_t e = KP[a];
-    const int64_t old_minor = static_cast<int64_t>(KI[e]), new_minor = NI[b];
-    const bool take_new = new_minor < old_minor;
-    OI[out] = static_cast<index_t>(take_new ? new_minor : old_minor);
-    OS[out] = take_new ? static_cast<index_t>(NS[b]) : KS[e];
+void merge_major(const index_t* KI, const index_t* KS, int64_t nk, const int64_t* NI, const int64_t* NS, int64_t nn,
+                 index_t* OI, index_t* OS) {
+  int64_t a = 0, out = 0;
+  for (int64_t b = 0; b < nn; ++b) {
+    const int64_t v = NI[b];
+    while (a < nk && static_cast<int64_t>(KI[a]) < v) {
+      OI[out] = KI[a];
+      OS[out] = KS[a];
+      ++a;
+      ++out;
+    }
+    OI[out] = static_cast<index_t>(v);
+    OS[out] = static_cast<index_t>(NS[b]);
     ++out;
-    b += take_new;
-    a += !take_new;
   }
   for (; a < nk; ++a, ++out) {
-    OI[out] = KI[KP[a]];
-    OS[out] = KS[KP[a]];
-  }
-  for (; b < nn; ++b, ++out) {
-    OI[out] = static_cast<index_t>(NI[b]);
-    OS[out] = static_cast<index_t>(NS[b]);
+    OI[out] = KI[a];
+    OS[out] = KS[a];
   }
 }
 
@@ -120,23 +134,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_index_cpu(const at::Tensor&
     }
     TORCH_CHECK_VALUE(out_total == total, "sparsestart.merge_index: merged ", out_total, " entries, expected total=",
                       total);
-    // Each major: its kept entries' positions compacted into a buffer, then a branch-free merge with
-    // its new entries (the data-dependent branches of a plain merge mispredict about half the time on
-    // RigL/SET's random keys). A new entry equal to a kept one, or new entries out of order, leave two
+    // Each major: its kept entries compacted into buffers, then merged with its new entries run by
+    // run (merge_major). A new entry equal to a kept one, or new entries out of order, leave two
     // output minors of the major out of strict order: one check pass flags the major, and the first
     // flagged one is diagnosed afterwards, outside the parallel region.
     std::vector<char> bad(R, 0);
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<int64_t> kept;
+      std::vector<index_t> KI, KS;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t e0 = P[r], e1 = P[r + 1], j0 = NB[r], jend = NB[r + 1];
-        kept.resize(e1 - e0);
-        int64_t c = 0;
-        for (int64_t e = e0; e < e1; ++e) {
-          kept[c] = e;
-          c += keepp[e];
-        }
-        merge_major<index_t>(kept.data(), c, I, S, MN + j0, NS + j0, jend - j0, OI + OP[r], OS + OP[r]);
+        KI.resize(e1 - e0);
+        KS.resize(e1 - e0);
+        const int64_t c = compact_kept(I, S, e0, e1, [&](int64_t e) { return keepp[e]; }, KI.data(), KS.data());
+        merge_major<index_t>(KI.data(), KS.data(), c, MN + j0, NS + j0, jend - j0, OI + OP[r], OS + OP[r]);
         const int64_t out = OP[r] + c + (jend - j0);
         bool ordered = true;
         for (int64_t o = OP[r] + 1; o < out; ++o) ordered &= OI[o] > OI[o - 1];
@@ -225,9 +235,9 @@ at::Tensor kept_keys_cpu(const at::Tensor& ptr_in, const at::Tensor& idx_in, con
 // first offending element named afterwards.
 void check_ascending_in(const int64_t* v, int64_t n, int64_t lo, int64_t hi, const char* what) {
   if (n == 0) return;
-  bool ordered = true;
-  for (int64_t i = 1; i < n; ++i) ordered &= v[i] > v[i - 1];
-  if (!ordered) {
+  int64_t out_of_order = 0;  // a count, not a flag: the loop vectorizes
+  for (int64_t i = 1; i < n; ++i) out_of_order += v[i] <= v[i - 1];
+  if (out_of_order) {
     int64_t i = 1;
     while (v[i] > v[i - 1]) ++i;
     TORCH_CHECK_VALUE(false, "sparsestart.rewire: ", what, " must be ascending and distinct, but ", v[i - 1],
@@ -373,10 +383,8 @@ std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor
     auto new_slots = cpu::pooled_empty({n_new}, iopt.dtype(at::kLong));
     int64_t* F = freed.data_ptr<int64_t>();
     int64_t* NSL = new_slots.data_ptr<int64_t>();
-    // Pass 2: the freed slots in CSR order, which slots they are, and how many entries each column loses
-    // (for the CSC view; counted per part of the rows and summed, so no atomics).
-    auto slot_freed_t = cpu::pooled_scratch<uint8_t>(C, /*zeroed=*/true);
-    uint8_t* slot_freed = slot_freed_t.data_ptr<uint8_t>();
+    // Pass 2: the freed slots in CSR order, and how many entries each column loses (for the CSC view;
+    // counted per part of the rows and summed, so no atomics).
     std::vector<std::vector<int64_t>> col_freed(parts);  // one column count per part
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t part = p0; part < p1; ++part) {
@@ -390,7 +398,6 @@ std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor
             const bool freed_here = !dflag[d];
             if (o < end) F[o] = s;  // written always, kept when freed
             o += freed_here;
-            slot_freed[s] |= freed_here;
             lost[I[D[d]]] += freed_here;
           }
         }
@@ -408,30 +415,28 @@ std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor
     index_t* OI = ocol.data_ptr<index_t>();
     index_t* OS = oslot.data_ptr<index_t>();
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<int64_t> kept;
+      std::vector<index_t> KI, KS;
       std::vector<uint8_t> gone;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t e0 = P[r], e1 = P[r + 1], n0 = NO[r];
         gone.assign(e1 - e0, 0);
         for (int64_t d = DB[r]; d < DB[r + 1]; ++d) gone[D[d] - e0] = !dflag[d];
-        kept.resize(e1 - e0);
-        int64_t nk = 0;
-        for (int64_t e = e0; e < e1; ++e) {
-          kept[nk] = e;
-          nk += !gone[e - e0];
-        }
+        KI.resize(e1 - e0);
+        KS.resize(e1 - e0);
+        const int64_t nk =
+            compact_kept(I, S, e0, e1, [&](int64_t e) { return !gone[e - e0]; }, KI.data(), KS.data());
         int64_t nn = 0;
         for (int64_t g = GB[r]; g < GB[r + 1]; ++g) {
           if (n0 + nn < NO[r + 1]) new_col[n0 + nn] = G[g] - r * Q;
           nn += !gflag[g];
         }
         for (int64_t j = 0; j < nn; ++j) NSL[n0 + j] = free_slot(n0 + j);
-        merge_major<index_t>(kept.data(), nk, I, S, new_col + n0, NSL + n0, nn, OI + OP[r],
-                                      OS + OP[r]);
+        merge_major<index_t>(KI.data(), KS.data(), nk, new_col + n0, NSL + n0, nn, OI + OP[r], OS + OP[r]);
       }
     });
-    // The CSC view: the new entries by column (a stable counting sort keeps their rows ascending), then
-    // every column's kept entries (slot not freed) merged with them.
+    // The CSC view: the new and the freed entries by column (stable counting sorts keep their rows
+    // ascending), then every column's entries less the freed ones (a subset of them in the same
+    // order: one branch-free skip pass) merged with the new ones.
     std::vector<int64_t> NCB(Q + 1, 0);
     auto new_row_t = cpu::pooled_scratch<int64_t>(n_new), new_slot_c_t = cpu::pooled_scratch<int64_t>(n_new);
     int64_t* new_row = new_row_t.data_ptr<int64_t>();
@@ -447,10 +452,20 @@ std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor
           new_slot_c[at_] = NSL[j];
         }
     }
-    std::vector<int64_t> ckept(Q);  // entries of each column that stay
-    for (int64_t q = 0; q < Q; ++q) ckept[q] = CP[q + 1] - CP[q];
+    std::vector<int64_t> FCB(Q + 1, 0);  // each column's freed entries: FCB[q] .. FCB[q + 1]
     for (const auto& lost : col_freed)
-      for (int64_t q = 0; q < static_cast<int64_t>(lost.size()); ++q) ckept[q] -= lost[q];
+      for (int64_t q = 0; q < static_cast<int64_t>(lost.size()); ++q) FCB[q + 1] += lost[q];
+    for (int64_t q = 0; q < Q; ++q) FCB[q + 1] += FCB[q];
+    auto freed_row_t = cpu::pooled_scratch<int64_t>(n_freed);
+    int64_t* freed_row = freed_row_t.data_ptr<int64_t>();
+    {
+      std::vector<int64_t> next(FCB.begin(), FCB.end() - 1);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t d = DB[r]; d < DB[r + 1]; ++d)
+          if (!dflag[d]) freed_row[next[I[D[d]]]++] = r;
+    }
+    std::vector<int64_t> ckept(Q);  // entries of each column that stay
+    for (int64_t q = 0; q < Q; ++q) ckept[q] = CP[q + 1] - CP[q] - (FCB[q + 1] - FCB[q]);
     index_t* OCP = ocolptr.data_ptr<index_t>();
     OCP[0] = 0;
     for (int64_t q = 0; q < Q; ++q) OCP[q + 1] = static_cast<index_t>(OCP[q] + ckept[q] + NCB[q + 1] - NCB[q]);
@@ -458,17 +473,22 @@ std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor
     index_t* OR = orow.data_ptr<index_t>();
     index_t* OST = oslot_t.data_ptr<index_t>();
     at::parallel_for(0, Q, cgrain, [&](int64_t q0, int64_t q1) {
-      std::vector<int64_t> kept;
+      std::vector<index_t> KI, KS;
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t e0 = CP[q], e1 = CP[q + 1];
-        kept.resize(e1 - e0);
-        int64_t nk = 0;
-        for (int64_t e = e0; e < e1; ++e) {
-          kept[nk] = e;
-          nk += !slot_freed[ST[e]];
-        }
-        merge_major<index_t>(kept.data(), nk, RI, ST, new_row + NCB[q], new_slot_c + NCB[q],
-                                      NCB[q + 1] - NCB[q], OR + OCP[q], OST + OCP[q]);
+        KI.resize(e1 - e0);
+        KS.resize(e1 - e0);
+        int64_t f = FCB[q];
+        const int64_t fend = FCB[q + 1];
+        const int64_t nk = compact_kept(RI, ST, e0, e1,
+                                        [&](int64_t e) {
+                                          const bool gone = f < fend && freed_row[f] == static_cast<int64_t>(RI[e]);
+                                          f += gone;
+                                          return !gone;
+                                        },
+                                        KI.data(), KS.data());
+        merge_major<index_t>(KI.data(), KS.data(), nk, new_row + NCB[q], new_slot_c + NCB[q], NCB[q + 1] - NCB[q],
+                             OR + OCP[q], OST + OCP[q]);
       }
     });
     index_t* OF = ofree.data_ptr<index_t>();
