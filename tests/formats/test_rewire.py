@@ -38,6 +38,8 @@ def _case(m, seed, n_drop, n_regrow, n_new):
 
 CASES = [  # (M, K, block, density, capacity_extra, n_drop, n_regrow, n_new, empty_rows, index_dtype)
     (1, 1, 1, 0.0, 0, 0, 0, 0, (), torch.int32),        # nothing at all
+    (0, 5, 1, 0.5, 2, 0, 0, 0, (), torch.int32),        # no rows
+    (5, 0, 1, 0.5, 2, 0, 0, 0, (), torch.int64),        # no columns
     (1, 1, 1, 0.0, 1, 0, 0, 1, (), torch.int64),        # nnz = 0, grow into the tail
     (5, 7, 1, 1.0, 0, 10, 10, 0, (), torch.int32),      # density 1: only regrowth possible
     (5, 7, 1, 1.0, 0, 35, 0, 0, (), torch.int64),       # drop everything
