@@ -68,17 +68,17 @@ def test_every_conv_algorithm_matches_dense(algorithm, cfg):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer_kind,algorithm", [("conv", "direct"), ("conv", "unfold"), ("conv", "dense"),
                                                   ("linear", "sparse"), ("linear", "dense")])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_an_in_place_activation_may_follow_every_layer_path(backend, layer_kind, algorithm, batch):
+@pytest.mark.parametrize("batch,bias", [(1, True), (2, False)])
+def test_an_in_place_activation_may_follow_every_layer_path(backend, layer_kind, algorithm, batch, bias):
     # A layer's output must not be a view created inside the op's autograd Function: autograd forbids
     # modifying such a view in place, and nn.ReLU(inplace=True) after the layer raised on the
     # reference backend's direct convolution (what the CUDA and Triton backends run too).
     if layer_kind == "conv":
-        layer = SparseConv2d(3, 5, 3, padding=1, density=0.5, seed=4)
+        layer = SparseConv2d(3, 5, 3, padding=1, bias=bias, density=0.5, seed=4)
         layer.conv_algorithm = algorithm
         x = torch.randn(batch, 3, 6, 7)
     else:
-        layer = SparseLinear(7, 5, density=0.5, seed=4)
+        layer = SparseLinear(7, 5, bias=bias, density=0.5, seed=4)
         layer.linear_algorithm = algorithm
         x = torch.randn(batch, 7)
     dense = layer.to_dense()
