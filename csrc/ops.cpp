@@ -41,6 +41,11 @@ TORCH_LIBRARY_FRAGMENT(sparsestart, m) {
   m.def(
       "_native_spmm(Tensor values, Tensor ptr, Tensor idx, Tensor slot, "
       "Tensor x, SymInt rows, bool transpose_blocks) -> Tensor");
+  // _native_spmm (no transposed blocks) with every output row's sums starting from bias[row] (CPU):
+  // the layer's bias at no extra pass over the output.
+  m.def(
+      "_native_spmm_bias(Tensor values, Tensor ptr, Tensor idx, Tensor slot, "
+      "Tensor x, SymInt rows, Tensor bias) -> Tensor");
   // _native_spmm with the row order given (CUDA only): `order` [rows] int32 is the rows by
   // decreasing length (the row swizzle), computed once per structure change by the caller
   // (sparsestart/ops/gpu.py) instead of by a sort in every call. Any permutation of the rows

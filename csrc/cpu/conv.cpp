@@ -286,7 +286,7 @@ void gathered_spmm(const T* in, const ChannelBlocks& cb, const int64_t* addr, co
     if (cb.nblk == 1) {
       for (int64_t r = r0; r < r1; ++r)
         fn(w + cb.at(r, 0), addr + cb.at(r, 0), cb.at(r, 1) - cb.at(r, 0), in + nb, 1, out + (r - r0) * L + nb,
-           ts.tail, true);
+           ts.tail, true, T(0));
       continue;
     }
     std::fill(touched, touched + (r1 - r0), 0);
@@ -295,11 +295,11 @@ void gathered_spmm(const T* in, const ChannelBlocks& cb, const int64_t* addr, co
         const int64_t e0 = cb.at(r, b), e1 = cb.at(r, b + 1);
         if (e0 == e1) continue;
         // The first block with entries starts the tile from zero, later ones continue its partial sum.
-        fn(w + e0, addr + e0, e1 - e0, in + nb, 1, out + (r - r0) * L + nb, ts.tail, !touched[r - r0]);
+        fn(w + e0, addr + e0, e1 - e0, in + nb, 1, out + (r - r0) * L + nb, ts.tail, !touched[r - r0], T(0));
         touched[r - r0] = 1;
       }
     for (int64_t r = r0; r < r1; ++r)  // rows without entries: zeros
-      if (!touched[r - r0]) fn(w, addr, 0, in + nb, 1, out + (r - r0) * L + nb, ts.tail, true);
+      if (!touched[r - r0]) fn(w, addr, 0, in + nb, 1, out + (r - r0) * L + nb, ts.tail, true, T(0));
   }
 }
 

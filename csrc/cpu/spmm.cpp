@@ -59,7 +59,7 @@ namespace {
 
 template <typename T, typename I>
 void spmm_launch(const T* values, const I* ptr, const I* idx, const I* slot, const T* x, T* out, int64_t R,
-                 int64_t K, int64_t N, int64_t b, bool transpose) {
+                 int64_t K, int64_t N, int64_t b, bool transpose, const T* bias) {
   const double flops = 2.0 * static_cast<double>(ptr[R]) * b * b * N;
   const int parts = parts_for(flops);
   const int64_t tile = b == 1 ? SpmmTuning<T>::kTile : static_cast<int64_t>(bsr_nv<T>(8)) * SpmmTuning<T>::W;
@@ -75,15 +75,17 @@ void spmm_launch(const T* values, const I* ptr, const I* idx, const I* slot, con
       const int64_t r0 = split_n ? 0 : bounds[p], r1 = split_n ? R : bounds[p + 1];
       const int64_t n0 = split_n ? bounds[p] : 0, n1 = split_n ? bounds[p + 1] : N;
       if (b == 1)
-        spmm_csr_part<T, I>(values, ptr, idx, slot, x, out, K, N, r0, r1, n0, n1);
+        spmm_csr_part<T, I>(values, ptr, idx, slot, x, out, K, N, r0, r1, n0, n1, bias);
       else
-        spmm_bsr_part<T, I>(values, ptr, idx, slot, x, out, K, N, b, transpose, r0, r1, n0, n1);
+        spmm_bsr_part<T, I>(values, ptr, idx, slot, x, out, K, N, b, transpose, r0, r1, n0, n1, bias);
     }
   });
 }
 
-at::Tensor native_spmm_cpu(const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& idx,
-                           const at::Tensor& slot, const at::Tensor& x_in, int64_t rows, bool transpose_blocks) {
+// out = W x (+ bias[:, None] when `bias` is defined: every output row's sums start from its bias, so
+// the bias costs no pass over the output of its own).
+at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& slot,
+                    const at::Tensor& x_in, int64_t rows, bool transpose_blocks, const at::Tensor& bias_in) {
   constexpr const char* op = "sparsestart.spmm";
   check_index(op, ptr, idx, slot);
   const int64_t b = block_of(op, values);
@@ -100,6 +102,15 @@ at::Tensor native_spmm_cpu(const at::Tensor& values, const at::Tensor& ptr, cons
   auto vals = values.contiguous();
   auto p = ptr.contiguous(), ix = idx.contiguous(), sl = slot.contiguous();
   const int64_t N = x.size(1);
+  at::Tensor bias;
+  if (bias_in.defined()) {
+    TORCH_CHECK_VALUE(bias_in.dim() == 1 && bias_in.numel() == rows, op, ": bias must be 1-D with ", rows,
+                      " entries (one per output row), got shape ", bias_in.sizes());
+    TORCH_CHECK_TYPE(bias_in.scalar_type() == x_in.scalar_type(), op, ": bias dtype ", bias_in.scalar_type(),
+                     " differs from x dtype ", x_in.scalar_type());
+    TORCH_CHECK_VALUE(bias_in.device().is_cpu(), op, ": bias must be on the CPU, got ", bias_in.device());
+    bias = bias_in.contiguous();
+  }
   auto out = pooled_empty({rows, N}, x.options());
   AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "sparsestart_spmm_cpu_index", [&] {
     check_ptr_ends<index_t>(op, p.data_ptr<index_t>(), R, ix.numel());
@@ -107,15 +118,29 @@ at::Tensor native_spmm_cpu(const at::Tensor& values, const at::Tensor& ptr, cons
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsestart_spmm_cpu", [&] {
       spmm_launch<scalar_t, index_t>(vals.data_ptr<scalar_t>(), p.data_ptr<index_t>(), ix.data_ptr<index_t>(),
                                      sl.data_ptr<index_t>(), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), R,
-                                     x.size(0), N, b, transpose_blocks);
+                                     x.size(0), N, b, transpose_blocks,
+                                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
     });
   });
   return out;
 }
 
+at::Tensor native_spmm_cpu(const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& idx,
+                           const at::Tensor& slot, const at::Tensor& x, int64_t rows, bool transpose_blocks) {
+  return spmm_cpu(values, ptr, idx, slot, x, rows, transpose_blocks, at::Tensor());
+}
+
+at::Tensor native_spmm_bias_cpu(const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& idx,
+                                const at::Tensor& slot, const at::Tensor& x, int64_t rows, const at::Tensor& bias) {
+  return spmm_cpu(values, ptr, idx, slot, x, rows, false, bias);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsestart, CPU, m) { m.impl("_native_spmm", &native_spmm_cpu); }
+TORCH_LIBRARY_IMPL(sparsestart, CPU, m) {
+  m.impl("_native_spmm", &native_spmm_cpu);
+  m.impl("_native_spmm_bias", &native_spmm_bias_cpu);
+}
 
 }  // namespace cpu
 }  // namespace sparsestart

@@ -84,9 +84,11 @@ struct SpmmTuning {
 //
 // Accumulates entries [0, n) of one row (weights w[0..n), columns col[0..n))
 // into the tile o[0 .. NV*W) (the last vector has `tail` valid lanes when
-// TAIL), starting from zero if `first`, else from the tile's stored partial sum.
+// TAIL), starting from `init` in every lane if `first` (0, or the row's bias:
+// the bias costs no pass of its own), else from the tile's stored partial sum.
 template <typename T, typename I, int NV, bool TAIL>
-inline void csr_tile(const T* w, const I* col, int64_t n, const T* xb, int64_t N, T* o, int tail, bool first) {
+inline void csr_tile(const T* w, const I* col, int64_t n, const T* xb, int64_t N, T* o, int tail, bool first,
+                     T init) {
   using V = simd::Vec<T>;
   using simd::unroll;
   constexpr int W = V::W;
@@ -95,7 +97,8 @@ inline void csr_tile(const T* w, const I* col, int64_t n, const T* xb, int64_t N
   auto last = [](auto v) { return TAIL && v == NV - 1; };
   typename V::reg acc[NV];
   if (first) {
-    unroll<NV>([&](auto v) { acc[v] = V::zero(); });
+    const typename V::reg start = V::set1(init);
+    unroll<NV>([&](auto v) { acc[v] = start; });
   } else {
     unroll<NV>([&](auto v) { acc[v] = last(v) ? V::load_n(o + v * W, tail) : V::load(o + v * W); });
   }
@@ -122,7 +125,7 @@ inline void csr_tile(const T* w, const I* col, int64_t n, const T* xb, int64_t N
 }
 
 template <typename T, typename I>
-using csr_tile_fn = void (*)(const T*, const I*, int64_t, const T*, int64_t, T*, int, bool);
+using csr_tile_fn = void (*)(const T*, const I*, int64_t, const T*, int64_t, T*, int, bool, T);
 
 // Table of csr_tile instantiations indexed by [NV - 1][TAIL].
 template <typename T, typename I, int... NVs>
@@ -165,10 +168,11 @@ inline void for_chunks(const I* ptr, int64_t r0, int64_t r1, int64_t chunk, F&& 
   }
 }
 
-// One part: rows [r0, r1), columns [n0, n1) of out; x has K rows.
+// One part: rows [r0, r1), columns [n0, n1) of out; x has K rows. `bias` (null: none) holds one
+// value per output row, the sums' starting value.
 template <typename T, typename I>
 void spmm_csr_part(const T* values, const I* ptr, const I* idx, const I* slot, const T* x, T* out, int64_t K,
-                   int64_t N, int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
+                   int64_t N, int64_t r0, int64_t r1, int64_t n0, int64_t n1, const T* bias) {
   using Tu = SpmmTuning<T>;
   constexpr int W = Tu::W;
   if (r0 >= r1 || n0 >= n1) return;
@@ -231,7 +235,8 @@ void spmm_csr_part(const T* values, const I* ptr, const I* idx, const I* slot, c
   // equals the unsplit sum bit for bit.
   auto run = [&](const Tile& t, const T* xs, int64_t ld, int64_t r, int64_t c0, int64_t c1) {
     const int64_t e0 = std::max<int64_t>(ptr[r], c0), e1 = std::min<int64_t>(ptr[r + 1], c1);
-    t.fn(wbuf.data() + (e0 - c0), idx + e0, e1 - e0, xs, ld, out + r * N + t.nb, t.tail, ptr[r] >= c0);
+    t.fn(wbuf.data() + (e0 - c0), idx + e0, e1 - e0, xs, ld, out + r * N + t.nb, t.tail, ptr[r] >= c0,
+         bias ? bias[r] : T(0));
   };
   auto run_panels = [&](const Tile& t, const T* xs, int64_t ld, const T* w, const std::vector<int64_t>& bounds) {
     for (int64_t p = 0; p < P; ++p)
@@ -240,7 +245,8 @@ void spmm_csr_part(const T* values, const I* ptr, const I* idx, const I* slot, c
         if (b[p] == b[p + 1] && !(p == 0 && ptr[r] == ptr[r + 1])) continue;
         // The row's first panel with entries starts the tile (an empty row: zeros in panel 0).
         const bool first = b[p] == ptr[r];
-        t.fn(w + (b[p] - pbeg), idx + b[p], b[p + 1] - b[p], xs, ld, out + r * N + t.nb, t.tail, first);
+        t.fn(w + (b[p] - pbeg), idx + b[p], b[p + 1] - b[p], xs, ld, out + r * N + t.nb, t.tail, first,
+             bias ? bias[r] : T(0));
       }
   };
 
@@ -286,13 +292,17 @@ void spmm_csr_part(const T* values, const I* ptr, const I* idx, const I* slot, c
 // (1, b) for transposed blocks.
 template <typename T, typename I, int RB, int NV>
 inline void bsr_tile(const T* values, const I* idx, const I* slot, int64_t e0, int64_t e1, int64_t b, int64_t rs,
-                     int64_t cs, int64_t i0, const T* xb, int64_t ldx, T* o, int64_t ldo, int tail) {
+                     int64_t cs, int64_t i0, const T* xb, int64_t ldx, T* o, int64_t ldo, int tail, const T* bias) {
   using V = simd::Vec<T>;
   using simd::unroll;
   constexpr int W = V::W;
   const int64_t bb = b * b;
   typename V::reg acc[RB * NV];
-  unroll<RB * NV>([&](auto k) { acc[k] = V::zero(); });
+  // Row i0 + i starts from its bias (`bias` points at the block row's first row; null: zero).
+  unroll<RB>([&](auto i) {
+    const typename V::reg start = bias ? V::set1(bias[i0 + i]) : V::zero();
+    unroll<NV>([&](auto v) { acc[i * NV + v] = start; });
+  });
   for (int64_t e = e0; e < e1; ++e) {
     const T* blk = values + static_cast<int64_t>(slot[e]) * bb + i0 * rs;
     const T* xr = xb + static_cast<int64_t>(idx[e]) * b * ldx;
@@ -321,7 +331,7 @@ inline void bsr_tile(const T* values, const I* idx, const I* slot, int64_t e0, i
 
 template <typename T, typename I>
 using bsr_tile_fn = void (*)(const T*, const I*, const I*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                             const T*, int64_t, T*, int64_t, int);
+                             const T*, int64_t, T*, int64_t, int, const T*);
 
 template <typename T, typename I, int RB, int... NVs>
 struct BsrTable {
@@ -355,10 +365,11 @@ inline bsr_tile_fn<T, I> bsr_tile_for(int rb, int nv) {
   }
 }
 
-// One part: block rows [r0, r1), columns [n0, n1) of out; x has K rows.
+// One part: block rows [r0, r1), columns [n0, n1) of out; x has K rows; `bias` as in spmm_csr_part.
 template <typename T, typename I>
 void spmm_bsr_part(const T* values, const I* ptr, const I* idx, const I* slot, const T* x, T* out, int64_t K,
-                   int64_t N, int64_t b, bool transpose, int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
+                   int64_t N, int64_t b, bool transpose, int64_t r0, int64_t r1, int64_t n0, int64_t n1,
+                   const T* bias) {
   constexpr int W = SpmmTuning<T>::W;
   // One tile width for every row chunk: that of the 8-row register tile.
   constexpr int64_t kTileB = static_cast<int64_t>(bsr_nv<T>(8)) * W;
@@ -377,7 +388,7 @@ void spmm_bsr_part(const T* values, const I* ptr, const I* idx, const I* slot, c
     for (int64_t i0 = 0; i0 < b;) {
       const int rb = b - i0 >= 8 ? 8 : b - i0 >= 4 ? 4 : b - i0 >= 2 ? 2 : 1;
       bsr_tile_for<T, I>(rb, nv)(values, idx, slot, ptr[r], ptr[r + 1], b, rs, cs, i0, xs, ld, out + r * b * N + nb, N,
-                                 tail);
+                                 tail, bias ? bias + r * b : nullptr);
       i0 += rb;
     }
   };

@@ -148,10 +148,16 @@ class SparseLayer(nn.Module):
         b = self._buffers
         return b["rowptr"], b["col"], b["slot"], b["colptr"], b["row"], b["slot_t"]
 
-    def _matmul(self, x: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Sparse weight (as [M, K]) times a feature-major [K, N] operand; ``values`` in place of the
-        layer's own (the autotuner runs the algorithms on a detached copy)."""
-        return call_spmm(self.values if values is None else values, *self._index(), x)
+    def _matmul(self, x: torch.Tensor, values: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sparse weight (as [M, K]) times a feature-major [K, N] operand (+ ``bias`` per output row);
+        ``values`` in place of the layer's own (the autotuner runs the algorithms on a detached copy)."""
+        values = self.values if values is None else values
+        if bias is None:
+            return call_spmm(values, *self._index(), x)
+        if bias.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+            bias = bias.to(x.dtype)  # as _add_bias: under autocast the output keeps the low precision
+        return call_spmm(values, *self._index(), x, bias)
 
     def _tuned_algorithm(self, op: str, x: torch.Tensor, rule: str, valid: tuple, compute, **key_fields) -> str:
         """The algorithm "auto" takes for this call (see :mod:`sparsestart.nn.autotune`): ``rule`` (the

@@ -77,16 +77,16 @@ class SparseLinear(SparseLayer):
                              f"got input of shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = self._linear(self._algorithm(x2), self.values, x2)
-        bias = self.bias
-        if bias is not None:
-            y = self._add_bias(y, bias)
+        # The bias goes into the product: the sparse kernels start each output row's sums from it, the
+        # dense GEMM adds it in its epilogue (no pass of its own over the output).
+        y = self._linear(self._algorithm(x2), self.values, x2, self.bias)
         return y.reshape(*lead, self.out_features)
 
-    def _linear(self, algorithm: str, values: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [N, in_features] times the weight made of ``values``, without bias, by ``algorithm``."""
+    def _linear(self, algorithm: str, values: torch.Tensor, x2: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x2 [N, in_features] times the weight made of ``values`` (+ ``bias``) by ``algorithm``."""
         if algorithm == "dense":
-            return F.linear(x2, self._dense_weight_of(values))
+            return F.linear(x2, self._dense_weight_of(values), bias)
         # Feature-major in, feature-major out: one transpose each way. The input is made
         # contiguous here, before the op, so autograd saves the feature-major copy and the
         # backward's sddmm does not transpose it a second time (a no-op when x comes from a
@@ -95,7 +95,7 @@ class SparseLinear(SparseLayer):
         dtype = _autocast_dtype(xt)
         # Under autocast the op would cast x itself; casting here makes it one copy with the transpose.
         xt = xt.contiguous() if dtype is None else xt.to(dtype, memory_format=torch.contiguous_format)
-        return self._matmul(xt, values).t()
+        return self._matmul(xt, values, bias).t()
 
     def _algorithm(self, x2: torch.Tensor) -> str:
         """The algorithm for this call on the flattened input x2: ``linear_algorithm`` unless "auto" or

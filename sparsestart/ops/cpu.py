@@ -86,6 +86,12 @@ if NATIVE_AVAILABLE:
     def _(values, ptr, idx, slot, x, rows, transpose_blocks):
         return x.new_empty(rows, x.shape[1])
 
+    if hasattr(torch.ops.sparsestart, "_native_spmm_bias"):  # absent from builds before it existed
+
+        @torch.library.register_fake("sparsestart::_native_spmm_bias")
+        def _(values, ptr, idx, slot, x, rows, bias):
+            return x.new_empty(rows, x.shape[1])
+
     if hasattr(torch.ops.sparsestart, "_native_spmm_ordered"):  # absent from builds before it existed
 
         @torch.library.register_fake("sparsestart::_native_spmm_ordered")
@@ -171,6 +177,9 @@ registry.register_backend(
         is_available=lambda: NATIVE_AVAILABLE,
         unavailable_reason="the C++ extension sparsestart._C is not built",
         kernels={"conv2d": _widened(_native("_native_conv2d"), 0),
+                 # absent from builds before it existed: spmm then adds the bias after the product
+                 **({"spmm_bias": _widened(_native("_native_spmm_bias"), 0)}
+                    if NATIVE_AVAILABLE and hasattr(torch.ops.sparsestart, "_native_spmm_bias") else {}),
                  "conv2d_input_grad": _widened(_native("_native_conv2d_input_grad"), 0),
                  "conv2d_weight_grad": _widened(_native("_native_conv2d_weight_grad"), 3)},
     )

@@ -155,17 +155,34 @@ def _op(name: str):
 # --------------------------------------------------------------------------- spmm
 @_op("spmm")
 def spmm(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor,
-         slot_t: Tensor, x: Tensor) -> Tensor:
+         slot_t: Tensor, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Y = W @ x (+ bias[M] per output row: the CPU kernels start each row's sums from it, the other
+    backends add it to their product)."""
     index = (rowptr, col, slot, colptr, row, slot_t)
     M, K, _ = _check_spmm("spmm", values, index, x, transpose=False)
+    _check_bias("spmm", "output row", bias, x, M)
     _check_contents("spmm", index, values.shape[0])
-    return _native_spmm(values, rowptr, col, slot, x, M, False)
+    return _native_spmm(values, rowptr, col, slot, x, M, False, bias)
 
 
 @spmm.register_fake
-def _(values, rowptr, col, slot, colptr, row, slot_t, x):
+def _(values, rowptr, col, slot, colptr, row, slot_t, x, bias=None):
     M, _, _ = _check_spmm("spmm", values, (rowptr, col, slot, colptr, row, slot_t), x, transpose=False)
+    _check_bias("spmm", "output row", bias, x, M)
     return x.new_empty(M, x.shape[1])
+
+
+def _check_bias(op: str, per: str, bias: Tensor | None, x: Tensor, n: int) -> None:
+    """A bias must be 1-D with one entry per output row / channel (``per``), in x's dtype and on its device."""
+    if bias is None:
+        return
+    if bias.dim() != 1 or bias.shape[0] != n:
+        raise ValueError(f"sparsestart.{op}: bias must be 1-D with one entry per {per} ({n}), "
+                         f"got shape {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"sparsestart.{op}: bias has dtype {bias.dtype} but x has {x.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"sparsestart.{op}: bias is on {bias.device} but x is on {x.device}")
 
 
 @_op("spmm_t")
@@ -238,7 +255,11 @@ def _spmm_backward(ctx, grad):
     b = 1 if values.dim() == 1 else values.shape[1]
     dvalues = call_sddmm(*index, grad, x, values.shape[0], b) if ctx.needs_input_grad[0] else None
     dx = call_spmm_t(values, *index, grad) if ctx.needs_input_grad[7] else None
-    return dvalues, None, None, None, None, None, None, dx
+    # The bias is optional: a call through the eager fast path that left it out has 8 inputs, and gets
+    # one gradient per input.
+    n = len(ctx.needs_input_grad)
+    dbias = grad.sum(1) if n > 8 and ctx.needs_input_grad[8] else None
+    return (dvalues, None, None, None, None, None, None, dx, dbias)[:n]
 
 
 def _spmm_t_backward(ctx, grad):
@@ -303,18 +324,6 @@ def _conv_sizes(h, w, kernel_size, padding, dilation):
     return ho, wo
 
 
-def _check_conv_bias(bias: Tensor | None, x: Tensor, out_channels: int) -> None:
-    if bias is None:
-        return
-    if bias.dim() != 1 or bias.shape[0] != out_channels:
-        raise ValueError(f"sparsestart.conv2d: bias must be 1-D with one entry per output channel ({out_channels}), "
-                         f"got shape {tuple(bias.shape)}")
-    if bias.dtype != x.dtype:
-        raise TypeError(f"sparsestart.conv2d: bias has dtype {bias.dtype} but x has {x.dtype}")
-    if bias.device != x.device:
-        raise ValueError(f"sparsestart.conv2d: bias is on {bias.device} but x is on {x.device}")
-
-
 @_op("conv2d")
 def conv2d(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Tensor, row: Tensor, slot_t: Tensor,
            x: Tensor, kernel_size: list[int], padding: list[int], dilation: list[int],
@@ -324,7 +333,7 @@ def conv2d(values: Tensor, rowptr: Tensor, col: Tensor, slot: Tensor, colptr: Te
     index = (rowptr, col, slot, colptr, row, slot_t)
     kk = kernel_size[0] * kernel_size[1]
     _check_conv("conv2d", values, index, x, kernel_size, padding, dilation, "x", (colptr.shape[0] - 1) // kk)
-    _check_conv_bias(bias, x, rowptr.shape[0] - 1)
+    _check_bias("conv2d", "output channel", bias, x, rowptr.shape[0] - 1)
     _check_contents("conv2d", index, values.shape[0])
     return _run("conv2d", [values, rowptr, x], values.contiguous(), rowptr, col, slot, x.contiguous(),
                 kernel_size, padding, dilation, bias)
@@ -335,7 +344,7 @@ def _(values, rowptr, col, slot, colptr, row, slot_t, x, kernel_size, padding, d
     kk = kernel_size[0] * kernel_size[1]
     _check_conv("conv2d", values, (rowptr, col, slot, colptr, row, slot_t), x, kernel_size, padding, dilation, "x",
                 (colptr.shape[0] - 1) // kk)
-    _check_conv_bias(bias, x, rowptr.shape[0] - 1)
+    _check_bias("conv2d", "output channel", bias, x, rowptr.shape[0] - 1)
     ho, wo = _conv_sizes(x.shape[2], x.shape[3], kernel_size, padding, dilation)
     return x.new_empty(x.shape[0], rowptr.shape[0] - 1, ho, wo)
 
@@ -490,7 +499,7 @@ def _caller(name: str, op, differentiable: tuple, setup=None, backward=None):
     return call
 
 
-call_spmm = _caller("spmm", spmm, (0, 7), _setup, _spmm_backward)
+call_spmm = _caller("spmm", spmm, (0, 7, 8), _setup, _spmm_backward)
 call_spmm_t = _caller("spmm_t", spmm_t, (0, 7), _setup, _spmm_t_backward)
 call_sddmm = _caller("sddmm", sddmm, (6, 7), _sddmm_setup, _sddmm_backward)
 call_conv2d = _caller("conv2d", conv2d, (0, 7, 11), _conv_setup, _conv_backward)
@@ -551,10 +560,15 @@ def _run(op, probe, *args):
     return registry.choose(op, probe).kernel(op)(*args)
 
 
-def _native_spmm(values, ptr, idx, slot, x, rows, transpose_blocks):
+def _native_spmm(values, ptr, idx, slot, x, rows, transpose_blocks, bias=None):
     x = x.contiguous()
     backend = registry.choose("spmm", [values, ptr, x])
-    return backend.spmm(values.contiguous(), ptr, idx, slot, x, rows, transpose_blocks)
+    if bias is None:
+        return backend.spmm(values.contiguous(), ptr, idx, slot, x, rows, transpose_blocks)
+    fused = None if transpose_blocks else backend.kernels.get("spmm_bias")
+    if fused is not None:  # the bias as the sums' starting value (CPU)
+        return fused(values.contiguous(), ptr, idx, slot, x, rows, bias.contiguous())
+    return backend.spmm(values.contiguous(), ptr, idx, slot, x, rows, transpose_blocks).add_(bias.view(-1, 1))
 
 
 def _native_sddmm(ptr, idx, slot, a, b, capacity, block_size):

@@ -73,6 +73,8 @@ def test_non_contiguous_operands_are_accepted(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("b", [1, 2])
 def test_gradcheck(backend, b):
+    from sparsestart.ops.library import call_spmm
+
     m = random_matrix(6, 8, 0.5, block_size=b, dtype=torch.float64, capacity_extra=1, empty_rows=(1,), seed=3)
     idx = m.index_tensors()
     values = m.values.detach().clone().requires_grad_()
@@ -84,6 +86,13 @@ def test_gradcheck(backend, b):
         assert torch.autograd.gradcheck(lambda v, d: S.spmm_t(v, *idx, d), (values, dy))
         assert torch.autograd.gradcheck(lambda d, x: S.sddmm(*idx, d, x, m.capacity, b), (dy, x))
         assert torch.autograd.gradgradcheck(lambda v, x: S.spmm(v, *idx, x), (values, x))
+        # With a bias (spmm's optional last operand), through the op and the eager fast path; without
+        # one, and with one that needs no gradient.
+        bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda v, x, c: S.spmm(v, *idx, x, c), (values, x, bias))
+        assert torch.autograd.gradcheck(lambda v, x, c: call_spmm(v, *idx, x, c), (values, x, bias))
+        assert torch.autograd.gradcheck(lambda v, x: call_spmm(v, *idx, x, None), (values, x))
+        assert torch.autograd.gradcheck(lambda v, x: call_spmm(v, *idx, x, bias.detach()), (values, x))
 
 
 def _opcheck_args(b):
@@ -300,3 +309,72 @@ def test_cpu_backend_threads_deterministic(n_threads):
             assert torch.equal(u, v)
         w = m.to_dense().detach().double()
         assert_close_to_reference(a[0], w @ x.double(), w.abs() @ x.double().abs(), torch.float32)
+
+
+# ----------------------------------------------------------------------- spmm with a bias
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_spmm_with_bias_matches_dense(backend, dtype, case):
+    # The CPU kernels start each row's sums from its bias (empty rows: the bias alone); the reference
+    # adds it after the product.
+    M, K, N, density, b, er, ec, extra = case
+    m = random_matrix(M, K, density, block_size=b, dtype=dtype, capacity_extra=extra, empty_rows=er,
+                      empty_cols=ec, seed=M * 7 + K)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(K, N, generator=g, dtype=torch.float64)
+    bias = torch.randn(M, generator=g, dtype=torch.float64)
+    w, wabs = _dense_pair(m, dtype)
+    with ops.use_backend(backend):
+        y = torch.ops.sparsestart.spmm(m.values.detach(), *m.index_tensors(), x.to(dtype), bias.to(dtype))
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_close_to_reference(y, w @ x + bias[:, None], wabs @ x.abs() + bias.abs()[:, None], dtype)
+
+
+# (M, K, N, density, block size, L2 bytes or None): the CPU kernel's paths -- K panels, chunks of
+# positions (tile-outer), row-outer (fewer entries than x has rows), N split across threads, BSR.
+BIAS_PATHS = [(64, 2000, 40, 0.9, 1, 4096), (300, 1000, 40, 0.3, 1, None), (50, 5000, 40, 0.001, 1, None),
+              (40, 64, 1100, 0.3, 1, None), (48, 64, 1100, 0.3, 4, None), (48, 64, 40, 0.5, 4, None)]
+
+
+@pytest.mark.skipif(not ops.NATIVE_AVAILABLE, reason="C++ extension not built")
+@pytest.mark.parametrize("case", BIAS_PATHS, ids=[f"{c[0]}x{c[1]}xN{c[2]}-d{c[3]}-b{c[4]}-L2{c[5]}"
+                                                  for c in BIAS_PATHS])
+def test_fused_bias_on_every_cpu_kernel_path(monkeypatch, case):
+    M, K, N, density, b, l2 = case
+    if l2 is not None:
+        monkeypatch.setenv("SPARSESTART_L2_BYTES", str(l2))
+    m = random_matrix(M, K, density, block_size=b, dtype=torch.float32, empty_rows=(1,), seed=M + N)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(K, N, generator=g, dtype=torch.float64)
+    bias = torch.randn(M, generator=g, dtype=torch.float64)
+    w, wabs = _dense_pair(m, torch.float32)
+    with ops.use_backend("cpu"), threads(2):
+        y = torch.ops.sparsestart.spmm(m.values.detach(), *m.index_tensors(), x.float(), bias.float())
+    assert_close_to_reference(y, w @ x + bias[:, None], wabs @ x.abs() + bias.abs()[:, None], torch.float32)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_spmm_bias_opcheck(b):
+    m, idx, values, x, dy = _opcheck_args(b)
+    bias = torch.randn(6, requires_grad=True)
+    S = torch.ops.sparsestart
+    torch.library.opcheck(S.spmm.default, (values, *idx, x, bias))
+    if ops.NATIVE_AVAILABLE:
+        rowptr, col, slot = idx[:3]
+        torch.library.opcheck(S._native_spmm_bias.default, (values.detach(), rowptr, col, slot, x.detach(), 6,
+                                                            bias.detach()),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spmm_rejects_a_bad_bias(backend):
+    m, idx, values, x, dy = _opcheck_args(1)
+    S = torch.ops.sparsestart
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match=r"bias must be 1-D with one entry per output row \(6\), got shape \(5,\)"):
+            S.spmm(values, *idx, x, torch.zeros(5))
+        with pytest.raises(ValueError, match=r"bias must be 1-D .* got shape \(6, 1\)"):
+            S.spmm(values, *idx, x, torch.zeros(6, 1))
+        with pytest.raises(TypeError, match="bias has dtype torch.float64 but x has torch.float32"):
+            S.spmm(values, *idx, x, torch.zeros(6, dtype=torch.float64))
