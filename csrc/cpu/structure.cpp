@@ -1,4 +1,5 @@
-// Structure update of a compressed index (CSR or its CSC view) on CPU: one merge pass.
+// Structure updates of a compressed index on CPU: _native_merge_index (one view, below) and
+// _native_rewire (RigL/SET's drop + grow by keys, both views at once, further below).
 //
 // Buffers (I = int32 or int64 for ptr/idx/slot, int64 for the new entries):
 //   ptr  [R + 1], idx [C], slot [C]   the current view; entries ptr[r]..ptr[r+1] of major r
@@ -257,7 +258,8 @@ void check_ascending_in(const int64_t* v, int64_t n, int64_t lo, int64_t hi, con
 // where free_tail' [C - nnz'] is the new tail of slot/slot_t, freed (int64) the slots of the dropped
 // entries (CSR order) and new_slots (int64) the slots of the new entries (CSR order). The same result,
 // bit for bit, as keys_at + isin_sorted + replace (sparsestart/formats/update.py), which runs off the
-// CPU; here: a byte map per thread instead of searches, and no int64 copies of the index.
+// CPU; here: a stamped column map per thread instead of searches, no int64 copies of the index, and
+// outputs and scratch from the extension's pool.
 std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor& col_in, const at::Tensor& slot_in,
                                    const at::Tensor& colptr_in, const at::Tensor& row_in,
                                    const at::Tensor& slot_t_in, const at::Tensor& drop_in,
