@@ -26,7 +26,8 @@ The native CPU ops need neither: their large outputs (spmm, sddmm, conv2d and
 its gradients, 256 KiB and up) come from an output-buffer pool inside the
 extension (csrc/cpu/pool.h) that keeps freed blocks by size and hands them out
 again, so a training step under glibc's default reuses the pages of the step
-before (RigL's dense-gradient chunks come from it too). :func:`output_pool_stats` shows it, :func:`set_output_pool_limit` (or
+before (RigL's dense-gradient chunks come from it too). :func:`output_pool_stats`
+shows it, :func:`set_output_pool_limit` (or
 ``SPARSESTART_POOL_LIMIT_MB`` before the first op) bounds the free bytes it
 keeps (default 1 GiB; 0 turns it off). Dense layers and the rest of PyTorch
 still allocate through ``malloc``, which is what :func:`retain_freed_memory`

@@ -134,13 +134,6 @@ def _prepared(layer: SparseLayer, pairs: list[Pair]) -> list[Pair]:
     raise TypeError(f"expected a SparseLinear or SparseConv2d, got {type(layer).__name__}")
 
 
-def _scratch(shape: tuple, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """:func:`sparsestart.ops.cpu.pooled_empty`: RigL forms a dense-gradient chunk of the same size at every
-    update (64 MB for a 4096 x 4096 layer); a fresh one is page-faulted anew under glibc's default malloc:
-    the 4096 x 256 x 4096 product took 46 ms into a fresh buffer and 28 ms into a reused one."""
-    return pooled_empty(shape, like)
-
-
 def _gradient_rows(layer: SparseLayer, prepared: list[Pair], r0: int, r1: int) -> torch.Tensor:
     M, K = layer.matrix_shape
     out = None
@@ -151,7 +144,10 @@ def _gradient_rows(layer: SparseLayer, prepared: list[Pair], r0: int, r1: int) -
                 if out is not None:
                     out.addmm_(a, b)
                     continue
-                buf = _scratch((r1 - r0, K), b)
+                # From the extension's pool (None off the CPU): RigL forms a chunk of the same size at
+                # every update (64 MB for a 4096 x 4096 layer), and a fresh one is page-faulted anew under
+                # glibc's default malloc (the 4096 x 256 x 4096 product: 46 ms fresh, 28 ms reused).
+                buf = pooled_empty((r1 - r0, K), b)
                 g = a @ b if buf is None else torch.mm(a, b, out=buf)
         else:
             g = torch.nn.grad.conv2d_weight(x, (r1 - r0, *layer.weight_shape[1:]), dy[:, r0:r1],

@@ -20,8 +20,8 @@ from ..nn.modules import SparseLayer
 from ..ops.cpu import pooled_empty
 from ..selection import smallest, top_k  # noqa: F401  (re-exported: the algorithms select with them)
 
-__all__ = ["zero_slot_state", "entry_magnitude", "rewire", "rewire_keys", "prune", "sample_absent", "top_k", "smallest",
-           "isin_sorted", "smallest_global"]
+__all__ = ["zero_slot_state", "entry_magnitude", "rewire", "rewire_keys", "prune", "sample_absent", "top_k",
+           "smallest", "isin_sorted", "smallest_global"]
 
 
 @torch.no_grad()
@@ -74,11 +74,7 @@ def rewire(layer: SparseLayer, drop_positions: torch.Tensor, grow_rows: torch.Te
     weight survives into a new one. Returns (freed slots, new slots).
     """
     # One index rewrite for both (drop then grow would rewrite the whole index twice).
-    matrix = layer.sparse_weight
-    tail = matrix.capacity - matrix.nnz
-    freed, new = matrix.replace(drop_positions, grow_rows, grow_cols)
-    zero_slot_state(optimizer, layer.values, touched_slots(freed, new, tail))
-    return freed, new
+    return _rewritten(layer, optimizer, lambda m: m.replace(drop_positions, grow_rows, grow_cols))
 
 
 def rewire_keys(layer: SparseLayer, drop_positions: torch.Tensor, grow_keys: torch.Tensor,
@@ -87,9 +83,16 @@ def rewire_keys(layer: SparseLayer, drop_positions: torch.Tensor, grow_keys: tor
     ascending), where a grown key of a dropped entry keeps that entry unchanged (RigL's regrown positions):
     :meth:`SparseMatrix.rewire`, one native op on the CPU. Freed and new slots hold 0 and their optimizer
     state and gradient are zeroed, as in :func:`rewire`. Returns (freed slots, new slots)."""
+    return _rewritten(layer, optimizer, lambda m: m.rewire(drop_positions, grow_keys))
+
+
+def _rewritten(layer: SparseLayer, optimizer: Optional[torch.optim.Optimizer],
+               update) -> tuple[torch.Tensor, torch.Tensor]:
+    """``update(layer.sparse_weight)`` -> (freed slots, new slots), then the optimizer state and gradient
+    of every slot it voided zeroed (the values the update zeroes itself)."""
     matrix = layer.sparse_weight
-    tail = matrix.capacity - matrix.nnz
-    freed, new = matrix.rewire(drop_positions, grow_keys)
+    tail = matrix.capacity - matrix.nnz  # new slots come from this free tail first
+    freed, new = update(matrix)
     zero_slot_state(optimizer, layer.values, touched_slots(freed, new, tail))
     return freed, new
 
