@@ -66,7 +66,7 @@ step() {
   if [[ $rc == 124 || $rc == 137 ]]; then status="TIMEOUT"; FAILED=1
   elif [[ $rc != 0 ]]; then status="FAILED (rc $rc)"; FAILED=1; fi
   tail -n 15 "$OUT/$name.log"
-  printf "%-8s %-16s %4ss  %s\n" "$name" "$status" $((SECONDS - t0)) "$(tail -n 1 "$OUT/$name.log" | cut -c1-100)" | tee -a "$SUMMARY"
+  printf "%-19s %-16s %4ss  %s\n" "$name" "$status" $((SECONDS - t0)) "$(tail -n 1 "$OUT/$name.log" | cut -c1-100)" | tee -a "$SUMMARY"
   return $rc
 }
 
@@ -123,12 +123,13 @@ if want tests; then
   if [[ $DRY == 0 ]] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${JOBS:-4}"); fi
   if [[ $DRY == 1 ]]; then
     # The interpreter suite, and the GPU test modules' CPU-side logic (they skip without CUDA);
-    # then the algorithms' device file run on the CPU against itself (its whole code path: it once
-    # found a direct-convolution output that an in-place ReLU could not modify).
+    # then the device-generic files (modules, algorithms) run on the CPU with the reference backend
+    # (their whole code path: it once found a direct-convolution output that an in-place ReLU
+    # could not modify).
     step tests 600 "$PY" -m pytest -q -p no:cacheprovider tests/ops/test_triton.py tests/gpu \
       --junitxml="$OUT/tests.xml"
-    step algorithms-on-cpu 300 env SPARSESTART_ALGO_TEST_DEVICE=cpu "$PY" -m pytest -q -p no:cacheprovider \
-      tests/gpu/test_gpu_algorithms.py --junitxml="$OUT/tests-algorithms-cpu.xml"
+    step device-files-on-cpu 300 env SPARSESTART_GPU_TEST_DEVICE=cpu "$PY" -m pytest -q -p no:cacheprovider \
+      tests/gpu/test_gpu_modules.py tests/gpu/test_gpu_algorithms.py --junitxml="$OUT/tests-device-files-cpu.xml"
   else
     # -rA -v: every test's outcome is in the log as it finishes (a run cut off by its limit still
     # says which tests failed; the first H200 run lost that); --timeout: a hanging test fails alone.

@@ -15,6 +15,13 @@ import torch
 import sparsestart.ops.gpu as gpu
 
 ALLOW_ENV = "SPARSESTART_ALLOW_MISSING_GPU_BACKENDS"
+# The device the device-generic test files (test_gpu_modules, test_gpu_algorithms) run on:
+# "cuda" (skipped without one), or "cpu" for a dry run of their code on a machine without a GPU
+# (reference backend only; it has found a real bug of the GPU path, see docs/gpu.md).
+DEVICE_ENV = "SPARSESTART_GPU_TEST_DEVICE"
+TEST_DEVICE = os.environ.get(DEVICE_ENV, "cuda")
+SKIP_WITHOUT_DEVICE = dict(condition=TEST_DEVICE == "cuda" and not torch.cuda.is_available(),
+                           reason=f"needs a CUDA device ({DEVICE_ENV}=cpu runs it on the CPU)")
 
 
 def allowed_missing(env: str | None = None) -> set[str]:

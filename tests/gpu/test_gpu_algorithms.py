@@ -13,13 +13,12 @@ the CPU.
 - sparsify (ER sampling, SNIP ratios with a batch from the CPU, flow repair), densify and
   summary on a model that lives on the device.
 
-Skipped without CUDA. ``SPARSESTART_ALGO_TEST_DEVICE=cpu`` runs the file on the CPU against
+Skipped without CUDA. ``SPARSESTART_GPU_TEST_DEVICE=cpu`` runs the file on the CPU against
 itself (a dry run of the test code on a machine without a GPU).
 """
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -35,10 +34,11 @@ from sparsestart.nn import SparseLayer, SparseLinear
 from sparsestart.selection import top_k
 from tests.algorithms.helpers import batches, cnn, mlp, n_classes, sparse_layers
 from tests.algorithms.test_common import NAMES, config
+from tests.gpu.backends import SKIP_WITHOUT_DEVICE, TEST_DEVICE
 from tests.util import random_matrix
 
-DEV = os.environ.get("SPARSESTART_ALGO_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+DEV = TEST_DEVICE
+pytestmark = pytest.mark.skipif(**SKIP_WITHOUT_DEVICE)
 
 STEPS = 9
 

@@ -1,7 +1,8 @@
 """SparseLinear / SparseConv2d on a CUDA device, for every GPU backend, against the dense module
 with the masked weight; a short training run; torch.compile with inductor.
 
-Skipped without a CUDA device.
+Skipped without a CUDA device. ``SPARSESTART_GPU_TEST_DEVICE=cpu`` runs the file on the CPU (the
+reference backend's module paths, a dry run of the test code on a machine without a GPU).
 """
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import sparsestart
 import sparsestart.ops.gpu as gpu
 from sparsestart import ops
 from sparsestart.nn import SparseConv2d, SparseLayer, SparseLinear
-from tests.gpu.backends import BACKENDS, require
+from tests.gpu.backends import BACKENDS, SKIP_WITHOUT_DEVICE, TEST_DEVICE, require
 from tests.util import compare_with_dense, rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.skipif(**SKIP_WITHOUT_DEVICE)
 
-DEV = "cuda"
+DEV = TEST_DEVICE
 # (backend, format, block size) combinations the backend runs.
 COMBOS = [("reference", "csr", None), ("reference", "bsr", 16)]
 if "cuda" in BACKENDS:
@@ -46,13 +47,13 @@ def _ieee_fp32():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_sparse_linear_matches_dense(backend, fmt, b, dtype, tol):
     require(backend)
-    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+    if dtype == torch.bfloat16 and DEV == "cuda" and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("bfloat16 needs compute capability 8.0")
     layer = SparseLinear(192, 128, density=0.3, format=fmt, block_size=b, seed=1, device=DEV, dtype=dtype,
                          capacity=None)
     layer.validate()
     with ops.use_backend(backend):
-        compare_with_dense(layer, torch.randn(4, 5, 192, device=DEV, dtype=dtype), tol, device_type="cuda")
+        compare_with_dense(layer, torch.randn(4, 5, 192, device=DEV, dtype=dtype), tol, device_type=DEV)
 
 
 CONV_CASES = [
@@ -75,7 +76,7 @@ def test_sparse_conv_matches_dense(backend, fmt, b, cfg, algorithm):
     # Forced: "auto" picks the dense algorithm (plain cuDNN) for some of these layers (review F7).
     layer.conv_algorithm = algorithm
     with ops.use_backend(backend):
-        compare_with_dense(layer, torch.randn(2, cin, 11, 9, device=DEV), 1e-5, device_type="cuda")
+        compare_with_dense(layer, torch.randn(2, cin, 11, 9, device=DEV), 1e-5, device_type=DEV)
 
 
 @pytest.mark.parametrize("fmt,b", [("csr", None), ("bsr", 16)])
