@@ -231,14 +231,17 @@ def topk_absent_gradient(layer: SparseLayer, pairs: list[Pair], k: int, present_
             score = score.index_select(0, top)
         # Earlier chunks hold smaller keys and top_k returns ascending indices, so the keys stay ascending.
         if best_keys.numel() == 0:  # the first chunk's top-k is the running top-k (no copies of it)
-            best_scores, best_keys = score, top.add_(r0 * Q)
+            best_scores, best_keys = score, (top.add_(r0 * Q) if r0 else top)
             continue
         cand_scores = torch.cat([best_scores, score])
         cand_keys = torch.cat([best_keys, top + r0 * Q])
         keep = top_k(cand_scores, k, keys=cand_keys)
         best_scores, best_keys = cand_scores[keep], cand_keys[keep]
-    if best_keys.numel() < k or bool(torch.isinf(best_scores).any()):
-        raise ValueError(f"only {int(torch.isfinite(best_scores).sum())} absent positions for k={k}")
+    # Present positions score -inf where a chunk is scored whole: one among the best means fewer than
+    # k were absent. (Only -inf: a +inf gradient is a score like any other. One reduction, where
+    # isinf(...).any() made two passes and two temporaries of size k.)
+    if best_keys.numel() < k or bool(best_scores.min() == -float("inf")):
+        raise ValueError(f"only {int((best_scores > -float('inf')).sum())} absent positions for k={k}")
     return best_keys
 
 

@@ -323,3 +323,26 @@ def test_top_k_and_isin_sorted():
     a = torch.tensor([0, 4, 7, 9])
     assert isin_sorted(torch.tensor([9, 1, 4, 10, -1]), a).tolist() == [True, False, True, False, False]
     assert not isin_sorted(a, torch.empty(0, dtype=torch.long)).any()
+
+
+@pytest.mark.parametrize("chunk", [1, 10**6])
+def test_topk_absent_gradient_takes_an_infinite_gradient_and_counts_missing_positions(monkeypatch, chunk):
+    """+inf is a gradient like any other (a diverging run is not "too few absent positions"); asking
+    for more positions than are absent raises and says how many there are."""
+    import sparsestart.algorithms.gradient as gradient
+    layer = SparseLinear(8, 6, density=0.5, seed=0)
+    m = layer.sparse_weight
+    R, Q = m.grid
+    present = m.keys()
+    absent = torch.ones(R * Q, dtype=torch.bool)
+    absent[present] = False
+    absent_keys = absent.nonzero().flatten()
+    grad = torch.rand(R, Q)
+    grad.view(-1)[absent_keys[0]] = float("inf")
+    monkeypatch.setattr(gradient, "_prepared", lambda layer, pairs: None)
+    monkeypatch.setattr(gradient, "_gradient_rows", lambda layer, prepared, r0, r1: grad[r0:r1].clone())
+    n_absent = absent_keys.numel()
+    keys = topk_absent_gradient(layer, [], n_absent, present, max_chunk_elements=chunk)
+    assert torch.equal(keys, absent_keys)
+    with pytest.raises(ValueError, match=f"only {n_absent} absent positions for k={n_absent + 1}"):
+        topk_absent_gradient(layer, [], n_absent + 1, present, max_chunk_elements=chunk)
