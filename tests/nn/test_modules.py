@@ -95,6 +95,37 @@ def test_an_in_place_activation_may_follow_every_layer_path(backend, layer_kind,
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algorithm", ["sparse", "dense"])
+@pytest.mark.parametrize("shape", [(6, 7), (2, 3, 7), (7,)], ids=["2d", "3d", "1d"])
+def test_linear_output_is_no_view_so_in_place_ops_stay_cheap(backend, algorithm, shape):
+    # The sparse product is feature-major; its output [*lead, out] is the transposed memory. As a
+    # view, an in-place op on it (nn.ReLU(inplace=True)) made autograd clone and stride the whole
+    # gradient in backward (an MLP step 1.7x slower): it must be a tensor of its own, in every input
+    # shape, with outputs and gradients (double backward of the product included) as the dense twin's.
+    layer = SparseLinear(7, 5, density=0.5, seed=4, dtype=torch.float64)
+    layer.linear_algorithm = algorithm
+    dense = layer.to_dense()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with ops.use_backend(backend):
+        x1 = x.clone().requires_grad_()
+        y = layer(x1)
+        assert y.shape == (*shape[:-1], 5)
+        # (The dense path is F.linear's, which returns a view for other ranks as nn.Linear does.)
+        assert y._base is None or (algorithm == "dense" and len(shape) != 2)
+        torch.relu_(y)
+        y.square().sum().backward()
+        if algorithm == "sparse":
+            torch.autograd.gradcheck(lambda t: torch.relu_(layer(t)).square(), (x.clone().requires_grad_(),))
+    x2 = x.clone().requires_grad_()
+    want = torch.relu(dense(x2))
+    want.square().sum().backward()
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(layer.values.grad[layer.sparse_weight.slot[:layer.nnz].long()],
+                               dense.weight.grad[layer.mask()])
+
+
 @pytest.mark.parametrize("mode", ["heuristic", "auto-untuned"])
 def test_heuristic_conv_algorithm_follows_density_fan_in_and_plane_size(mode, monkeypatch):
     """The threshold rule: conv_algorithm="heuristic", and "auto" while tuning is off."""
