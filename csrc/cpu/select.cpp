@@ -150,6 +150,31 @@ std::tuple<at::Tensor, at::Tensor> absent_at_least_cpu(const at::Tensor& scores_
   return {out, magnitudes};
 }
 
+// Index of the first descent of S[0..m) (S[i] < S[i - 1]), or m when ascending: branch-free over fixed
+// ranges in parallel, the first offending range searched afterwards.
+int64_t first_descent(const int64_t* S, int64_t m) {
+  constexpr int64_t kRangeLen = 1 << 16;
+  const int64_t ranges = (m + kRangeLen - 1) / kRangeLen;
+  std::vector<char> bad(static_cast<size_t>(ranges), 0);
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      bool descent = false;
+      for (int64_t i = std::max<int64_t>(1, r * kRangeLen); i < std::min(m, (r + 1) * kRangeLen); ++i)
+        descent |= S[i] < S[i - 1];
+      bad[r] = descent;
+    }
+  });
+  const int64_t r = std::find(bad.begin(), bad.end(), 1) - bad.begin();
+  if (r == ranges) return m;
+  for (int64_t i = std::max<int64_t>(1, r * kRangeLen);; ++i)
+    if (S[i] < S[i - 1]) return i;
+}
+
+// Membership of ascending values in an ascending set by merging: the values in fixed chunks (in
+// parallel; a chunk finds its start in the set by binary search), so a sample of 32K keys against a
+// layer's 860K present keys (RigL's threshold sample) walks the set on every thread at once. Both
+// orders are checked first, in passes of their own (a search skips parts of the set, where an
+// order check inside the merge would not look).
 at::Tensor sorted_isin_cpu(const at::Tensor& values_in, const at::Tensor& set_in) {
   TORCH_CHECK_TYPE(values_in.scalar_type() == at::kLong && set_in.scalar_type() == at::kLong,
                    "sparsestart.sorted_isin: values and set must be int64, got ", values_in.scalar_type(), " and ",
@@ -159,19 +184,24 @@ at::Tensor sorted_isin_cpu(const at::Tensor& values_in, const at::Tensor& set_in
   const int64_t k = values.numel(), m = set.numel();
   const int64_t* V = values.data_ptr<int64_t>();
   const int64_t* S = set.data_ptr<int64_t>();
+  const int64_t bad_v = first_descent(V, k), bad_s = first_descent(S, m);
+  TORCH_CHECK_VALUE(bad_v == k, "sparsestart.sorted_isin: values are not sorted ascending: values[", bad_v - 1,
+                    "] = ", bad_v < k ? V[bad_v - 1] : 0, " > values[", bad_v, "] = ", bad_v < k ? V[bad_v] : 0);
+  TORCH_CHECK_VALUE(bad_s == m, "sparsestart.sorted_isin: set is not sorted ascending: set[", bad_s - 1, "] = ",
+                    bad_s < m ? S[bad_s - 1] : 0, " > set[", bad_s, "] = ", bad_s < m ? S[bad_s] : 0);
   auto out = at::empty({k}, values.options().dtype(at::kBool));
   bool* O = out.data_ptr<bool>();
-  int64_t j = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    TORCH_CHECK_VALUE(i == 0 || V[i] >= V[i - 1], "sparsestart.sorted_isin: values are not sorted ascending: values[",
-                      i - 1, "] = ", V[i - 1], " > values[", i, "] = ", V[i]);
-    while (j < m && S[j] < V[i]) {
-      TORCH_CHECK_VALUE(j == 0 || S[j] >= S[j - 1], "sparsestart.sorted_isin: set is not sorted ascending: set[",
-                        j - 1, "] = ", S[j - 1], " > set[", j, "] = ", S[j]);
-      ++j;
+  constexpr int64_t kChunk = 4096;
+  at::parallel_for(0, (k + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * kChunk, i1 = std::min(k, i0 + kChunk);
+      int64_t j = std::lower_bound(S, S + m, V[i0]) - S;
+      for (int64_t i = i0; i < i1; ++i) {
+        while (j < m && S[j] < V[i]) ++j;
+        O[i] = j < m && S[j] == V[i];
+      }
     }
-    O[i] = j < m && S[j] == V[i];
-  }
+  });
   return out;
 }
 

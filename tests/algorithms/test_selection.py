@@ -97,8 +97,17 @@ def test_native_sorted_isin_matches_torch_and_rejects_unsorted():
         assert torch.equal(torch.ops.sparsestart._native_sorted_isin(values, sset), want)
         assert torch.equal(isin_sorted(values, sset, values_sorted=True), want)
         assert torch.equal(isin_sorted(values, sset), want)
+    # Several chunks of values (the op merges them in parallel, each from a binary search).
+    values = torch.sort(torch.randint(0, 10**6, (20_000,), generator=g)).values
+    sset = torch.unique(torch.randint(0, 10**6, (300_000,), generator=g))
+    assert torch.equal(torch.ops.sparsestart._native_sorted_isin(values, sset), torch.isin(values, sset))
     with pytest.raises(ValueError, match=r"values are not sorted ascending: values\[0\] = 3 > values\[1\] = 1"):
         torch.ops.sparsestart._native_sorted_isin(torch.tensor([3, 1]), torch.tensor([0, 1, 2]))
+    # A descent in a part of the set no search or merge walks is still found.
+    sset = torch.arange(100_000)
+    sset[70_000], sset[70_001] = 70_001, 70_000
+    with pytest.raises(ValueError, match=r"set is not sorted ascending: set\[70000\] = 70001 > set\[70001\] = 70000"):
+        torch.ops.sparsestart._native_sorted_isin(torch.tensor([0, 99_999]), sset)
     with pytest.raises(TypeError, match="must be int64, got Int and Long"):
         torch.ops.sparsestart._native_sorted_isin(torch.tensor([1], dtype=torch.int32), torch.tensor([0, 1, 2]))
 
