@@ -438,34 +438,59 @@ std::vector<at::Tensor> rewire_cpu(const at::Tensor& rowptr_in, const at::Tensor
     });
     // The CSC view: the new and the freed entries by column (stable counting sorts keep their rows
     // ascending), then every column's entries less the freed ones (a subset of them in the same
-    // order: one branch-free skip pass) merged with the new ones.
-    std::vector<int64_t> NCB(Q + 1, 0);
+    // order: one branch-free skip pass) merged with the new ones. The counting sorts run on the
+    // row parts in parallel: part p writes a column's entries after those of parts p' < p (its rows
+    // come later), at offsets from per-part column counts (the freed ones counted in pass 2).
+    std::vector<std::vector<int64_t>> col_new(parts);  // one column count of new entries per part
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t part = p0; part < p1; ++part) {
+        auto& gained = col_new[part];
+        gained.assign(Q, 0);
+        for (int64_t j = NO[R * part / parts]; j < NO[R * (part + 1) / parts]; ++j) ++gained[new_col[j]];
+      }
+    });
+    // Column starts of the new (NCB) and freed (FCB) entries, and every part's offsets into them.
+    std::vector<int64_t> NCB(Q + 1, 0), FCB(Q + 1, 0);
+    for (int64_t part = 0; part < parts; ++part)
+      for (int64_t q = 0; q < Q; ++q) {
+        NCB[q + 1] += col_new[part][q];
+        FCB[q + 1] += col_freed[part][q];
+      }
+    for (int64_t q = 0; q < Q; ++q) {
+      NCB[q + 1] += NCB[q];
+      FCB[q + 1] += FCB[q];
+    }
+    for (auto* counts : {&col_new, &col_freed}) {  // counts -> each part's next position per column
+      const std::vector<int64_t>& start = counts == &col_new ? NCB : FCB;
+      for (int64_t q = 0; q < Q; ++q) {
+        int64_t at_ = start[q];
+        for (int64_t part = 0; part < parts; ++part) {
+          const int64_t c = (*counts)[part][q];
+          (*counts)[part][q] = at_;
+          at_ += c;
+        }
+      }
+    }
     auto new_row_t = cpu::pooled_scratch<int64_t>(n_new), new_slot_c_t = cpu::pooled_scratch<int64_t>(n_new);
+    auto freed_row_t = cpu::pooled_scratch<int64_t>(n_freed);
     int64_t* new_row = new_row_t.data_ptr<int64_t>();
     int64_t* new_slot_c = new_slot_c_t.data_ptr<int64_t>();
-    for (int64_t j = 0; j < n_new; ++j) ++NCB[new_col[j] + 1];
-    for (int64_t q = 0; q < Q; ++q) NCB[q + 1] += NCB[q];
-    {
-      std::vector<int64_t> next(NCB.begin(), NCB.end() - 1);
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = NO[r]; j < NO[r + 1]; ++j) {
-          const int64_t at_ = next[new_col[j]]++;
-          new_row[at_] = r;
-          new_slot_c[at_] = NSL[j];
-        }
-    }
-    std::vector<int64_t> FCB(Q + 1, 0);  // each column's freed entries: FCB[q] .. FCB[q + 1]
-    for (const auto& lost : col_freed)
-      for (int64_t q = 0; q < static_cast<int64_t>(lost.size()); ++q) FCB[q + 1] += lost[q];
-    for (int64_t q = 0; q < Q; ++q) FCB[q + 1] += FCB[q];
-    auto freed_row_t = cpu::pooled_scratch<int64_t>(n_freed);
     int64_t* freed_row = freed_row_t.data_ptr<int64_t>();
-    {
-      std::vector<int64_t> next(FCB.begin(), FCB.end() - 1);
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t d = DB[r]; d < DB[r + 1]; ++d)
-          if (!dflag[d]) freed_row[next[I[D[d]]]++] = r;
-    }
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t part = p0; part < p1; ++part) {
+        auto& next_new = col_new[part];
+        auto& next_freed = col_freed[part];
+        for (int64_t r = R * part / parts; r < R * (part + 1) / parts; ++r) {
+          for (int64_t j = NO[r]; j < NO[r + 1]; ++j) {
+            const int64_t at_ = next_new[new_col[j]]++;
+            new_row[at_] = r;
+            new_slot_c[at_] = NSL[j];
+          }
+          for (int64_t d = DB[r]; d < DB[r + 1]; ++d)
+            if (!dflag[d]) freed_row[next_freed[I[D[d]]]++] = r;
+        }
+      }
+    });
     std::vector<int64_t> ckept(Q);  // entries of each column that stay
     for (int64_t q = 0; q < Q; ++q) ckept[q] = CP[q + 1] - CP[q] - (FCB[q + 1] - FCB[q]);
     index_t* OCP = ocolptr.data_ptr<index_t>();
