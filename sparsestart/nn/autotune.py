@@ -180,8 +180,11 @@ def choose(key: tuple, candidates: dict, device: torch.device) -> str:
         return choice
     devices = [device] if device.type == "cuda" else []
     # No candidate draws random numbers; fork_rng makes sure that a kernel that ever did could not shift
-    # the training run's streams.
-    with torch.random.fork_rng(devices=devices):
+    # the training run's streams. The candidates' own autograd graphs are shielded from saved-tensor
+    # hooks around the call: under torch.utils.checkpoint(use_reentrant=False) the timed runs' saved
+    # tensors were counted as the checkpointed forward's, and the recomputation (which finds the
+    # choice cached and times nothing) failed its metadata check on a layer's first call.
+    with torch.random.fork_rng(devices=devices), _own_saved_tensors():
         seconds: dict = {}
         for name, run in candidates.items():
             best = min(seconds.values(), default=None)
@@ -214,6 +217,16 @@ def _time_candidate(name: str, run: Callable[[], None], device: torch.device, *,
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _own_saved_tensors():
+    """Identity saved-tensor hooks when other hooks are active (they apply to the innermost only), so
+    that what the timed candidates save stays theirs; nothing otherwise (hooks cost a call per
+    saved tensor, which would tilt the timing of small layers)."""
+    if torch._C._autograd._saved_tensors_hooks_is_enabled() and \
+            torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    return contextlib.nullcontext()
 
 
 def candidate_runner(compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], values: torch.Tensor,

@@ -371,3 +371,26 @@ def test_choose_gives_later_candidates_a_limit_from_the_best_so_far(monkeypatch)
         autotune._cache.pop(key, None)
     assert choice == "unfold"
     assert limits == [None, autotune.GIVE_UP_FACTOR * 2.0, autotune.GIVE_UP_FACTOR * 1.0]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_first_call_timing_inside_non_reentrant_checkpoint(tuning, kind):
+    # The timed candidates save tensors of their own. Inside torch.utils.checkpoint(use_reentrant=False)
+    # those were counted as the checkpointed forward's, and the recomputation in backward (which finds
+    # the choice cached and times nothing) raised "Recomputed values ... have different metadata".
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = SparseLinear(20, 16, density=0.3, seed=1), torch.randn(8, 20)
+    else:
+        layer, x = SparseConv2d(3, 4, 3, padding=1, density=0.3, seed=1), torch.randn(2, 3, 9, 9)
+    model = nn.Sequential(layer, nn.ReLU(inplace=True))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = checkpoint(model, x1, use_reentrant=False)
+    assert len(autotune.entries()) == 1  # the first call timed its candidates
+    y.square().sum().backward()
+    got = (layer.values.grad.clone(), x1.grad)
+    layer.zero_grad()
+    model(x2).square().sum().backward()
+    torch.testing.assert_close(got[0], layer.values.grad)
+    torch.testing.assert_close(got[1], x2.grad)
