@@ -67,6 +67,40 @@ def test_conv_ops_match_dense(backend, dtype, case):
     assert bool((dv[m.slot[m.nnz:].long()] == 0).all())
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 300, 10**9])
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[8], CASES[9]], ids=["2x3x9x8", "nnz0", "batch19", "2x2maps"])
+def test_unfolded_conv_kernels_bound_the_unfolded_input_by_batch_chunks(monkeypatch, chunk_elements, case):
+    # The GPU backends' convolutions (and the reference's) unfold the input: KH*KW times its size.
+    # They run the batch in chunks whose unfolded input stays within UNFOLD_CHUNK_ELEMENTS (one
+    # sample at least): results equal the dense convolution for any chunking, and no unfold exceeds
+    # the bound by more than one sample. Also an empty batch.
+    from sparsestart.ops import reference
+    monkeypatch.setattr(reference, "UNFOLD_CHUNK_ELEMENTS", chunk_elements)
+    sizes = []
+    unfold = F.unfold
+
+    def recording(x, *args, **kwargs):
+        out = unfold(x, *args, **kwargs)
+        sizes.append((out.numel(), out[:1].numel()))
+        return out
+    monkeypatch.setattr(F, "unfold", recording)
+    m, x, wd, y_ref, dy, k, p, d = _setup(case, torch.float64)
+    idx = m.index_tensors()
+    geo = (list(k), list(p), list(d))
+    with ops.use_backend("reference"):
+        y = S.conv2d(m.values, *idx, x, *geo)
+        dx = S.conv2d_input_grad(m.values, *idx, dy, *geo)
+        dv = S.conv2d_weight_grad(*idx, dy, x, m.capacity, *geo)
+        assert S.conv2d(m.values, *idx, x[:0], *geo).shape == (0, *y_ref.shape[1:])
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, torch.nn.grad.conv2d_input(x.shape, wd, dy, padding=p, dilation=d))
+    dw = torch.nn.grad.conv2d_weight(x, wd.shape, dy, padding=p, dilation=d).reshape(m.shape) * m.mask()
+    torch.testing.assert_close(type(m)(dv, *idx, m.shape).to_dense(), dw)
+    assert sizes and all(total <= max(chunk_elements, one) for total, one in sizes)
+    if chunk_elements == 1:  # one sample per chunk
+        assert len(sizes) >= 2 * x.shape[0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_gradcheck(backend):
     m, x, wd, y, dy, k, p, d = _setup(CASES[3], torch.float64, seed=1)
