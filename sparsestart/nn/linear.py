@@ -73,7 +73,6 @@ def _sample_major(y_fm: torch.Tensor, lead: tuple) -> torch.Tensor:
     return y if len(lead) == 1 else y.reshape(*lead, y_fm.shape[0])
 
 
-
 class SparseLinear(SparseLayer):
     """y = x W^T + b with a sparse W of shape (out_features, in_features).
 
@@ -129,7 +128,8 @@ class SparseLinear(SparseLayer):
         [*lead, out_features] (lead: the input's leading dimensions, prod(lead) = N; default (N,))."""
         lead = tuple(x2.shape[:1]) if lead is None else tuple(lead)
         if algorithm == "dense":
-            return F.linear(x2 if len(lead) == 1 else x2.reshape(*lead, x2.shape[1]), self._dense_weight_of(values), bias)
+            x_in = x2 if len(lead) == 1 else x2.reshape(*lead, x2.shape[1])
+            return F.linear(x_in, self._dense_weight_of(values), bias)
         # Feature-major in, feature-major out: one transpose each way. The input is made
         # contiguous here, before the op, so autograd saves the feature-major copy and the
         # backward's sddmm does not transpose it a second time (a no-op when x comes from a

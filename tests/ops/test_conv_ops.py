@@ -68,7 +68,8 @@ def test_conv_ops_match_dense(backend, dtype, case):
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 300, 10**9])
-@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[8], CASES[9]], ids=["2x3x9x8", "nnz0", "batch19", "2x2maps"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[8], CASES[9]],
+                         ids=["2x3x9x8", "nnz0", "batch19", "2x2maps"])
 def test_unfolded_conv_kernels_bound_the_unfolded_input_by_batch_chunks(monkeypatch, chunk_elements, case):
     # The GPU backends' convolutions (and the reference's) unfold the input: KH*KW times its size.
     # They run the batch in chunks whose unfolded input stays within UNFOLD_CHUNK_ELEMENTS (one
