@@ -25,6 +25,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "checks.h"
 #include "pool.h"
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -150,26 +151,6 @@ std::tuple<at::Tensor, at::Tensor> absent_at_least_cpu(const at::Tensor& scores_
   return {out, magnitudes};
 }
 
-// Index of the first descent of S[0..m) (S[i] < S[i - 1]), or m when ascending: branch-free over fixed
-// ranges in parallel, the first offending range searched afterwards.
-int64_t first_descent(const int64_t* S, int64_t m) {
-  constexpr int64_t kRangeLen = 1 << 16;
-  const int64_t ranges = (m + kRangeLen - 1) / kRangeLen;
-  std::vector<char> bad(static_cast<size_t>(ranges), 0);
-  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      bool descent = false;
-      for (int64_t i = std::max<int64_t>(1, r * kRangeLen); i < std::min(m, (r + 1) * kRangeLen); ++i)
-        descent |= S[i] < S[i - 1];
-      bad[r] = descent;
-    }
-  });
-  const int64_t r = std::find(bad.begin(), bad.end(), 1) - bad.begin();
-  if (r == ranges) return m;
-  for (int64_t i = std::max<int64_t>(1, r * kRangeLen);; ++i)
-    if (S[i] < S[i - 1]) return i;
-}
-
 // Membership of ascending values in an ascending set by merging: the values in fixed chunks (in
 // parallel; a chunk finds its start in the set by binary search), so a sample of 32K keys against a
 // layer's 860K present keys (RigL's threshold sample) walks the set on every thread at once. Both
@@ -184,7 +165,7 @@ at::Tensor sorted_isin_cpu(const at::Tensor& values_in, const at::Tensor& set_in
   const int64_t k = values.numel(), m = set.numel();
   const int64_t* V = values.data_ptr<int64_t>();
   const int64_t* S = set.data_ptr<int64_t>();
-  const int64_t bad_v = first_descent(V, k), bad_s = first_descent(S, m);
+  const int64_t bad_v = cpu::first_out_of_order(V, k, false), bad_s = cpu::first_out_of_order(S, m, false);
   TORCH_CHECK_VALUE(bad_v == k, "sparsestart.sorted_isin: values are not sorted ascending: values[", bad_v - 1,
                     "] = ", bad_v < k ? V[bad_v - 1] : 0, " > values[", bad_v, "] = ", bad_v < k ? V[bad_v] : 0);
   TORCH_CHECK_VALUE(bad_s == m, "sparsestart.sorted_isin: set is not sorted ascending: set[", bad_s - 1, "] = ",

@@ -21,6 +21,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "checks.h"
 #include "pool.h"
 
 #include <algorithm>
@@ -236,14 +237,9 @@ at::Tensor kept_keys_cpu(const at::Tensor& ptr_in, const at::Tensor& idx_in, con
 // first offending element named afterwards.
 void check_ascending_in(const int64_t* v, int64_t n, int64_t lo, int64_t hi, const char* what) {
   if (n == 0) return;
-  int64_t out_of_order = 0;  // a count, not a flag: the loop vectorizes
-  for (int64_t i = 1; i < n; ++i) out_of_order += v[i] <= v[i - 1];
-  if (out_of_order) {
-    int64_t i = 1;
-    while (v[i] > v[i - 1]) ++i;
-    TORCH_CHECK_VALUE(false, "sparsestart.rewire: ", what, " must be ascending and distinct, but ", v[i - 1],
-                      " at index ", i - 1, " is followed by ", v[i]);
-  }
+  const int64_t i = cpu::first_out_of_order(v, n, /*strict=*/true);
+  TORCH_CHECK_VALUE(i == n, "sparsestart.rewire: ", what, " must be ascending and distinct, but ", v[i - 1],
+                    " at index ", i - 1, " is followed by ", v[i]);
   TORCH_CHECK_VALUE(v[0] >= lo && v[n - 1] < hi, "sparsestart.rewire: ", what, " must lie in [", lo, ", ", hi,
                     "), got range [", v[0], ", ", v[n - 1], "]");
 }
