@@ -135,6 +135,9 @@ class EdgePopup(SparseAlgorithm):
             self._removers.append(layer.register_forward_hook(partial(self._score_hook, name)).remove)
         self._select(0, record=False)
 
+    # Opaque to torch.compile (--compile): traced, it would guard on each layer's name and structure and
+    # compile once per layer; eager, it adds the score path to the compiled layer's output.
+    @torch.compiler.disable
     def _score_hook(self, name, module, inputs, output):
         scores = self.scores[name]
         if not (torch.is_grad_enabled() and scores.requires_grad):

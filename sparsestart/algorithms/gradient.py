@@ -71,6 +71,10 @@ class GradientCapture:
         self._handles = [layer.register_forward_hook(partial(self._forward_hook, name))
                          for name, layer in layers.items()]
 
+    # Opaque to torch.compile (``--compile``): traced, ``due()`` would become a guard on the algorithm's step
+    # count and the model would be compiled again at every step; left out, the hook runs eagerly between the
+    # compiled pieces of the model.
+    @torch.compiler.disable
     def _forward_hook(self, name, module, inputs, output):
         if not torch.is_tensor(output) or not output.requires_grad or not self.due():
             return None

@@ -446,12 +446,30 @@ class SparseMatrix:
 
     def to_dense(self) -> torch.Tensor:
         """Dense [M, K] weight; differentiable with respect to ``values``."""
-        rows, cols, slots = self.coo()
         R, Q = self.grid
         b = self.block_size
         dense = self.values.new_zeros((R, Q) if b == 1 else (R, Q, b, b))
-        dense = dense.index_put((rows, cols), self.values[slots])
+        if torch.compiler.is_compiling():
+            dense = self._scatter_all_positions(dense)
+        else:
+            rows, cols, slots = self.coo()
+            dense = dense.index_put((rows, cols), self.values[slots])
         return dense if b == 1 else dense.permute(0, 2, 1, 3).reshape(self.shape)
+
+    def _scatter_all_positions(self, dense: torch.Tensor) -> torch.Tensor:
+        """``dense`` with the live entries added in, computed over all C positions with the dead ones
+        (>= nnz) masked to zero: no size depends on nnz, so torch.compile traces it (reading nnz is a
+        graph break that split compiled models at every layer on the "dense" path) and a GPU never
+        waits for the host. Dead positions add zero at a clamped in-range place (accumulate)."""
+        R = self.grid[0]
+        pos = torch.arange(self.capacity, device=self.rowptr.device, dtype=torch.int64)
+        rowptr = self.rowptr.long()
+        live = pos < rowptr[-1]
+        rows = (torch.searchsorted(rowptr, pos, right=True) - 1).clamp_(0, max(R - 1, 0))
+        cols = torch.where(live, self.col.long(), 0)
+        vals = self.values[self.slot.long()]
+        vals = vals * live.view((-1,) + (1,) * (vals.dim() - 1)).to(vals.dtype)
+        return dense.index_put((rows, cols), vals, accumulate=True)
 
     def validate(self) -> None:
         """Check every invariant of the structure; raise ValueError naming the broken one (the tensor,

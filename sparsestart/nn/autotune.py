@@ -47,7 +47,7 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["ALGORITHMS", "AutotuneCacheError", "REPEATS", "enabled", "set_enabled", "clear", "entries", "save",
-           "load", "state_dict", "load_state_dict", "density_bucket"]
+           "load", "state_dict", "load_state_dict", "density_bucket", "bucket_density"]
 
 FORMAT = "sparsestart-autotune"
 VERSION = 1
@@ -120,6 +120,15 @@ def density_bucket(density: float) -> Optional[int]:
     """floor(2 log2(density)): half-octave buckets, so 1.0 (saturated) has a bucket of its own (0) and a
     layer of density 0.75 shares one (-1) only with 0.71..0.99; None for a layer without stored weights."""
     return None if density <= 0 else math.floor(2 * math.log2(density))
+
+
+def bucket_density(density: float) -> float:
+    """The middle of ``density``'s bucket (``2 ** ((k + 0.5) / 2)`` for bucket k; 0.0 for no bucket): a density
+    that changes only when the bucket does, for the choices made under torch.compile (a compiled graph guards
+    on the float it read, so the exact density would recompile at every structure update that changes nnz).
+    ``density_bucket(bucket_density(d)) == density_bucket(d)``."""
+    k = density_bucket(density)
+    return 0.0 if k is None else 2.0 ** ((k + 0.5) / 2)
 
 
 @torch.compiler.assume_constant_result

@@ -201,6 +201,12 @@ class SparseConv2d(SparseLayer):
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # [n, C*kh*kw, L]
         xt = cols.transpose(0, 1).reshape(cols.shape[1], n * ho * wo)
         y = self._matmul(xt, values).view(self.out_channels, n, ho * wo).transpose(0, 1)
+        if torch.compiler.is_compiling():
+            # Compiled, the output is made contiguous: the batch-inner layout of the view below made the
+            # compiled backward of a following BatchNorm2d fail (its traced output strides followed the
+            # input's, the kernel's at run time did not, and the view that undoes this reshape in backward
+            # was traced as valid: "view size is not compatible", ResNet-20 under torch.compile).
+            return y.reshape(n, self.out_channels, ho, wo).contiguous()
         return y.reshape(n, self.out_channels, ho, wo)
 
     @classmethod

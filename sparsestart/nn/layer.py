@@ -218,26 +218,34 @@ class SparseLayer(nn.Module):
 
         Under torch.compile the value read from the index would be data-dependent, and a
         branch on it cannot be traced (fullgraph fails): the choice then takes the density
-        last measured eagerly, a plain float attribute that the compiler guards on, so a
-        new measurement (construction, set_capacity, load_state_dict, unpickling, an eager
-        forward after a structure update) recompiles with the new choice. A drop/grow made
-        through sparse_weight between compiled calls only is not measured: the compiled
-        graph keeps its algorithm, which still computes the right convolution.
+        last measured eagerly, rounded to the middle of its autotune bucket
+        (``_compiled_density``, a plain float attribute that the compiler guards on). A new
+        measurement (construction, set_capacity, load_state_dict, unpickling, an eager
+        forward after a structure update) that moves the density to another bucket
+        recompiles with the new choice; one within the bucket (gradual pruning's small
+        steps) does not, where the exact density would recompile at every step until
+        dynamo's recompile limit sent the model back to eager. The rounding can only move
+        the threshold rule's choice near a threshold. A drop/grow made through
+        sparse_weight between compiled calls only is not measured: the compiled graph keeps
+        its algorithm, which still computes the right convolution.
         """
         if torch.compiler.is_compiling():
-            return self._measured_density
+            return self._compiled_density
         return per_version(self.rowptr, "layer_density", self._measure_density)
 
     def _measure_density(self, _rowptr: Optional[torch.Tensor] = None) -> float:
-        """Read :attr:`density` and keep it as ``_measured_density`` for compiled calls."""
+        """Read :attr:`density` and keep it as ``_measured_density`` (and its bucket's middle as
+        ``_compiled_density``) for compiled calls."""
         if self.rowptr.is_meta:  # a layer moved to the meta device has no structure to read
             return self._measured_density
-        self._measured_density = self.density
-        return self._measured_density
+        density = self.density
+        self._measured_density = density
+        self._compiled_density = autotune.bucket_density(density)
+        return density
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if "_measured_density" not in self.__dict__ and not self.rowptr.is_meta:
+        if "_compiled_density" not in self.__dict__ and not self.rowptr.is_meta:
             self._measure_density()  # pickled by a version without it
 
     def mask(self) -> torch.Tensor:

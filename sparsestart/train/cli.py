@@ -72,6 +72,9 @@ OPTIONS = [
                                                       "device unless given (a GPU run continues on the CPU with "
                                                       "--device cpu)")),
     ("precision", ["--precision"], dict(metavar="P", help=_PRECISION_HELP + "; default fp32")),
+    ("compile", ["--compile"], dict(action=argparse.BooleanOptionalAction,
+                                    help="torch.compile the training step's model (the dense ops around the sparse "
+                                         "layers are fused; the first steps compile, ~10-20 s on a CPU; default off)")),
     # evaluation
     ("fgsm_eps", ["--fgsm-eps"], dict(type=float, metavar="EPS", help="default 8/255")),
     ("ood_dir", ["--ood-dir"], dict(metavar="DIR", help="dataset dir whose test split is the shifted OoD set")),
@@ -89,7 +92,7 @@ OPTIONS = [
 ]
 _KEY_VALUE = {"model_options", "distribution_options", "method_options"}
 # Options that do not change what is trained: they do not switch off the no-argument demonstration.
-_NEUTRAL = {"data_dir", "threads", "tensorboard", "progress", "retain_memory", "device", "precision"}
+_NEUTRAL = {"data_dir", "threads", "tensorboard", "progress", "retain_memory", "device", "precision", "compile"}
 
 
 def register(sub) -> None:

@@ -30,8 +30,9 @@ FORMATS = ("csr", "bsr")
 #: Keys that may change between an interrupted run and its resumption without changing its results.
 RUNTIME_KEYS = ("threads", "tensorboard", "progress", "final_eval", "retain_memory")
 #: Keys --resume accepts with a new value: the runtime keys, where the (same) data lives, and the device (a run
-#: trained on a GPU continues on the CPU and back; only the rounding of the kernels differs).
-RESUME_CHANGEABLE = RUNTIME_KEYS + ("data_dir", "ood_dir", "device")
+#: trained on a GPU continues on the CPU and back; only the rounding of the kernels differs), and compile (the same:
+#: a compiled step fuses the dense ops around the sparse layers, which rounds differently).
+RESUME_CHANGEABLE = RUNTIME_KEYS + ("data_dir", "ood_dir", "device", "compile")
 #: --device and --precision values (sparsestart.train.device).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -75,6 +76,7 @@ class TrainConfig:
     # hardware
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N; resolved by resolve()
     precision: str = "fp32"  # fp32 (IEEE), tf32 (TF32 matmuls/convolutions), bf16 (autocast, fp32 master weights)
+    compile: bool = False  # torch.compile the training forward and backward (sparsestart.train.run.compiled_step)
     # evaluation
     fgsm_eps: float = 8 / 255
     ood_dir: Optional[str] = None
@@ -121,7 +123,7 @@ DENSE_REFERENCES = {
 
 #: Keys that may differ between a run and a dense reference: the sparsity itself, and what never changes results.
 _REFERENCE_FREE = ("density", "distribution", "distribution_options", "format", "block_size", "exclude", "flow",
-                   "method", "method_options", "data_dir", "ood_dir", "device", "precision") + RUNTIME_KEYS
+                   "method", "method_options", "data_dir", "ood_dir", "device", "precision", "compile") + RUNTIME_KEYS
 
 
 def dense_reference(cfg: "TrainConfig") -> Optional[dict]:
@@ -326,6 +328,8 @@ def validate(cfg: TrainConfig, explicit: frozenset = frozenset()) -> None:
 
     resolve_device(cfg.device)
     check_precision(cfg.precision)
+    if not isinstance(cfg.compile, bool):
+        raise ValueError(f"--compile: {cfg.compile!r} is not a boolean; allowed: true, false")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid names are: {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:

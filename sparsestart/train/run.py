@@ -19,7 +19,12 @@ from .data import Dataset, NormalizedModel
 from .device import autocast, torch_device
 from .methods import make_algorithm
 
-__all__ = ["RunState", "build_net", "build_model", "build_run", "LRFactor"]
+__all__ = ["RunState", "build_net", "build_model", "build_run", "LRFactor", "compiled_step", "COMPILE_BACKEND"]
+
+#: torch.compile's backend for ``--compile``. Inductor generates fused C++ (CPU) or Triton (GPU) code for the
+#: dense ops between the sparse layers (batch norm, activations, pooling, the loss); the sparse ops stay opaque
+#: custom ops that run their own kernels. Tests set "aot_eager" (the same tracing, no code generation).
+COMPILE_BACKEND = "inductor"
 
 
 def build_net(cfg: TrainConfig, data: Dataset) -> nn.Module:
@@ -126,6 +131,19 @@ class LRFactor:
         if self.kind == "step":
             return 0.1 ** ((t >= 0.5) + (t >= 0.75))
         return 1.0
+
+
+def compiled_step(model: nn.Module, enabled: bool) -> nn.Module:
+    """What the training step calls: ``model`` itself, or (``--compile``) a torch.compile'd wrapper of it.
+
+    Only the training step is compiled; evaluation runs the model as it is. The wrapper shares the model's
+    parameters and buffers, so checkpoints, the sparse methods' in-place structure updates and
+    ``state_dict`` see one model. Graph breaks are allowed (not ``fullgraph``): a method's Python hooks
+    (RigL's gradient capture, edge-popup's score substitution) run eagerly between compiled pieces, and
+    dynamo's guards recompile where a structure update changes a traced choice (the layer's algorithm
+    follows its density). Under DDP the wrapper compiles the DDP module (torch's supported order).
+    """
+    return torch.compile(model, backend=COMPILE_BACKEND) if enabled else model
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -48,7 +48,7 @@ from .device import precision_flags
 from .metrics import _Pixels, basic_metrics, forward_flops, predict_logits
 from .paths import check_output_dir
 from .resume import check_same_dataset, resumed_config
-from .run import LRFactor, RunState, build_net, build_run  # noqa: F401  (LRFactor, build_net: public here too)
+from .run import LRFactor, RunState, build_net, build_run, compiled_step  # noqa: F401  (LRFactor, build_net: public here too)
 from .rundir import CHECKPOINT, RunDirectory
 from .summary import dense_gradient_updates, final_evaluation, layer_densities, layer_stats, run_summary, shifted_set
 from .verdict import verdict as verdict_lines
@@ -136,6 +136,8 @@ class Trainer:
                 self.files.open(self.history, resumed=ckpt is not None, tensorboard=cfg.tensorboard)
             # Several ranks: the DDP wrapper, data shards, synchronised structure decisions (distributed.py).
             self.parallel = distributed.DistributedRun(self.run, self._state)
+            #: What a training step calls: the model (or its DDP wrapper), torch.compile'd with --compile.
+            self.step_model = compiled_step(self.parallel.model, bool(cfg.compile))
         except BaseException:
             self.files.lock.release()
             raise
@@ -228,7 +230,7 @@ class Trainer:
         try:
             for x, y, n_batch in par.batches(it):  # this rank's shard of each global batch of n_batch
                 with r.autocast():
-                    logits = par.model(x)
+                    logits = self.step_model(x)
                     loss = par.loss(logits, y, n_batch)
                 r.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -59,6 +59,28 @@ def test_to_dense_is_differentiable():
     assert torch.equal(m.values.grad[slots], (rows * 4 + cols).double())
 
 
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("density, extra", [(0.4, 0), (0.4, 7), (0.0, 5), (1.0, 0), (1.0, 3)])
+def test_to_dense_over_all_positions_equals_the_live_entries(b, density, extra):
+    """The compiled (sync-free, fixed-size) to_dense: every capacity position, dead ones masked, gives the
+    dense weight of the live entries and their gradient, also with free slots among the live ones."""
+    m = random_matrix(6 * b, 5 * b, density, block_size=b, capacity_extra=extra, empty_rows=(1,), seed=3)
+    if m.nnz > 2:  # free slots inside the slot order, with their values set: they must not leak in
+        freed = m.drop(torch.tensor([0, m.nnz // 2]))
+        m.values.data[freed] = 7.0
+    m.values.requires_grad_()
+    R, Q = m.grid
+    expected = m.to_dense()
+    zeros = m.values.new_zeros((R, Q) if b == 1 else (R, Q, b, b))
+    got = m._scatter_all_positions(zeros)
+    got = got if b == 1 else got.permute(0, 2, 1, 3).reshape(m.shape)
+    assert torch.equal(got, expected)
+    w = torch.randn(m.shape, dtype=expected.dtype)
+    g_expected, = torch.autograd.grad((expected * w).sum(), m.values)
+    g_got, = torch.autograd.grad((got * w).sum(), m.values)
+    assert torch.equal(g_got, g_expected)
+
+
 def test_from_mask_init():
     mask = torch.rand(50, 40) < 0.3
     m = CSR.from_mask(mask, init="kaiming_uniform", generator=torch.Generator().manual_seed(0))

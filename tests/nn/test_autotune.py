@@ -195,6 +195,18 @@ def test_density_buckets():
     assert autotune.density_bucket(0.5) == -2 and autotune.density_bucket(0.0) is None
 
 
+@pytest.mark.parametrize("density", [1.0, 0.75, 0.5, 0.3, 0.1, 0.0625, 0.01, 1e-6, 2.0 ** -0.5, 2.0 ** -7.5])
+def test_bucket_density_stays_in_its_bucket(density):
+    """Compiled layers choose from the middle of the density's bucket: the same bucket (so the same
+    cached choice), one value for every density in it (so no recompilation within it)."""
+    mid = autotune.bucket_density(density)
+    assert autotune.density_bucket(mid) == autotune.density_bucket(density)
+    k = autotune.density_bucket(density)
+    for other in (2.0 ** (k / 2) * 1.0001, 2.0 ** ((k + 1) / 2) * 0.9999):
+        assert autotune.bucket_density(other) == mid
+    assert autotune.bucket_density(0.0) == 0.0
+
+
 def test_tuning_leaves_the_random_streams_and_the_layer_alone(tuning, monkeypatch):
     import random
 

@@ -95,3 +95,25 @@ def test_compiled_choice_follows_a_loaded_structure_without_recompiling_per_call
     assert len(graphs) == 2 and "sparsestart.conv2d" in graphs[1]  # recompiled once, for "direct"
     compiled(x)
     assert len(graphs) == 2
+
+
+@pytest.mark.parametrize("stride, size", [(2, 8), (2, 6)])
+def test_compiled_backward_through_batchnorm_after_an_unfolded_conv(stride, size):
+    """The unfold algorithm's output is a batch-inner view; compiled, a BatchNorm2d after it traced output
+    strides that its kernel did not produce, and the backward's view of the gradient failed ("view size is
+    not compatible", ResNet-20 under torch.compile). Compiled forward and backward equal eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseConv2d(8, 16, 3, stride=stride, padding=1, density=0.3, seed=0), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.Flatten(), SparseLinear(16 * (size // stride) ** 2, 3, density=0.5, seed=1))
+    x = torch.randn(4, 8, size, size)
+    assert model[0]._algorithm(x, model[0]._explicit_padding()) == "unfold"
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    grads_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    y = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    for p, g in zip(model.parameters(), grads_eager):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)

@@ -83,3 +83,14 @@ def rows(out):
 
 def untimed(rs):
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rs]
+
+
+def digits_cfg(**kw):
+    """A CPU run of a few steps on scikit-learn's digits (256 training images, batch 64: 4 steps an epoch)."""
+    from sparsestart.train.config import TrainConfig
+
+    base = dict(dataset="digits", model="mlp", model_options={"hidden": [32]}, density=0.3, distribution="uniform",
+                method="static", epochs=1, batch_size=64, lr=0.05, train_limit=256, test_limit=64, progress=False,
+                final_eval=False, threads=2, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)

@@ -21,7 +21,7 @@ from sparsestart.train.config import TrainConfig, resolve
 from sparsestart.train.data import BatchIterator, load_dataset
 from sparsestart.train.evaluate import evaluate_run
 from sparsestart.train.trainer import Trainer
-from tests.train.conftest import rows, untimed
+from tests.train.conftest import digits_cfg, rows, untimed
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -31,14 +31,6 @@ def tiny_cfg(data_dir, **kw):
     base = dict(dataset="fashion-mnist", data_dir=str(data_dir), model="mlp", model_options={"hidden": [32]},
                 density=0.3, distribution="uniform", method="static", epochs=2, batch_size=32, lr=0.05,
                 progress=False, final_eval=False, threads=2, device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def digits_cfg(**kw):
-    base = dict(dataset="digits", model="mlp", model_options={"hidden": [32]}, density=0.3, distribution="uniform",
-                method="static", epochs=1, batch_size=64, lr=0.05, train_limit=256, test_limit=64, progress=False,
-                final_eval=False, threads=2, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
