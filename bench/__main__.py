@@ -29,7 +29,8 @@ SETTINGS = {
     "kernels": ("shapes", "blocks", "densities", "rounds"),
     "layers": ("densities", "layer_rounds"),
     "convalgo": ("train_densities", "distributions", "vgg_batch", "layer_rounds"),
-    "training": ("train_models", "train_densities", "distributions", "vgg_batch", "train_rounds", "train_malloc"),
+    "training": ("train_models", "train_densities", "distributions", "vgg_batch", "train_rounds", "train_malloc",
+                 "train_compile"),
     "algorithms": ("algo_models", "algo_density", "distributions", "vgg_batch", "update_interval", "drop_fraction",
                    "algo_rounds"),
     "sampling": ("sampling_size", "sampling_density", "sampling_variants", "sampling_rounds"),
@@ -81,6 +82,9 @@ def parse(argv=None):
     g.add_argument("--vgg-batch", type=int, default=None,
                    help="VGG-11 batch size (default 64; 2 with --quick; GPU suites: VGG-11 and ResNet-18, default 256)")
     g.add_argument("--train-rounds", type=int, default=None, help="interleaved rounds per training problem (default 9)")
+    g.add_argument("--compile", dest="train_compile", action="store_true",
+                   help="training suite: torch.compile every variant's model (sparse, dense and masked alike; "
+                        "compilation happens in the warm-up rounds, outside the timing); records say compiled")
     g.add_argument("--algo-rounds", type=int, default=None, help="interleaved rounds per algorithm problem (default 5)")
     g.add_argument("--algo-density", type=float, default=0.1, help="density of the algorithms suite (default 0.1)")
     g.add_argument("--update-interval", type=int, default=100,

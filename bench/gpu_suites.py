@@ -69,19 +69,20 @@ from .gpu_common import (  # noqa: F401  (configure, PRECISIONS: callers reach t
     interleaved, LR, machine_info, make_step, mask_pairs, model_configs, MOMENTUM, OVERHEAD_CALLS,
     OVERHEAD_ROUNDS, parse_format, peak_step_memory, per_call, PRECISIONS, Results, run_case, setup_device,
     sgd, slug, sparsify_model, step_memory, SUITES, time_call, WEIGHT_DECAY)
-from .training import remasker, sparse_layers  # the papers' masked-dense training, as on CPU
+from .training import compiled_models, remasker, sparse_layers  # the papers' masked-dense training, as on CPU
 
 
 # ----------------------------------------------------------------------------- training
 def bench_training(cfg: dict, density: float, distribution: str, fmt: str, block: Optional[int], precision: str,
-                   reps: int, warmup: int, seed: int, device: torch.device) -> dict:
+                   reps: int, warmup: int, seed: int, device: torch.device, compiled: bool = False) -> dict:
     models, formats = build_models(cfg, density, distribution, fmt, block, seed, device)
     x, y = batch(cfg, seed, device)
     check = check_models(models, x, y, precision, device)
     opts = {k: sgd(m) for k, m in models.items()}
     pairs = mask_pairs(models["masked"]) if "masked" in models else []
-    steps = {k: make_step(m, opts[k], x, y, precision, device, after=remasker(pairs) if k == "masked" else None)
-             for k, m in models.items()}
+    calls = compiled_models(models, compiled)
+    steps = {k: make_step(calls[k], opts[k], x, y, precision, device, after=remasker(pairs) if k == "masked" else None)
+             for k in models}
     times = interleaved(steps, reps, warmup, device)
     mem = {k: step_memory(models[k], opts[k], steps[k], device) for k in models}
     layers = sparse_layers(models["sparse"])
@@ -94,7 +95,7 @@ def bench_training(cfg: dict, density: float, distribution: str, fmt: str, block
         "density_actual": sum(m.nnz for m in layers.values()) / sum(math.prod(m.matrix_shape) for m in layers.values()),
         "check": check, "times": times, "memory": mem,
         "speedup_vs_dense": t["dense"] / t["sparse"],
-        "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY})",
+        "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY})", "compiled": compiled,
     }
     if "masked" in t:
         rec["speedup_vs_masked"] = t["masked"] / t["sparse"]
@@ -129,8 +130,11 @@ def training_cases(args, device) -> List[tuple]:
                     for prec in args.precisions:
                         case = {"model": cfg["model"], "format": f, "precision": prec, "density": d,
                                 "distribution": dist}
+                        if getattr(args, "train_compile", False):  # its own case: merged next to the eager one
+                            case["compiled"] = True
                         cases.append((case, lambda cfg=cfg, d=d, dist=dist, fmt=fmt, block=block, prec=prec: [
-                            bench_training(cfg, d, dist, fmt, block, prec, args.reps, args.warmup, args.seed, device)],
+                            bench_training(cfg, d, dist, fmt, block, prec, args.reps, args.warmup, args.seed, device,
+                                           compiled=bool(getattr(args, "train_compile", False)))],
                             describe_training))
     return cases
 

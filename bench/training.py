@@ -255,13 +255,25 @@ def profile(step, share_floor: float = 0.01) -> dict:
     return {"total_ms": total / 1e3, "ops": ops}
 
 
-def bench_model(cfg: dict, density: float, distribution: str, rounds: int, seed: int = 0) -> dict:
+def compiled_models(models: Dict[str, nn.Module], enabled: bool) -> Dict[str, nn.Module]:
+    """What each variant's step calls: the model, or (``--compile``) its torch.compile'd wrapper, for every
+    variant alike (the same compiler around dense, masked and sparse; ``sparsestart train --compile``)."""
+    if not enabled:
+        return dict(models)
+    torch._dynamo.reset()  # a fresh cache per problem: no recompile limit carried over from the last one
+    return {k: torch.compile(m) for k, m in models.items()}
+
+
+def bench_model(cfg: dict, density: float, distribution: str, rounds: int, seed: int = 0,
+                compiled: bool = False) -> dict:
     models, pairs = build_variants(cfg, density, distribution, seed)
     x, y = batch(cfg, seed)
     opts = {k: sgd(m) for k, m in models.items()}
     phases: Dict[str, List[tuple]] = {k: [] for k in models}
-    steps = {k: make_step(m, opts[k], x, y, after=remasker(pairs) if k == "masked" else None, phases=phases[k])
-             for k, m in models.items()}
+    calls = compiled_models(models, compiled)
+    steps = {k: make_step(calls[k], opts[k], x, y, after=remasker(pairs) if k == "masked" else None,
+                          phases=phases[k])
+             for k in models}
     check = _check(models, steps, x, y)
     idle = common.idle_fraction()
     times = common.interleaved(steps, rounds, min_sample=5e-3, max_inner=50)
@@ -278,7 +290,7 @@ def bench_model(cfg: dict, density: float, distribution: str, rounds: int, seed:
         "density_actual": sum(m.nnz for m in layers.values()) / sum(math.prod(m.matrix_shape) for m in layers.values()),
         "idle_before": idle, "check": check, "times": times, "phases": split, "profile": prof, "memory": mem,
         "speedup_vs_dense": times["dense"]["median"] / t, "speedup_vs_masked": times["masked"]["median"] / t,
-        "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY})",
+        "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY})", "compiled": compiled,
     }
 
 
@@ -296,7 +308,8 @@ def run(args, log=print) -> dict:
             for d in args.train_densities:
                 if args.wait_quiet:
                     common.wait_quiet(args.wait_quiet)
-                r = bench_model(cfg, d, dist, args.train_rounds, seed=args.seed)
+                r = bench_model(cfg, d, dist, args.train_rounds, seed=args.seed,
+                                compiled=bool(getattr(args, "train_compile", False)))
                 r["malloc"] = policy
                 records.append(r)
                 t, m = r["times"], r["memory"]
@@ -327,6 +340,7 @@ def _other_malloc(args, policy: str, log) -> List[dict]:
                 "--train-densities", *map(str, args.train_densities)]
         argv += ["--quick"] * bool(args.quick) + (["--vgg-batch", str(args.vgg_batch)] if args.vgg_batch else [])
         argv += ["--default-malloc"] if policy != "default" else []  # the child takes the policy this one lacks
+        argv += ["--compile"] * bool(getattr(args, "train_compile", False))
         log(f"  the same problems under the other allocator policy: {' '.join(argv[1:])}")
         done = subprocess.run(argv, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in done.stdout.splitlines():

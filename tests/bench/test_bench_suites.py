@@ -143,6 +143,18 @@ def test_training_suite_under_both_allocator_policies(tmp_path):
     assert report.render(saved, source=str(tmp_path / "smoke.json")) == md
 
 
+def test_training_suite_compiled(tmp_path):
+    """--compile: every variant's step through torch.compile (inductor); the same correctness checks hold
+    and the records and the run's settings say compiled."""
+    saved, _ = _run(tmp_path, "--suites", "training", "--train-models", "mlp", "--train-densities", "0.1",
+                    "--train-rounds", "1", "--compile")
+    (r,) = saved["training"]["records"]
+    assert r["compiled"] is True and saved["training"]["run"]["settings"]["train_compile"] is True
+    c = r["check"]
+    assert c["rel_error_loss"] <= 1e-4 and c["masked_outside_max"] == 0.0
+    assert all(r["times"][k]["median"] > 0 for k in ("sparse", "dense", "masked"))
+
+
 @needs_native
 def test_sampling_suite_and_merge(tmp_path):
     # An earlier result file with a layer suite: the sampling run must keep it and its fits must render.
