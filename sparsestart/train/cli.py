@@ -74,7 +74,8 @@ OPTIONS = [
     ("precision", ["--precision"], dict(metavar="P", help=_PRECISION_HELP + "; default fp32")),
     ("compile", ["--compile"], dict(action=argparse.BooleanOptionalAction,
                                     help="torch.compile the training step's model (the dense ops around the sparse "
-                                         "layers are fused; the first steps compile, ~10-20 s on a CPU; default off)")),
+                                         "layers are fused; the first steps compile, ~10-20 s on a CPU; faster for "
+                                         "VGG-style nets, slower for MLPs on the CPU: docs/training.md; default off)")),
     # evaluation
     ("fgsm_eps", ["--fgsm-eps"], dict(type=float, metavar="EPS", help="default 8/255")),
     ("ood_dir", ["--ood-dir"], dict(metavar="DIR", help="dataset dir whose test split is the shifted OoD set")),
