@@ -77,6 +77,18 @@ def test_compiled_training_equals_eager(method, graphs, tmp_path):
         assert sum(per_epoch[1:]) < later_steps, per_epoch
 
 
+@pytest.mark.parametrize("options", [
+    dict(precision="bf16"),                                          # autocast around the compiled forward
+    dict(format="bsr", block_size=2),                                # BSR layers
+    dict(model="lenet5", model_options={}, method="rigl", method_options={"update_every": 2}),   # convolutions
+    dict(model="convnet_small", model_options={}, method="set", method_options={"update_every": 2}),  # + BN, pooling
+], ids=["bf16", "bsr", "lenet5-rigl", "convnet-set"])
+def test_compiled_training_equals_eager_for_precisions_formats_and_convnets(options, graphs, tmp_path):
+    eager, _ = _run_by_epoch(digits_cfg(epochs=2, **options), tmp_path / "eager", graphs)
+    compiled, per_epoch = _run_by_epoch(digits_cfg(epochs=2, compile=True, **options), tmp_path / "compiled", graphs)
+    assert per_epoch[0] > 0 and compiled == eager
+
+
 def test_compile_option_and_a_real_inductor_run(fmnist_dir, tmp_path, capsys):
     """Validation, the CLI switch, and one run through inductor itself (C++ code generation on the CPU)."""
     assert TrainConfig().compile is False
