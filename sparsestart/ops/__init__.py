@@ -13,6 +13,7 @@ from . import cpu, library, reference, registry
 from .cpu import NATIVE_AVAILABLE
 from .registry import NoBackendError, backends, use_backend
 from . import gpu  # noqa: E402,F401  (registers the triton and cuda backends)
+from . import batching  # noqa: E402,F401  (registers the ops' vmap rules)
 
 __all__ = ["matmul", "matmul_t", "sampled_matmul", "use_backend", "backends", "NoBackendError", "NATIVE_AVAILABLE",
            "reference", "registry"]

@@ -459,13 +459,45 @@ _AUTOCAST_KEYS = {d: torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Auto
                   for d in ("cpu", "cuda")}
 
 
+def _transform_function(name: str, op, setup, backward):
+    """The op under a torch.func transform (grad, vjp, jacrev, vmap): an autograd.Function with a separate
+    setup_context, which torch.func requires and torch.library's own autograd wrapper for custom ops
+    lacks (through the op, ``torch.func.grad`` of a sparse model raised "must override the
+    setup_context staticmethod"). Its forward calls the op, so vmap reaches the op's batching rule
+    (sparsestart/ops/batching.py; ``generate_vmap_rule``); the formulas are the op's own."""
+    def forward(*args):
+        return op(*args)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+
+    return type(f"_{name.title().replace('_', '')}TransformFunction", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "generate_vmap_rule": True})
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+def _not_differentiable(name: str):
+    """The backward of an op without autograd formula (the convolutions' gradient ops) under a transform:
+    reached only by a second derivative, which the op does not have."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"sparsestart.{name} has no derivative (a second derivative through a SparseConv2d "
+                           f"is not supported)")
+    return backward
+
+
 def _caller(name: str, op, differentiable: tuple, setup=None, backward=None):
     """call_<name>: the eager fast path of op ``name``; ``differentiable`` are the positions of the tensor
     arguments that can carry gradients (the values/dense operands), ``setup``/``backward`` the op's
     autograd formulas (None for an op without autograd: a call needing gradients then takes the op,
-    which raises as it always did)."""
+    which raises as it always did). Under a torch.func transform it takes :func:`_transform_function`."""
     impl = _IMPLS[name]
     function = None
+    transform_function = (_transform_function(name, op, _no_setup, _not_differentiable(name)) if backward is None
+                          else _transform_function(name, op, setup, backward))
     if backward is not None:
         def forward(ctx, *args):
             # ctx-style forward, not a separate setup_context: with one, Function.apply binds the
@@ -486,6 +518,8 @@ def _caller(name: str, op, differentiable: tuple, setup=None, backward=None):
         operands = [args[i] for i in differentiable if i < len(args) and args[i] is not None]
         first = operands[0]
         if not _FAST_PATH or _dispatcher_needed(operands):
+            if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+                return transform_function.apply(*args)  # a torch.func transform (eager)
             return op(*args)
         device_type = first.device.type
         if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
