@@ -55,12 +55,17 @@ def _eager_grads(model, x, y) -> dict:
     return {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_func_grad_equals_autograd(name):
+def _problem(name: str):
+    """(model, x, y, detached parameters) of MODELS[name]."""
     build, shape = MODELS[name]
     model = build()
     x, y = _data(shape)
-    params = {k: p.detach() for k, p in model.named_parameters()}
+    return model, x, y, {k: p.detach() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_func_grad_equals_autograd(name):
+    model, x, y, params = _problem(name)
     got = grad(_loss_fn(model))(params, x, y)
     expected = _eager_grads(model, x, y)
     assert got.keys() == expected.keys()
@@ -70,10 +75,7 @@ def test_func_grad_equals_autograd(name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_per_sample_gradients_equal_a_loop_over_the_samples(name):
-    build, shape = MODELS[name]
-    model = build()
-    x, y = _data(shape)
-    params = {k: p.detach() for k, p in model.named_parameters()}
+    model, x, y, params = _problem(name)
     loss = _loss_fn(model)
     per_sample = vmap(grad(lambda p, xi, yi: loss(p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
     for i in range(x.shape[0]):
