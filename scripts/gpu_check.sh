@@ -12,13 +12,16 @@
 #                 CPU tensors; CI runs this (make gpu-check-dry)
 #   STEPS=env,build,backends,tests,kbench,bench,train    the steps to run (default all); split a
 #                 long check into two calls, e.g. STEPS=env,build,backends,tests then STEPS=kbench,bench,train
+#                 Opt-in step compile (in the dry run's default): the training bench's MLP (ERK 0.1, bf16,
+#                 BSR-32) with every variant torch.compile'd, and a one-epoch `train --compile`: does
+#                 compiling take the host time out of the GPU steps? (~2-3 min; add it when time allows)
 #   AUTOTUNE=0|1  Triton autotune lists for the tests (default 0: one config per kernel,
 #                 seconds instead of minutes of compiling); benchmarks always autotune
 #   PYTHON=...    the interpreter with torch and triton (default: python3, or .venv's when it exists)
 #   DATA_DIR=...  Fashion-MNIST idx files for the training step (default: digits when absent)
 #   JOBS=N        pytest-xdist workers for the GPU tests (default 4 when xdist is installed)
 #   TEST_TIMEOUT  seconds one GPU test may take before it fails (default 120; pytest-timeout)
-#   LIMIT_TESTS / LIMIT_KBENCH / LIMIT_BENCH / LIMIT_TRAIN   time limits (s) of those steps on the GPU
+#   LIMIT_TESTS / LIMIT_KBENCH / LIMIT_BENCH / LIMIT_TRAIN / LIMIT_COMPILE   time limits (s) of those steps on the GPU
 #   BENCH_BUDGET  seconds after which the GPU bench starts no new case (default 200)
 #
 # Fits in 8 minutes on one H100/H200 with a cold Triton cache (kept in build/triton-cache
@@ -33,13 +36,13 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (allowed: --out DIR, --dry-run)"; exit 2 ;;
   esac
 done
 mkdir -p "$OUT" || { echo "gpu_check: cannot create the output folder '$OUT'"; exit 2; }
 OUT=$(cd "$OUT" && pwd)
-STEPS=${STEPS:-env,build,backends,tests,kbench,bench,train}
+STEPS=${STEPS:-env,build,backends,tests,kbench,bench,train$([[ $DRY == 1 ]] && echo ,compile)}
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python
 else PY=python3; fi
@@ -167,6 +170,21 @@ if want train; then
       --test-limit 256 --out "$OUT/train-run"
   else
     step train "${LIMIT_TRAIN:-300}" "$PY" -m sparsestart.train "${DATA[@]}" --device cuda --epochs 1 --out "$OUT/train-run"
+  fi
+fi
+
+if want compile; then
+  DATA=(--dataset digits)
+  if [[ -n "${DATA_DIR:-}" ]]; then DATA=(--dataset fashion-mnist --data-dir "$DATA_DIR"); fi
+  COMPILED_BENCH=(--suites training --compile --train-models mlp --train-densities 0.1 --precisions bf16
+                  --formats bsr32 --out-dir "$OUT" --name bench-compiled --docs '')
+  if [[ $DRY == 1 ]]; then
+    step compile 600 bash -c "$(printf '%q ' "$PY" -m bench --gpu-dry-run --tiny --threads 1 "${COMPILED_BENCH[@]}") &&
+      $(printf '%q ' "$PY" -m sparsestart.train "${DATA[@]}" --device cpu --epochs 1 --test-limit 256 --compile \
+        --no-final-eval --out "$OUT/train-compiled")"
+  else
+    step compile "${LIMIT_COMPILE:-420}" bash -c "$(printf '%q ' "$PY" -m bench --device cuda --quick "${COMPILED_BENCH[@]}") &&
+      $(printf '%q ' "$PY" -m sparsestart.train "${DATA[@]}" --device cuda --epochs 1 --compile --out "$OUT/train-compiled")"
   fi
 fi
 
