@@ -100,7 +100,7 @@ cuda-check:
 # scripts/gpu_check.sh without a GPU: the Triton kernels through the interpreter, the GPU
 # benchmark and training code paths on CPU tensors (on a GPU machine run scripts/gpu_check.sh).
 gpu-check-dry:
-	PYTHON=$(abspath $(PY)) STEPS=env,backends,tests,kbench,bench,train scripts/gpu_check.sh --dry-run --out build/gpu-check-dry
+	PYTHON=$(abspath $(PY)) STEPS=env,backends,tests,kbench,bench,train,compile scripts/gpu_check.sh --dry-run --out build/gpu-check-dry
 
 clean:
 	rm -rf build *.egg-info sparsestart/_C*.so
