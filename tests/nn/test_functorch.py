@@ -1,4 +1,5 @@
-"""torch.func over sparse layers: grad, vmap and per-sample gradients (vmap of grad).
+"""torch.func over sparse layers: grad, vmap, per-sample gradients (vmap of grad), forward mode (jvp,
+jacfwd) and second derivatives (hessian = jacfwd of jacrev; jacrev of jacrev for SparseLinear).
 
 torch.library's autograd wrapper for custom ops does not run under torch.func (torch.func.grad of a
 sparse model raised "must override the setup_context staticmethod"); the layers now take an
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 from sparsestart.nn import SparseConv2d, SparseLinear
 
@@ -108,3 +109,45 @@ def test_vmap_over_batched_weights_runs_one_call_per_entry():
         with torch.no_grad():
             expected = functional_call(model, ({k: stacked[k][i] for k in names}, buffers), (x,))
         torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12)
+
+
+def _dense_twin(model: nn.Module) -> nn.Module:
+    """The model with every sparse layer replaced by its dense torch twin (the kept weights, zeros elsewhere)."""
+    return nn.Sequential(*[m.to_dense() if isinstance(m, (SparseLinear, SparseConv2d)) else m for m in model])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forward_mode_and_hessians_equal_the_dense_twin(name):
+    model, x, _, _ = _problem(name)
+    dense = _dense_twin(model)
+    x0 = x[:1]
+    tangent = torch.randn_like(x0)
+    for f in (model, dense):
+        f.zero_grad(set_to_none=True)
+    (out_s, dir_s), (out_d, dir_d) = (jvp(m, (x0,), (tangent,)) for m in (model, dense))
+    torch.testing.assert_close(out_s, out_d, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dir_s, dir_d, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(jacfwd(model)(x0), jacfwd(dense)(x0), rtol=1e-10, atol=1e-12)
+
+    def scalar(m):
+        return lambda v: torch.tanh(m(v)).square().sum()
+    torch.testing.assert_close(hessian(scalar(model))(x0), hessian(scalar(dense))(x0), rtol=1e-9, atol=1e-11)
+    if name.startswith("mlp"):  # reverse over reverse: SparseLinear's formulas are differentiable again
+        torch.testing.assert_close(jacrev(jacrev(scalar(model)))(x0), hessian(scalar(dense))(x0), rtol=1e-9,
+                                   atol=1e-11)
+
+
+def test_forward_mode_with_respect_to_the_values():
+    """jvp in the direction of a change of the stored values (and bias) equals the dense twin's in the same
+    direction of its weight."""
+    model, x, _, params = _problem("conv-direct")
+    conv = model[0]
+    tangents = {k: torch.randn_like(p) for k, p in params.items()}
+    buffers = dict(model.named_buffers())
+    _, got = jvp(lambda p: functional_call(model, (p, buffers), (x,)), (params,), (tangents,))
+    eps = 1e-5
+    with torch.no_grad():  # central difference: exact to O(eps^2)
+        ahead, behind = ({k: p + sign * eps * tangents[k] for k, p in params.items()} for sign in (1, -1))
+        fd = (functional_call(model, (ahead, buffers), (x,)) - functional_call(model, (behind, buffers), (x,))) / (2 * eps)
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
+    assert conv.conv_algorithm == "direct"
