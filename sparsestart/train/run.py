@@ -5,6 +5,7 @@ generator (:class:`RunState`, :func:`build_run`), and loading a checkpoint into 
 from __future__ import annotations
 
 import math
+import os
 import random
 from typing import Optional
 
@@ -23,7 +24,9 @@ __all__ = ["RunState", "build_net", "build_model", "build_run", "LRFactor", "com
 
 #: torch.compile's backend for ``--compile``. Inductor generates fused C++ (CPU) or Triton (GPU) code for the
 #: dense ops between the sparse layers (batch norm, activations, pooling, the loss); the sparse ops stay opaque
-#: custom ops that run their own kernels. Tests set "aot_eager" (the same tracing, no code generation).
+#: custom ops that run their own kernels. The environment variable SPARSESTART_COMPILE_BACKEND names another
+#: (e.g. "aot_eager": the same tracing without code generation, to tell a code-generation problem from a
+#: tracing one; the tests use it).
 COMPILE_BACKEND = "inductor"
 
 
@@ -143,7 +146,9 @@ def compiled_step(model: nn.Module, enabled: bool) -> nn.Module:
     dynamo's guards recompile where a structure update changes a traced choice (the layer's algorithm
     follows its density). Under DDP the wrapper compiles the DDP module (torch's supported order).
     """
-    return torch.compile(model, backend=COMPILE_BACKEND) if enabled else model
+    if not enabled:
+        return model
+    return torch.compile(model, backend=os.environ.get("SPARSESTART_COMPILE_BACKEND") or COMPILE_BACKEND)
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -14,6 +14,7 @@ which the trainer's rank check refuses the difference.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -48,7 +49,11 @@ SCENARIOS = {
     "imp": [_method("imp", "final_density=0.16")],  # 3 epochs: one level, prune-and-rewind, one more level
     "str": [_method("str", "s_init=-5", "window=1", "compact_every=2")],
     "edgepopup": [_method("edgepopup", "final_density=0.1", "levels=2")],
+    # --compile under DDP (torch.compile of the DDP module), with RigL's hooks between compiled pieces.
+    "rigl-compiled": [_method("rigl", "update_every=2")[:-1] + ["--compile", "--out"]],
 }
+#: Scenarios run with SPARSESTART_COMPILE_BACKEND=aot_eager (dynamo's tracing, no C++ code generation).
+COMPILED = ("rigl-compiled",)
 
 
 @contextlib.contextmanager
@@ -73,15 +78,32 @@ def recording():
         distributed.DistributedRun.loss, Trainer.fit = loss, fit
 
 
+@contextlib.contextmanager
+def compile_backend(backend):
+    """SPARSESTART_COMPILE_BACKEND set to ``backend`` (None: left alone) for the block, restored after."""
+    saved = os.environ.get("SPARSESTART_COMPILE_BACKEND")
+    if backend is not None:
+        os.environ["SPARSESTART_COMPILE_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if backend is not None:
+            if saved is None:
+                os.environ.pop("SPARSESTART_COMPILE_BACKEND", None)
+            else:
+                os.environ["SPARSESTART_COMPILE_BACKEND"] = saved
+
+
 def run_scenario(name: str, out: Path) -> tuple[dict, Trainer]:
     """Train scenario ``name`` in ``out/name/run``: this rank's record (also saved to a file) and the Trainer."""
     run = out / name / "run"
-    with recording() as record:
+    with recording() as record, compile_backend("aot_eager" if name in COMPILED else None):
         codes = [entry.main(argv + [str(run)]) for argv in SCENARIOS[name]]
     trainer = record["trainer"]
     result = {"codes": codes, "losses": record["losses"], "world": distributed.world_size(),
               "state": {k: v.detach().clone() for k, v in trainer.run.model.state_dict().items()},
-              "history": list(trainer.run.algorithm.history)}
+              "history": list(trainer.run.algorithm.history),
+              "compiled": trainer.step_model is not trainer.parallel.model}
     torch.save(result, out / name / f"rank{distributed.rank()}.pt")
     return result, trainer
 

@@ -126,7 +126,8 @@ def test_every_rank_holds_the_same_structure(runs, name):
     assert r0["world"] == r1["world"] == 2 and r0["codes"] == r1["codes"] == [0] * len(W.SCENARIOS[name])
     assert_same_structure(r0["state"], r1["state"])  # index, values, biases: bit for bit
     assert r0["history"] == r1["history"]
-    if name in ("rigl", "set", "gradual", "imp", "str", "edgepopup"):
+    assert r0["compiled"] == r1["compiled"] == (name in W.COMPILED)  # the step went through torch.compile
+    if name in ("rigl", "set", "gradual", "imp", "str", "edgepopup", "rigl-compiled"):
         assert sum(h["dropped"] + h["grown"] for h in r0["history"]) > 0, "no structure update happened"
     if name == "rigl":
         assert sorted({h["step"] for h in r0["history"]}) == [2, 4, 6]  # updates before and after the resume
