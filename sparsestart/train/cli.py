@@ -249,12 +249,12 @@ def _fallback_notice(cfg) -> str:
 
 
 def _where(trainer) -> str:
-    """"cuda:0 (NVIDIA H100 80GB HBM3), bf16" or "cpu, fp32"."""
+    """"cuda:0 (NVIDIA H100 80GB HBM3), bf16" or "cpu, fp32" (", compiled" with --compile)."""
     from .device import gpu_name
 
     dev = trainer.run.device
     name = gpu_name(dev)
-    return f"{dev}{f' ({name})' if name else ''}, {trainer.cfg.precision}"
+    return f"{dev}{f' ({name})' if name else ''}, {trainer.cfg.precision}{', compiled' if trainer.cfg.compile else ''}"
 
 
 def _evaluate_main(args) -> int:

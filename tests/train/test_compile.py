@@ -98,7 +98,9 @@ def test_compile_option_and_a_real_inductor_run(fmnist_dir, tmp_path, capsys):
     code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(fmnist_dir), "--model", "mlp",
                  "--model-option", "hidden=[16]", "--density", "0.3", "--distribution", "uniform", "--method",
                  "static", "--epochs", "1", "--no-progress", "--no-final-eval", "--compile", "--out", str(out)])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "on cpu, fp32, compiled ->" in captured.out
     assert json.loads((out / "summary.json").read_text())["config"]["compile"] is True
     (row,) = rows(out)
     assert math.isfinite(row["train_loss"]) and 0 <= row["test_accuracy"] <= 1
