@@ -117,3 +117,20 @@ def test_compiled_backward_through_batchnorm_after_an_unfolded_conv(stride, size
     y.square().sum().backward()
     for p, g in zip(model.parameters(), grads_eager):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_keeps_the_sparse_ops_and_computes_as_eager():
+    """torch.export (deployment) of a model with both layers: the graph holds the sparse ops themselves
+    (no dense weight materialised), and the exported program computes what the model does."""
+    model = nn.Sequential(SparseConv2d(3, 8, 3, padding=1, density=0.3, seed=0), nn.ReLU(), nn.Flatten(),
+                          SparseLinear(8 * 6 * 6, 4, density=0.3, seed=1)).eval()
+    model[0].conv_algorithm = "direct"
+    model[3].linear_algorithm = "sparse"
+    x = torch.randn(2, 3, 6, 6)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"sparsestart.conv2d.default", "sparsestart.spmm.default"} <= targets
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-6, atol=1e-6)
+        x2 = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(program.module()(x2), model(x2), rtol=1e-6, atol=1e-6)
