@@ -6,14 +6,13 @@ op is linear in it without reducing over its columns, the batch folds into one c
 take the B feature-major operands side by side as [K, B*N], the convolutions take them as a batch
 of B*n images; one kernel launch, whatever B. Everything else (a batched weight or index, and the
 weight gradients sddmm and conv2d_weight_grad, which sum over the columns of each sample) runs the
-op once per batch entry: correct for any batching. Per-sample weight gradients of a CSR layer (sddmm with
-the index unbatched) take the reference formula with a batch dimension, up to FOLD_ELEMENTS at once.
+op once per batch entry: correct for any batching, and what per-sample weight gradients cost anyway.
 """
 from __future__ import annotations
 
 import torch
 
-from . import library, reference
+from . import library
 
 __all__ = ["loop_rule"]
 
@@ -70,25 +69,7 @@ def _image_batch_rule(op, dense: int):
 
 library.spmm.register_vmap(_feature_major_rule(library.spmm, 7))
 library.spmm_t.register_vmap(_feature_major_rule(library.spmm_t, 7))
-#: The most elements (batch x nnz x N) the per-sample sddmm forms at once; larger batches loop.
-FOLD_ELEMENTS = 1 << 24
-
-
-def _sddmm_rule(info, in_dims, *args):
-    """Per-sample weight gradients: with the index unbatched and a CSR weight, every sample's gradient at
-    once through the reference formula with a batch dimension (the samples' products are not summed over
-    the batch, so the kernels' one-matrix sddmm cannot take them side by side), bounded by FOLD_ELEMENTS."""
-    rowptr, col, slot, colptr, row, slot_t, dy, x, capacity, block_size = args
-    batch = info.batch_size
-    if block_size == 1 and not any(_batched(d) for d in in_dims[:6]) and \
-            batch * slot.shape[0] * dy.shape[-1] <= FOLD_ELEMENTS:
-        dy, x = (t.movedim(d, 0) if _batched(d) else t.expand(batch, *t.shape)
-                 for t, d in ((dy, in_dims[6]), (x, in_dims[7])))
-        return reference.native_sddmm(rowptr, col, slot, dy, x, capacity, 1), 0
-    return loop_rule(library.sddmm)(info, in_dims, *args)
-
-
-library.sddmm.register_vmap(_sddmm_rule)
+library.sddmm.register_vmap(loop_rule(library.sddmm))
 library.conv2d.register_vmap(_image_batch_rule(library.conv2d, 7))
 library.conv2d_input_grad.register_vmap(_image_batch_rule(library.conv2d_input_grad, 7))
 library.conv2d_weight_grad.register_vmap(loop_rule(library.conv2d_weight_grad))

@@ -46,15 +46,13 @@ def native_spmm(values, ptr, idx, slot, x, rows: int, transpose_blocks: bool) ->
 
 
 def native_sddmm(ptr, idx, slot, a, b, capacity: int, block_size: int) -> torch.Tensor:
-    """out[slot[e]] = a[row of e] . b[idx[e]] (BSR: the b x b block of dot products). CSR also takes a and b
-    with leading batch dimensions ([..., rows, N]) and gives out [..., capacity]: per-sample weight gradients
-    (the vmap rule of sparsestart.sddmm, sparsestart/ops/batching.py)."""
+    """out[slot[e]] = a[row of e] . b[idx[e]] (BSR: the b x b block of dot products)."""
     r, c, s = _live(ptr, idx, slot)
     dtype, acc = a.dtype, _acc(a.dtype)
     a, b = a.contiguous(), b.contiguous()
     if block_size == 1:
-        out = a.new_zeros(*a.shape[:-2], capacity, dtype=acc)
-        out[..., s] = (a[..., r, :].to(acc) * b[..., c, :].to(acc)).sum(-1)
+        out = a.new_zeros(capacity, dtype=acc)
+        out[s] = (a[r].to(acc) * b[c].to(acc)).sum(-1)
         return out.to(dtype)
     N = a.shape[1]
     out = a.new_zeros(capacity, block_size, block_size, dtype=acc)

@@ -151,19 +151,3 @@ def test_forward_mode_with_respect_to_the_values():
         fd = (functional_call(model, (ahead, buffers), (x,)) - functional_call(model, (behind, buffers), (x,))) / (2 * eps)
     torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
     assert conv.conv_algorithm == "direct"
-
-
-def test_reference_sddmm_with_batch_dimensions_equals_one_call_per_sample():
-    """The per-sample sddmm of the vmap rule (CSR, index unbatched) against the 2-D op on each sample,
-    with free slots (their gradient stays zero) and an empty row."""
-    from sparsestart.ops import reference
-    from tests.util import random_matrix
-
-    m = random_matrix(6, 5, 0.5, capacity_extra=3, empty_rows=(2,), seed=4)
-    dy, x = torch.randn(4, 3, 6, 2, dtype=torch.float64), torch.randn(4, 3, 5, 2, dtype=torch.float64)
-    got = reference.native_sddmm(m.rowptr, m.col, m.slot, dy, x, m.capacity, 1)
-    assert got.shape == (4, 3, m.capacity)
-    for i in range(4):
-        for j in range(3):
-            expected = torch.ops.sparsestart.sddmm(*m.index_tensors(), dy[i, j], x[i, j], m.capacity, 1)
-            torch.testing.assert_close(got[i, j], expected, rtol=1e-12, atol=1e-12)
