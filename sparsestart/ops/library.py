@@ -503,7 +503,8 @@ def _unwrapped(args) -> tuple:
 def _multilinear_jvp(name: str, differentiable: tuple, bias_shape=None):
     """Forward-mode derivative of an op that is linear in each of its ``differentiable`` operands on its own
     (every op here: the weight values and the dense operand, or the two dense operands of a weight gradient),
-    a bias (the last differentiable position when ``bias_shape`` gives how it broadcasts) added: the sum,
+    a bias (the last differentiable position when ``bias_shape`` gives the view that broadcasts it over the
+    output) added: the sum,
     over the operands that have a tangent, of the op with that operand replaced by its tangent."""
     bias_at = differentiable[-1] if bias_shape is not None else None
 
@@ -517,7 +518,7 @@ def _multilinear_jvp(name: str, differentiable: tuple, bias_shape=None):
             if t is None:
                 continue
             if i == bias_at:
-                term = t.view(bias_shape(t))
+                term = t.view(bias_shape)
             else:
                 term_args = list(args)
                 term_args[i] = t
@@ -546,8 +547,8 @@ def _caller(name: str, op, differentiable: tuple, setup=None, backward=None, bia
     """call_<name>: the eager fast path of op ``name``; ``differentiable`` are the positions of the tensor
     arguments that can carry gradients (the values/dense operands), ``setup``/``backward`` the op's
     autograd formulas (None for an op without autograd: a call needing gradients then takes the op,
-    which raises as it always did), ``bias_shape`` how the bias (the last differentiable position) broadcasts
-    over the output, for forward mode. Under a torch.func transform it takes :func:`_transform_function`."""
+    which raises as it always did), ``bias_shape`` the view of the bias (the last differentiable position) that
+    broadcasts it over the output, for forward mode. Under a torch.func transform it takes :func:`_transform_function`."""
     impl = _IMPLS[name]
     function = None
     transform_function = _transform_function(name, op, setup or _no_setup, backward or _not_differentiable(name),
@@ -587,10 +588,10 @@ def _caller(name: str, op, differentiable: tuple, setup=None, backward=None, bia
     return call
 
 
-call_spmm = _caller("spmm", spmm, (0, 7, 8), _setup, _spmm_backward, bias_shape=lambda b: (-1, 1))
+call_spmm = _caller("spmm", spmm, (0, 7, 8), _setup, _spmm_backward, bias_shape=(-1, 1))
 call_spmm_t = _caller("spmm_t", spmm_t, (0, 7), _setup, _spmm_t_backward)
 call_sddmm = _caller("sddmm", sddmm, (6, 7), _sddmm_setup, _sddmm_backward)
-call_conv2d = _caller("conv2d", conv2d, (0, 7, 11), _conv_setup, _conv_backward, bias_shape=lambda b: (1, -1, 1, 1))
+call_conv2d = _caller("conv2d", conv2d, (0, 7, 11), _conv_setup, _conv_backward, bias_shape=(1, -1, 1, 1))
 call_conv2d_input_grad = _caller("conv2d_input_grad", conv2d_input_grad, (0, 7))
 call_conv2d_weight_grad = _caller("conv2d_weight_grad", conv2d_weight_grad, (6, 7))
 
