@@ -54,7 +54,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..formats.validation import known_valid, remember_valid, validate_index
-from . import reference, registry
+from . import reference, registry, transforms
 
 __all__ = ["spmm", "spmm_t", "sddmm", "conv2d", "conv2d_input_grad", "conv2d_weight_grad"]
 
@@ -459,100 +459,15 @@ _AUTOCAST_KEYS = {d: torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Auto
                   for d in ("cpu", "cuda")}
 
 
-def _transform_function(name: str, op, setup, backward, differentiable: tuple, bias_shape=None):
-    """The op under a torch.func transform (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap): an
-    autograd.Function with a separate setup_context, which torch.func requires and torch.library's
-    own autograd wrapper for custom ops lacks (through the op, ``torch.func.grad`` of a sparse model
-    raised "must override the setup_context staticmethod"). Its forward calls the op, so vmap reaches
-    the op's batching rule (sparsestart/ops/batching.py; ``generate_vmap_rule``); backward is the op's
-    own formula, jvp (forward mode) :func:`_multilinear_jvp`."""
-    def forward(*args):
-        return op(*_unwrapped(args))
-
-    def setup_context(ctx, inputs, output):
-        inputs = _unwrapped(inputs)
-        setup(ctx, inputs, output)
-        ctx.save_for_forward(*(a for a in inputs if isinstance(a, Tensor)))
-        ctx.forward_args = tuple(None if isinstance(a, Tensor) else a for a in inputs)
-        ctx.tensor_at = tuple(isinstance(a, Tensor) for a in inputs)
-
-    return type(f"_{name.title().replace('_', '')}TransformFunction", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward), "jvp": staticmethod(_multilinear_jvp(name, differentiable, bias_shape)),
-        "generate_vmap_rule": True})
-
-
-class _Leaf:
-    """A list argument (kernel size, padding, dilation) passed through a transform's autograd.Function as one
-    pytree leaf: torch.func flattens the arguments, and a list of n ints counted n leaves against one
-    tangent ("treespec.unflatten(leaves): leaves has length 11 but the spec ... holds 14 items" in jvp)."""
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
-def _wrapped(args) -> tuple:
-    return tuple(_Leaf(a) if isinstance(a, list) else a for a in args)
-
-
-def _unwrapped(args) -> tuple:
-    return tuple(a.value if isinstance(a, _Leaf) else a for a in args)
-
-
-def _multilinear_jvp(name: str, differentiable: tuple, bias_shape=None):
-    """Forward-mode derivative of an op that is linear in each of its ``differentiable`` operands on its own
-    (every op here: the weight values and the dense operand, or the two dense operands of a weight gradient),
-    a bias (the last differentiable position when ``bias_shape`` gives the view that broadcasts it over the
-    output) added: the sum,
-    over the operands that have a tangent, of the op with that operand replaced by its tangent."""
-    bias_at = differentiable[-1] if bias_shape is not None else None
-
-    def jvp(ctx, *tangents):
-        saved = iter(ctx.saved_tensors)
-        args = [next(saved) if is_tensor else other for is_tensor, other in zip(ctx.tensor_at, ctx.forward_args)]
-        call = globals()[f"call_{name}"]  # through call_*, so nested transforms take this path again
-        out = None
-        for i in differentiable:
-            t = tangents[i] if i < len(tangents) else None
-            if t is None:
-                continue
-            if i == bias_at:
-                term = t.view(bias_shape)
-            else:
-                term_args = list(args)
-                term_args[i] = t
-                if bias_at is not None and bias_at < len(term_args):
-                    term_args[bias_at] = None
-                term = call(*term_args)
-            out = term if out is None else out + term
-        return out
-    return jvp
-
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
-def _not_differentiable(name: str):
-    """The backward of an op without autograd formula (the convolutions' gradient ops) under a transform:
-    reached only by a second derivative, which the op does not have."""
-    def backward(ctx, *grads):
-        raise RuntimeError(f"sparsestart.{name} has no derivative (a second derivative through a SparseConv2d "
-                           f"is not supported)")
-    return backward
-
-
 def _caller(name: str, op, differentiable: tuple, setup=None, backward=None, bias_shape=None):
     """call_<name>: the eager fast path of op ``name``; ``differentiable`` are the positions of the tensor
     arguments that can carry gradients (the values/dense operands), ``setup``/``backward`` the op's
     autograd formulas (None for an op without autograd: a call needing gradients then takes the op,
     which raises as it always did), ``bias_shape`` the view of the bias (the last differentiable position) that
-    broadcasts it over the output, for forward mode. Under a torch.func transform it takes :func:`_transform_function`."""
+    broadcasts it over the output, for forward mode. Under a torch.func transform it takes
+    :func:`sparsestart.ops.transforms.transform_function`."""
     impl = _IMPLS[name]
     function = None
-    transform_function = _transform_function(name, op, setup or _no_setup, backward or _not_differentiable(name),
-                                             differentiable, bias_shape)
     if backward is not None:
         def forward(ctx, *args):
             # ctx-style forward, not a separate setup_context: with one, Function.apply binds the
@@ -574,7 +489,7 @@ def _caller(name: str, op, differentiable: tuple, setup=None, backward=None, bia
         first = operands[0]
         if not _FAST_PATH or _dispatcher_needed(operands):
             if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-                return transform_function.apply(*_wrapped(args))  # a torch.func transform (eager)
+                return transform_function.apply(*transforms.wrapped(args))  # a torch.func transform (eager)
             return op(*args)
         device_type = first.device.type
         if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
@@ -585,6 +500,7 @@ def _caller(name: str, op, differentiable: tuple, setup=None, backward=None, bia
         return run(args, operands)
     call.__name__ = call.__qualname__ = f"call_{name}"
     call.__doc__ = f"torch.ops.sparsestart.{name}(*args), by the eager fast path when nothing needs the dispatcher."
+    transform_function = transforms.transform_function(name, op, setup, backward, differentiable, bias_shape, call)
     return call
 
 
