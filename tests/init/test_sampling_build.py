@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparsestart.formats.compressed as C
+import sparsestart.formats.csc as CSC
 import sparsestart.init.sampling as S
 from sparsestart.formats import BSR, CSR
 from sparsestart.nn import SparseConv2d, SparseLinear
@@ -27,11 +28,11 @@ def _random_csr(R, Q, p, seed, empty_rows=(), empty_cols=()):
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 17])
 @pytest.mark.parametrize("idt", [torch.int32, torch.int64])
 def test_csc_counting_sort_matches_a_stable_argsort(monkeypatch, chunk, idt):
-    monkeypatch.setattr(C, "_CSC_CHUNK", chunk)
+    monkeypatch.setattr(CSC, "_CSC_CHUNK", chunk)
     R, Q, cap = 37, 23, 400
     rowptr, cols, rows = _random_csr(R, Q, 0.3, 0, empty_rows=(0, 5, 36), empty_cols=(3, 22))
     nnz = cols.numel()
-    colptr, row, slot_t = C._csc_of_csr(rowptr, cols.to(idt), Q, cap, idt)
+    colptr, row, slot_t = CSC.csc_of_csr(rowptr, cols.to(idt), Q, cap, idt)
     order = torch.argsort(cols, stable=True)  # the reference: CSR positions by column, rows ascending
     assert colptr.dtype == row.dtype == slot_t.dtype == idt
     assert torch.equal(colptr.long(), torch.cat([torch.zeros(1, dtype=torch.long),
@@ -42,7 +43,7 @@ def test_csc_counting_sort_matches_a_stable_argsort(monkeypatch, chunk, idt):
 
 @pytest.mark.parametrize("cls,b", [(CSR, 1), (BSR, 4)])
 def test_from_csr_builds_a_valid_matrix(monkeypatch, cls, b):
-    monkeypatch.setattr(C, "_CSC_CHUNK", 5)
+    monkeypatch.setattr(CSC, "_CSC_CHUNK", 5)
     R, Q = 9, 11
     rowptr, cols, rows = _random_csr(R, Q, 0.4, 1, empty_rows=(2,))
     for capacity in (None, cols.numel() + 13):
@@ -58,7 +59,7 @@ def test_from_csr_builds_a_valid_matrix(monkeypatch, cls, b):
 def chunked(monkeypatch):
     monkeypatch.setattr(S, "_CHUNKED_ABOVE", 0)
     monkeypatch.setattr(S, "_CHUNK", 1000)
-    monkeypatch.setattr(C, "_CSC_CHUNK", 777)
+    monkeypatch.setattr(CSC, "_CSC_CHUNK", 777)
 
 
 @pytest.mark.parametrize("exact", [True, False])
