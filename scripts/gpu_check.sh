@@ -162,9 +162,11 @@ if want bench; then
   fi
 fi
 
+# The training runs' data (train and compile steps).
+DATA=(--dataset digits)
+if [[ -n "${DATA_DIR:-}" ]]; then DATA=(--dataset fashion-mnist --data-dir "$DATA_DIR"); fi
+
 if want train; then
-  DATA=(--dataset digits)
-  if [[ -n "${DATA_DIR:-}" ]]; then DATA=(--dataset fashion-mnist --data-dir "$DATA_DIR"); fi
   if [[ $DRY == 1 ]]; then
     step train 300 "$PY" -m sparsestart.train "${DATA[@]}" --device cpu --epochs 5 \
       --test-limit 256 --out "$OUT/train-run"
@@ -174,8 +176,6 @@ if want train; then
 fi
 
 if want compile; then
-  DATA=(--dataset digits)
-  if [[ -n "${DATA_DIR:-}" ]]; then DATA=(--dataset fashion-mnist --data-dir "$DATA_DIR"); fi
   COMPILED_BENCH=(--suites training --compile --train-models mlp --train-densities 0.1 --precisions bf16
                   --formats bsr32 --out-dir "$OUT" --name bench-compiled --docs '')
   if [[ $DRY == 1 ]]; then

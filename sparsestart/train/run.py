@@ -148,7 +148,11 @@ def compiled_step(model: nn.Module, enabled: bool) -> nn.Module:
     """
     if not enabled:
         return model
-    return torch.compile(model, backend=os.environ.get("SPARSESTART_COMPILE_BACKEND") or COMPILE_BACKEND)
+    backend = os.environ.get("SPARSESTART_COMPILE_BACKEND") or COMPILE_BACKEND
+    if isinstance(backend, str) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"SPARSESTART_COMPILE_BACKEND={backend!r}: not a torch.compile backend; allowed: "
+                         f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
+    return torch.compile(model, backend=backend)
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

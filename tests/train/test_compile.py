@@ -104,3 +104,10 @@ def test_compile_option_and_a_real_inductor_run(fmnist_dir, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["config"]["compile"] is True
     (row,) = rows(out)
     assert math.isfinite(row["train_loss"]) and 0 <= row["test_accuracy"] <= 1
+
+
+def test_an_unknown_compile_backend_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSESTART_COMPILE_BACKEND", "nosuch")
+    with pytest.raises(ValueError, match=r"SPARSESTART_COMPILE_BACKEND='nosuch': not a torch.compile backend; "
+                                         r"allowed: .*aot_eager.*inductor"):
+        Trainer(digits_cfg(compile=True), tmp_path / "run", log=lambda s: None)
